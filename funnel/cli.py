@@ -1,0 +1,117 @@
+"""The `funnel` command line: fit, evaluate, predict, check, synth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from funnel.errors import UserError
+
+log = logging.getLogger("funnel")
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="funnel", description="Train and score sequential-funnel multi-task models (ESMM family).")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("fit", help="train a model from a YAML config; prints the run directory last")
+    f.add_argument("config")
+    f.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values, e.g. optim.lr=0.01")
+    f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint on a data file, as JSON")
+    e.add_argument("run_dir")
+    e.add_argument("--data", required=True)
+    e.add_argument("--out")
+
+    pr = sub.add_parser("predict", help="write p_<stage> and p_<stage>_cond for every input row")
+    pr.add_argument("run_dir")
+    pr.add_argument("--data", required=True)
+    pr.add_argument("--out", required=True, help=".csv or .parquet")
+    pr.add_argument("--keep", default="", help="comma-separated input columns to copy into the output")
+
+    c = sub.add_parser("check", help="validate the config and the data without training")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+    s = sub.add_parser("synth", help="write the synthetic funnel (train/valid/test CSV + truth.json)")
+    s.add_argument("out_dir")
+    s.add_argument("--rows", type=int, default=200_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stages", nargs="+", default=["click", "conversion"])
+    s.add_argument("--bias-share", type=float, default=None, help="share of items whose later stages run against click")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
+    try:
+        return _run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "fit":
+        if args.print_config:
+            import yaml
+
+            from funnel.runs import config_to_raw
+            from funnel.spec import load_config
+
+            cfg, _ = load_config(args.config, args.overrides)
+            print(yaml.safe_dump(config_to_raw(cfg), sort_keys=False), end="")
+            return 0
+        from funnel.training.fit import fit
+
+        run_dir = fit(args.config, args.overrides)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        summary = {k: v for k, v in metrics.items() if k.startswith(("auc", "oracle_auc", "calib"))}
+        print(json.dumps({"split": metrics["split"], **summary}, indent=1))
+        print(f"run directory: {run_dir}")
+        return 0
+    if args.command == "evaluate":
+        from funnel.inference import evaluate_run
+
+        print(json.dumps(evaluate_run(args.run_dir, args.data, args.out), indent=1))
+        return 0
+    if args.command == "predict":
+        from funnel.inference import predict_run
+
+        keep = [c.strip() for c in args.keep.split(",") if c.strip()]
+        print(f"predictions: {predict_run(args.run_dir, args.data, args.out, keep)}")
+        return 0
+    if args.command == "check":
+        from funnel.check import check
+
+        print(json.dumps(check(args.config, args.overrides), indent=1))
+        print("config and data OK")
+        return 0
+    if args.command == "synth":
+        from funnel import synthetic
+
+        kwargs = {"rows": args.rows, "seed": args.seed, "stages": tuple(args.stages)}
+        if args.bias_share is not None:
+            kwargs["bias_share"] = args.bias_share
+        try:
+            spec = synthetic.SyntheticSpec(**kwargs)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        paths = synthetic.write(Path(args.out_dir), spec)
+        for p in paths.values():
+            print(p)
+        return 0
+    raise AssertionError(args.command)

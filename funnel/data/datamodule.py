@@ -1,0 +1,56 @@
+"""The LightningDataModule: frames → fitted encoders → encoded tables → batch loaders."""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+
+from funnel.data.featurizer import Featurizer
+from funnel.data.loader import BatchLoader
+from funnel.data.sources import load_frames
+from funnel.data.table import EncodedTable
+from funnel.graph import FunnelGraph
+from funnel.spec.schema import Config
+
+log = logging.getLogger(__name__)
+
+
+class FunnelDataModule(pl.LightningDataModule):
+    def __init__(self, cfg: Config, graph: FunnelGraph, featurizer: Featurizer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.graph = graph
+        self.featurizer = featurizer or Featurizer(cfg, graph)
+        self.tables: dict[str, EncodedTable] = {}
+
+    def prepare(self) -> None:
+        """Read, fit (train only) and encode once; later calls are free."""
+        if self.tables:
+            return
+        frames = load_frames(self.cfg)
+        if not self.featurizer.fitted:
+            self.featurizer.fit(frames["train"])
+        for split, df in frames.items():
+            self.tables[split] = self.featurizer.encode(df, split)
+            log.info("%s: %d rows encoded (%.1f MB)", split, len(self.tables[split]), self.tables[split].nbytes() / 1e6)
+        del frames
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> BatchLoader:
+        rank, world = self._rank()
+        return BatchLoader(
+            self.tables["train"], self.cfg.data.batch_size, shuffle=True, seed=self.cfg.seed, rank=rank, world_size=world
+        )
+
+    def val_dataloader(self) -> BatchLoader:
+        return BatchLoader(self.tables["valid"], self.cfg.data.eval_batch_size)
+
+    def test_dataloader(self) -> BatchLoader:
+        return BatchLoader(self.tables.get("test", self.tables["valid"]), self.cfg.data.eval_batch_size)

@@ -1,0 +1,161 @@
+"""Feature encoders fitted on the training split only and saved as JSON with each run.
+
+Every encoder works on whole columns (pandas / numpy vectorised); id 0 is reserved for
+unknown, rare and padding values, so an unseen category at predict time is harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from funnel.errors import DataError
+from funnel.spec.schema import FeatureSpec
+
+MISSING_TOKEN = "<NA>"
+
+
+def as_tokens(col: pd.Series) -> pd.Series:
+    """Column → strings, so 12, 12.0 and "12" are the same category in every file."""
+    if pd.api.types.is_float_dtype(col):
+        vals = col.dropna()
+        if len(vals) and np.all(np.mod(vals.to_numpy(), 1) == 0):
+            col = col.astype("Int64")
+    out = col.astype("string").fillna(MISSING_TOKEN)
+    return out.astype(object)
+
+
+@dataclass
+class CategoricalEncoder:
+    spec: FeatureSpec
+    vocab: list[str] = field(default_factory=list)
+
+    @property
+    def cardinality(self) -> int:
+        """Number of ids including the unknown id 0."""
+        return (self.spec.hash_buckets or len(self.vocab)) + 1
+
+    def fit(self, col: pd.Series) -> CategoricalEncoder:
+        if self.spec.hash_buckets is None:
+            counts = as_tokens(col).value_counts(sort=False)
+            counts = counts[counts >= self.spec.min_count]
+            # frequency order, ties by value: deterministic and frequent ids are small
+            order = sorted(zip(counts.index.tolist(), counts.tolist()), key=lambda t: (-t[1], t[0]))
+            self.vocab = [str(v) for v, _ in order]
+        return self
+
+    def encode_tokens(self, tokens: pd.Series) -> np.ndarray:
+        if self.spec.hash_buckets is not None:
+            hashed = pd.util.hash_pandas_object(tokens, index=False).to_numpy()
+            return (hashed % np.uint64(self.spec.hash_buckets)).astype(np.int64) + 1
+        return pd.Index(self.vocab).get_indexer(tokens).astype(np.int64) + 1  # -1 (unseen) -> 0
+
+    def encode(self, col: pd.Series) -> np.ndarray:
+        return self.encode_tokens(as_tokens(col))
+
+    def state(self) -> dict[str, Any]:
+        return {"vocab": self.vocab}
+
+
+@dataclass
+class SequenceEncoder:
+    """A delimited history column ("12|7|99") → (N, max_len) ids, most recent items kept."""
+
+    spec: FeatureSpec
+    ids: CategoricalEncoder  # the vocabulary used (its own, or the shared feature's)
+
+    def fit(self, col: pd.Series) -> SequenceEncoder:
+        if self.spec.share_with is None:
+            self.ids.fit(self._tokens(col)[1])
+        return self
+
+    def _tokens(self, col: pd.Series) -> tuple[np.ndarray, pd.Series]:
+        lists = col.map(lambda v: v if isinstance(v, (list, np.ndarray)) else None)
+        if lists.notna().any():  # Parquet list column
+            exploded = lists.explode()
+        else:
+            exploded = col.astype("string").fillna("").str.split(self.spec.sep).explode()
+        exploded = exploded[exploded.notna() & (exploded.astype("string") != "")]
+        rows = exploded.index.to_numpy()
+        return rows, as_tokens(exploded.reset_index(drop=True))
+
+    def encode(self, col: pd.Series) -> np.ndarray:
+        col = col.reset_index(drop=True)
+        n, width = len(col), self.spec.max_len
+        out = np.zeros((n, width), dtype=np.int64)
+        rows, tokens = self._tokens(col)
+        if len(rows) == 0:
+            return out
+        ids = self.ids.encode_tokens(tokens)
+        # position from the end of each row's history: 0 = most recent
+        from_end = pd.Series(rows).groupby(rows).cumcount(ascending=False).to_numpy()
+        keep = from_end < width
+        out[rows[keep], width - 1 - from_end[keep]] = ids[keep]  # right-aligned, newest last
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return self.ids.state() if self.spec.share_with is None else {}
+
+
+@dataclass
+class NumericEncoder:
+    spec: FeatureSpec
+    mean: float = 0.0
+    std: float = 1.0
+    flag: bool = False  # add a 0/1 "was missing" column (training data had missing values)
+
+    @property
+    def width(self) -> int:
+        return 2 if self.flag else 1
+
+    def _values(self, col: pd.Series) -> np.ndarray:
+        numeric = pd.to_numeric(col, errors="coerce")
+        bad = numeric.isna() & col.notna()
+        if bad.any():
+            examples = ", ".join(repr(v) for v in col[bad].astype(str).unique()[:3])
+            raise DataError(
+                f"column {self.spec.source!r} (numeric feature {self.spec.name!r}) holds non-numeric values "
+                f"({examples}); declare it `kind: categorical` or clean the column."
+            )
+        values = numeric.to_numpy(dtype=np.float64)
+        if self.spec.transform == "log1p":
+            neg = values < 0
+            if neg.any():
+                raise DataError(
+                    f"column {self.spec.source!r}: transform log1p needs values >= 0, found {values[neg][0]}; "
+                    "use `transform: standardize`."
+                )
+            values = np.log1p(values)
+        return values
+
+    def fit(self, col: pd.Series) -> NumericEncoder:
+        values = self._values(col)
+        missing = np.isnan(values)
+        if missing.any() and self.spec.missing == "error":
+            raise DataError(
+                f"column {self.spec.source!r} has {int(missing.sum())} missing values; set `missing: fill` on "
+                f"feature {self.spec.name!r} to fill them (and flag them), or clean the data."
+            )
+        present = values[~missing]
+        if len(present):  # the mean also fills missing values when transform is none
+            self.mean = float(present.mean())
+            self.std = float(present.std()) or 1.0
+        self.flag = bool(missing.any())
+        return self
+
+    def encode(self, col: pd.Series) -> np.ndarray:
+        values = self._values(col)
+        missing = np.isnan(values)
+        if missing.any() and self.spec.missing == "error":
+            raise DataError(f"column {self.spec.source!r} has {int(missing.sum())} missing values (missing: error).")
+        values = np.where(missing, self.mean, values)
+        if self.spec.transform != "none":
+            values = (values - self.mean) / self.std
+        cols = [values, missing.astype(np.float64)] if self.flag else [values]
+        return np.stack(cols, axis=1).astype(np.float32)
+
+    def state(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "flag": self.flag}

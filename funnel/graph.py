@@ -1,0 +1,141 @@
+"""The funnel graph: named stages, each reached from an earlier event through edges.
+
+A stage is reached through one or more *edges*. Each edge has its own tower giving
+the conditional probability of the stage given the edge's source event, and the
+source event is either an earlier stage happening, or (for mutually exclusive
+branches, ESM²) an earlier stage *not* happening while its own parent did. The reach
+probability of a stage is the sum over its edges of P(source) · p(edge), so chains
+(one edge per stage) and branching funnels share one mechanism:
+
+    chain:  P(cvr)  = P(click) · y2
+    ESM²:   P(buy)  = P(click ∧ cart) · y3 + P(click ∧ ¬cart) · y4
+
+``after`` is the stage that every path to this stage passes through last; the
+conditional probability reported for a stage is P(stage) / P(after).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from funnel.errors import did_you_mean
+
+IMPRESSION = None  # the implicit root event: every row is an impression
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One tower feeding a stage: p(stage | source event, x)."""
+
+    tower: str  # name of the tower (unique across the graph)
+    source: str | None  # a stage name, or None for the impression
+    negated: bool = False  # True: the source stage did NOT happen (its parent did)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    label: str
+    after: str | None
+    edges: tuple[Edge, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class FunnelGraph:
+    stages: tuple[Stage, ...]  # topological order: parents before children
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    @property
+    def towers(self) -> list[str]:
+        return [e.tower for s in self.stages for e in s.edges]
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def path(self, name: str) -> list[str]:
+        """Stage names from the first stage down to ``name`` along ``after`` links."""
+        out: list[str] = []
+        cur: str | None = name
+        while cur is not None:
+            out.append(cur)
+            cur = self.stage(cur).after
+        return out[::-1]
+
+    @classmethod
+    def chain(cls, specs: Sequence[tuple[str, str, str | None, float]]) -> FunnelGraph:
+        """Build from ``(name, label, after, weight)`` tuples; raises ValueError listing problems."""
+        problems = graph_problems([(n, lab, a) for n, lab, a, _ in specs])
+        if problems:
+            raise ValueError("; ".join(problems))
+        by_name = {n: (n, lab, a, w) for n, lab, a, w in specs}
+        ordered: list[Stage] = []
+        done: set[str | None] = {None}
+        pending = [n for n, *_ in specs]
+        while pending:
+            for n in list(pending):
+                _, lab, a, w = by_name[n]
+                if a in done:
+                    ordered.append(Stage(n, lab, a, (Edge(tower=n, source=a),), w))
+                    done.add(n)
+                    pending.remove(n)
+        return cls(tuple(ordered))
+
+
+def graph_problems(specs: Sequence[tuple[str, str, str | None]], path: str = "funnel.stages") -> list[str]:
+    """Every structural problem of the stage list ``(name, label, after)``, all at once."""
+    problems: list[str] = []
+    names = [n for n, _, _ in specs]
+    if not specs:
+        return [f"{path}: the funnel needs at least one stage, e.g. [{{name: click}}]."]
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if n in seen:
+            problems.append(f"{path}[{i}].name: stage name {n!r} is used twice; stage names must be unique.")
+        seen.add(n)
+    labels: dict[str, str] = {}
+    for i, (n, lab, _) in enumerate(specs):
+        if lab in labels:
+            problems.append(
+                f"{path}[{i}].label: column {lab!r} is already the label of stage {labels[lab]!r}; "
+                "each stage needs its own label column."
+            )
+        labels.setdefault(lab, n)
+    for i, (n, _, a) in enumerate(specs):
+        if a is not None and a not in seen:
+            problems.append(
+                f"{path}[{i}].after: stage {n!r} follows {a!r}, which is not a stage.{did_you_mean(a, names)} "
+                "Leave `after` out for a stage that follows the impression."
+            )
+        if a == n:
+            problems.append(f"{path}[{i}].after: stage {n!r} cannot follow itself.")
+    parent = {n: a for n, _, a in specs}
+    reported: set[frozenset[str]] = set()
+    for start in names:
+        trail: list[str] = []
+        cur: str | None = start
+        while cur is not None and cur in parent and cur not in trail:
+            trail.append(cur)
+            cur = parent[cur]
+        if cur is not None and cur in trail and len(trail) > 1:
+            cycle = trail[trail.index(cur):]
+            key = frozenset(cycle)
+            if key not in reported and len(cycle) > 1:
+                reported.add(key)
+                problems.append(
+                    f"{path}: the stages {' -> '.join([*cycle, cur])} form a cycle; "
+                    "every chain of `after` links must end at a stage without `after`."
+                )
+    if not any(a is None for _, _, a in specs):
+        problems.append(f"{path}: no stage follows the impression; give the first stage no `after`.")
+    return problems

@@ -1,0 +1,91 @@
+"""FunnelNet: shared embeddings → one tower + logit head per edge → funnel probabilities.
+
+All probabilities are carried as logs. For a stage with a single edge (a chain):
+
+    log p_cond(s)  = logsigmoid(logit_s)
+    log P(s)       = log P(after(s)) + log p_cond(s)
+
+With several edges (ESM² branches), P(s) = Σ_e P(source_e) · σ(logit_e), a logsumexp,
+where a negated source "parent happened, stage t did not" has probability
+P(after(t)) · (1 - p_cond(t)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from funnel.graph import FunnelGraph
+from funnel.models.embedding import SharedEmbeddings
+from funnel.models.losses import log1mexp
+from funnel.models.towers import build_tower
+from funnel.spec.schema import FunnelSpec, TowerSpec
+
+
+@dataclass
+class FunnelOutput:
+    logits: dict[str, Tensor]  # tower (edge) name -> (B,)
+    log_reach: dict[str, Tensor]  # stage -> (B,) log P(stage | impression)
+    log_cond: dict[str, Tensor]  # stage -> (B,) log P(stage | after-stage)
+
+    def stacked(self, names: list[str]) -> tuple[Tensor, Tensor]:
+        """(B, S) path and conditional probabilities in the order of ``names``."""
+        reach = torch.stack([self.log_reach[n] for n in names], 1).exp()
+        cond = torch.stack([self.log_cond[n] for n in names], 1).exp()
+        return reach, cond
+
+
+class FunnelNet(nn.Module):
+    def __init__(self, graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]):
+        super().__init__()
+        self.graph = graph
+        self.embeddings = SharedEmbeddings(layout)
+        tower_spec = {s.name: s.tower or spec.tower for s in spec.stages}
+        self.towers = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for stage in graph.stages:
+            for edge in stage.edges:
+                t: TowerSpec = tower_spec.get(edge.tower, spec.tower)
+                tower = build_tower(t, self.embeddings.shape, f"funnel.stages.{stage.name}.tower")
+                self.towers[edge.tower] = tower
+                self.heads[edge.tower] = nn.Linear(tower.out_dim, 1)
+
+    def edge_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = self.embeddings(batch)
+        return {name: self.heads[name](tower(x)).squeeze(-1) for name, tower in self.towers.items()}
+
+    def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
+        logits = self.edge_logits(batch)
+        return compose(self.graph, logits)
+
+
+def compose(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:
+    """Path and conditional log-probabilities of every stage from the edge logits."""
+    log_reach: dict[str, Tensor] = {}
+    log_cond: dict[str, Tensor] = {}
+    any_logit = next(iter(logits.values()))
+    zero = torch.zeros_like(any_logit)
+
+    def reach(name: str | None) -> Tensor:
+        return zero if name is None else log_reach[name]
+
+    for stage in graph.stages:
+        if len(stage.edges) == 1 and not stage.edges[0].negated and stage.edges[0].source == stage.after:
+            log_cond[stage.name] = F.logsigmoid(logits[stage.edges[0].tower])
+            log_reach[stage.name] = reach(stage.after) + log_cond[stage.name]
+            continue
+        terms = []
+        for edge in stage.edges:
+            if edge.negated:  # P(after(src)) · (1 - p_cond(src))
+                src = graph.stage(edge.source)
+                log_src = reach(src.after) + log1mexp(log_cond[src.name])
+            else:
+                log_src = reach(edge.source)
+            terms.append(log_src + F.logsigmoid(logits[edge.tower]))
+        log_reach[stage.name] = torch.logsumexp(torch.stack(terms, 0), 0)
+        log_cond[stage.name] = log_reach[stage.name] - reach(stage.after)
+    return FunnelOutput(logits=logits, log_reach=log_reach, log_cond=log_cond)

@@ -1,0 +1,58 @@
+"""Funnel models by name: a network plus the objective it is trained with.
+
+A model builder is a plain function ``(graph, spec, layout) -> FunnelModel`` registered
+with ``@register_model("name")``; ``funnel.model: name`` in YAML selects it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+from funnel.graph import FunnelGraph
+from funnel.models.net import FunnelNet, FunnelOutput
+from funnel.registry import Registry
+from funnel.spec.schema import FunnelSpec
+
+
+@dataclass
+class LossResult:
+    total: Tensor  # scalar that is back-propagated
+    parts: dict[str, Tensor]  # per-stage terms (detached copies are logged)
+
+
+class Objective(Protocol):
+    def __call__(self, out: FunnelOutput, labels: Tensor) -> LossResult: ...
+
+
+class FunnelModel(nn.Module):
+    """A FunnelNet and the objective that trains it (composition, not subclassing)."""
+
+    def __init__(self, net: FunnelNet, objective: Objective):
+        super().__init__()
+        self.net = net
+        self.objective = objective
+
+    @property
+    def graph(self) -> FunnelGraph:
+        return self.net.graph
+
+    def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
+        return self.net(batch)
+
+    def loss(self, out: FunnelOutput, labels: Tensor) -> LossResult:
+        return self.objective(out, labels)
+
+
+Builder = Callable[[FunnelGraph, FunnelSpec, dict[str, Any]], FunnelModel]
+MODELS: Registry[Builder] = Registry("model", "funnel.model")
+register_model = MODELS.register
+
+
+def create_model(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+    import funnel.models.zoo  # noqa: F401  (registers the built-in models)
+
+    return MODELS.get(spec.model)(graph, spec, layout)

@@ -1,0 +1,92 @@
+"""A run directory: resolved config, encoders, best checkpoint and metrics.
+
+    runs/<config stem>/<timestamp>/
+        config.yaml        the resolved config (defaults filled in); reloads as-is
+        encoders.json      fitted feature encoders
+        checkpoints/best.ckpt
+        metrics.json       metrics of the best checkpoint (test split, else valid)
+        logs/metrics.csv   per-epoch training / validation logs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from funnel.data.featurizer import Featurizer
+from funnel.errors import UserError
+from funnel.graph import FunnelGraph
+from funnel.models.registry import FunnelModel, create_model
+from funnel.spec import Config, load_config
+from funnel.spec.schema import TowerSpec, TrainerSpec
+
+CONFIG = "config.yaml"
+ENCODERS = "encoders.json"
+BEST = "checkpoints/best.ckpt"
+METRICS = "metrics.json"
+
+
+def new_run_dir(cfg: Config, config_path: str | Path) -> Path:
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    else:
+        path = Path("runs") / Path(config_path).stem / time.strftime("%Y%m%d-%H%M%S")
+        while path.exists():  # two runs in the same second
+            path = path.with_name(path.name + "-1")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_to_raw(cfg: Config) -> dict[str, Any]:
+    """The YAML form of a config, with every default written out."""
+
+    def conv(obj: Any) -> Any:
+        if isinstance(obj, TowerSpec):
+            return {"type": obj.type, **{k: conv(v) for k, v in obj.params}}
+        if isinstance(obj, TrainerSpec):
+            own = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "lightning"}
+            return {**own, **{k: conv(v) for k, v in obj.lightning}}
+        if dataclasses.is_dataclass(obj):
+            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, (tuple, list)):
+            return [conv(v) for v in obj]
+        return obj
+
+    return conv(cfg)
+
+
+def save_config(cfg: Config, run_dir: Path) -> None:
+    (run_dir / CONFIG).write_text(yaml.safe_dump(config_to_raw(cfg), sort_keys=False))
+
+
+def build_graph(cfg: Config) -> FunnelGraph:
+    return FunnelGraph.chain([(s.name, s.label_column, s.after, s.weight) for s in cfg.funnel.stages])
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, FunnelGraph, Featurizer, FunnelModel]:
+    """Rebuild the model of a run from its config, encoders and best checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"{str(run_dir)!r} is not a funnel run directory (no {CONFIG}). Pass the folder `funnel fit` printed.")
+    cfg, _ = load_config(run_dir / CONFIG)
+    graph = build_graph(cfg)
+    featurizer = Featurizer.load(run_dir / ENCODERS, cfg, graph)
+    ckpt = run_dir / BEST
+    if not ckpt.is_file():
+        raise UserError(f"{run_dir}: no checkpoint at {BEST}. Did `funnel fit` finish? Train again to create it.")
+    model = create_model(graph, cfg.funnel, featurizer.layout())
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file: say so instead of a traceback
+        raise UserError(f"{ckpt}: cannot be loaded as a checkpoint ({exc}).") from None
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{ckpt}: does not match the run's config (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    model.eval()
+    return cfg, graph, featurizer, model

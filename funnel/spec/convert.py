@@ -1,0 +1,137 @@
+"""Turn raw YAML mappings into frozen dataclasses, collecting every problem at once.
+
+The converter walks the type hints of the target dataclass: unknown keys are rejected
+with a did-you-mean, missing required keys are named, scalars are type-checked, and
+``Literal`` fields list their choices. A dataclass may define ``__from_raw__`` to take
+over its own conversion (see :class:`funnel.spec.schema.TowerSpec`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Union
+
+from funnel.errors import did_you_mean
+
+MISSING = dataclasses.MISSING
+
+
+def describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+    """Convert ``value`` to type ``tp``; append a message to ``errors`` on failure."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return convert(inner[0], value, path, errors)
+        for candidate in inner:  # first that converts cleanly
+            trial: list[str] = []
+            out = convert(candidate, value, path, trial)
+            if not trial:
+                return out
+        errors.append(f"{path}: {describe(value)} is not a valid {type_name(tp)}.")
+        return None
+    if origin is Literal:
+        if value in args:
+            return value
+        hint = did_you_mean(value, [str(a) for a in args]) if isinstance(value, str) else ""
+        choices = ", ".join(str(a) for a in args)
+        errors.append(f"{path}: {describe(value)} is not one of {choices}.{hint}")
+        return None
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            errors.append(f"{path}: expected a list, got {describe(value)}.")
+            return ()
+        item_tp = args[0] if args else Any
+        return tuple(convert(item_tp, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            errors.append(f"{path}: expected a mapping, got {describe(value)}.")
+            return {}
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, errors)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{path}: expected true or false, got {describe(value)}.")
+        return None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        errors.append(f"{path}: expected an integer, got {describe(value)}.")
+        return None
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        errors.append(f"{path}: expected a number, got {describe(value)}.")
+        return None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        errors.append(f"{path}: expected a string, got {describe(value)}.")
+        return None
+    return value
+
+
+def build(cls: type, raw: Any, path: str, errors: list[str], *, hook: bool = True) -> Any:
+    """Build dataclass ``cls`` from mapping ``raw`` (``None`` means all defaults).
+
+    ``hook=False`` skips the class's ``__from_raw__`` (for hooks that wrap this).
+    """
+    custom = getattr(cls, "__from_raw__", None) if hook else None
+    if custom is not None:
+        return custom(raw, path, errors)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        errors.append(f"{path or 'config'}: expected a mapping of keys, got {describe(raw)}.")
+        raw = {}
+    n_before = len(errors)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            errors.append(
+                f"{where}: unknown key.{did_you_mean(key, fields)} "
+                f"Allowed keys: {', '.join(fields)}."
+            )
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name in raw:
+            kwargs[name] = convert(hints[name], raw[name], where, errors)
+        elif field.default is MISSING and field.default_factory is MISSING:
+            errors.append(f"{where}: required key is missing.")
+    try:
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or _nullable(hints[k])})
+    except (TypeError, ValueError) as exc:
+        if len(errors) == n_before:  # otherwise the cause is already reported
+            errors.append(f"{path or 'config'}: {exc}")
+        return None
+
+
+def _nullable(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+

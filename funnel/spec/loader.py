@@ -1,0 +1,109 @@
+"""Read a YAML config, apply ``key.sub=value`` overrides, convert and validate it.
+
+Layering: dataclass defaults < the YAML file < command-line overrides. Every problem
+(unknown keys, wrong types, graph errors) is collected and raised as one ConfigError.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from funnel.errors import ConfigError
+from funnel.spec.convert import build
+from funnel.spec.schema import Config
+from funnel.spec.validate import config_problems
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist. Pass the path of a YAML file, e.g. configs/esmm.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, features, funnel, ...).")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in ``raw``; list items are addressed by index or by their `name`."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: write it as key.sub=value, e.g. optim.lr=0.01.")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            idx = _list_index(node, part, where)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])!r} is not a mapping or list.")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def _list_index(node: list[Any], part: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        idx = int(part)
+        if -len(node) <= idx < len(node):
+            return idx
+        raise ConfigError(f"override {where!r}: index {idx} is out of range (the list has {len(node)} items).")
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    names = [str(x.get("name")) for x in node if isinstance(x, dict)]
+    raise ConfigError(f"override {where!r}: no item named {part!r}. Items: {', '.join(names)}.")
+
+
+def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise ConfigError(
+                f"plugins: cannot import {mod!r} ({exc}). Make it importable (pip install -e your package, "
+                "or run from the folder that holds it)."
+            ) from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    plugins = raw.get("plugins") or []
+    if isinstance(plugins, list):
+        import_plugins([str(p) for p in plugins])
+    errors: list[str] = []
+    cfg = build(Config, raw, "", errors)
+    if cfg is not None:
+        errors += config_problems(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, Any]]:
+    """Return the validated config and the resolved raw mapping (saved with every run)."""
+    raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw), raw

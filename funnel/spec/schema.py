@@ -1,0 +1,245 @@
+"""The config schema: one frozen dataclass per YAML section.
+
+Every default is the one a user gets when the key is absent; comments explain the
+non-obvious ones. Semantic checks that span sections live in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from funnel.errors import did_you_mean
+from funnel.spec.convert import convert, describe
+from funnel.synthetic import SyntheticSpec
+
+FeatureKind = Literal["categorical", "numeric", "sequence"]
+
+
+@dataclass(frozen=True)
+class CsvSpec:
+    """How CSV files are read (pandas ``read_csv`` options that real datasets need)."""
+
+    sep: str = ","
+    header: bool = True  # false: the file has no header line, give ``names``
+    names: tuple[str, ...] | None = None
+    skipinitialspace: bool = False  # UCI files put a space after every comma
+    na_values: tuple[str, ...] = ()  # extra strings read as missing, e.g. ["?"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    synthetic: SyntheticSpec | None = None  # generate the data instead of reading files
+    valid_split: float = 0.1  # share of train held out for validation when `valid` is absent
+    batch_size: int = 1024
+    eval_batch_size: int = 16384  # evaluation has no backward pass, so larger batches are cheap
+    label_conflicts: Literal["drop", "zero", "error"] = "drop"
+    csv: CsvSpec = field(default_factory=CsvSpec)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ValueError("batch sizes must be positive integers")
+        if not 0.0 < self.valid_split < 1.0:
+            raise ValueError(f"valid_split must lie in (0, 1), got {self.valid_split}")
+
+
+# Which options each feature kind accepts (besides name, kind, column).
+FEATURE_OPTIONS: dict[str, frozenset[str]] = {
+    "categorical": frozenset({"min_count", "hash_buckets", "share_with", "embed_dim"}),
+    "numeric": frozenset({"transform", "missing"}),
+    "sequence": frozenset({"min_count", "share_with", "embed_dim", "sep", "max_len", "pooling"}),
+}
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    kind: FeatureKind
+    column: str | None = None  # source column; defaults to `name`
+    # categorical / sequence
+    min_count: int = 1  # values seen fewer times in train map to the unknown id 0
+    hash_buckets: int | None = None  # hash values into N buckets instead of a vocabulary
+    share_with: str | None = None  # reuse another categorical feature's vocabulary and table
+    embed_dim: int | None = None  # defaults to funnel.embed_dim
+    # numeric
+    transform: Literal["standardize", "log1p", "none"] = "standardize"
+    missing: Literal["fill", "error"] = "fill"  # fill: train mean plus a 0/1 missing flag
+    # sequence
+    sep: str = "|"
+    max_len: int = 20  # longer histories keep their most recent (last) items
+    pooling: Literal["mean", "sum"] = "mean"
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+    @classmethod
+    def __from_raw__(cls, raw: Any, path: str, errors: list[str]) -> FeatureSpec | None:
+        from funnel.spec.convert import build
+
+        if isinstance(raw, dict) and raw.get("kind") in FEATURE_OPTIONS:
+            allowed = FEATURE_OPTIONS[raw["kind"]] | {"name", "kind", "column"}
+            for key in raw:
+                if key not in allowed and key in FEATURE_OPTIONS_ALL:
+                    errors.append(
+                        f"{path}.{key}: a {raw['kind']} feature does not take `{key}`. "
+                        f"Its options: {', '.join(sorted(FEATURE_OPTIONS[raw['kind']]))}."
+                    )
+        return build(cls, raw, path, errors, hook=False)
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+        if self.hash_buckets is not None and self.hash_buckets < 1:
+            raise ValueError(f"hash_buckets must be >= 1, got {self.hash_buckets}")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+
+
+FEATURE_OPTIONS_ALL = frozenset().union(*FEATURE_OPTIONS.values())
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """A tower type from the tower registry plus its constructor arguments.
+
+    YAML: ``tower: {type: mlp, hidden: [256, 128], dropout: 0.1}``. The arguments are
+    checked against the registered class's signature in ``validate.py``.
+    """
+
+    type: str = "mlp"
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @classmethod
+    def __from_raw__(cls, raw: Any, path: str, errors: list[str]) -> TowerSpec | None:
+        if raw is None:
+            return cls()
+        if isinstance(raw, str):
+            return cls(type=raw)
+        if not isinstance(raw, dict):
+            errors.append(f"{path}: expected a mapping like {{type: mlp, hidden: [64]}}, got {describe(raw)}.")
+            return None
+        raw = dict(raw)
+        kind = raw.pop("type", "mlp")
+        if not isinstance(kind, str):
+            errors.append(f"{path}.type: expected a tower name, got {describe(kind)}.")
+            return None
+        params = tuple(sorted((str(k), _freeze(v)) for k, v in raw.items()))
+        return cls(type=kind, params=params)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    label: str | None = None  # label column; defaults to the stage name
+    after: str | None = None  # parent stage; None: follows the impression
+    positive: tuple[str, ...] | None = None  # label values meaning 1 (else the column must be 0/1)
+    weight: float = 1.0  # static loss weight of this stage
+    tower: TowerSpec | None = None  # overrides funnel.tower for this stage
+
+    @property
+    def label_column(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class FunnelSpec:
+    stages: tuple[StageSpec, ...]
+    model: str = "esmm"
+    embed_dim: int = 8
+    tower: TowerSpec = field(default_factory=TowerSpec)
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+
+
+TRAINER_OWN_KEYS = ("monitor", "mode", "early_stopping", "save_top_k")
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """funnel's own training keys plus keyword arguments for ``lightning.Trainer``."""
+
+    monitor: str | None = None  # default: val/auc/<last stage>
+    mode: Literal["max", "min"] = "max"
+    early_stopping: int | None = None  # patience in validation epochs; None: off
+    save_top_k: int = 1
+    lightning: tuple[tuple[str, Any], ...] = (("max_epochs", 1),)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.lightning)
+
+    @classmethod
+    def __from_raw__(cls, raw: Any, path: str, errors: list[str]) -> TrainerSpec | None:
+        import inspect
+
+        import pytorch_lightning as pl
+
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            errors.append(f"{path}: expected a mapping of Trainer arguments, got {describe(raw)}.")
+            return None
+        accepted = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+        own: dict[str, Any] = {}
+        passed: dict[str, Any] = {"max_epochs": 1}
+        for key, value in raw.items():
+            if key in TRAINER_OWN_KEYS:
+                own[key] = value
+            elif key in ("callbacks", "logger", "plugins", "strategy") and not isinstance(value, (str, bool)):
+                errors.append(f"{path}.{key}: only a name or true/false can be set from YAML.")
+            elif key in accepted:
+                passed[key] = value
+            else:
+                errors.append(
+                    f"{path}.{key}: not a Lightning Trainer argument nor a funnel trainer key."
+                    f"{did_you_mean(key, [*accepted, *TRAINER_OWN_KEYS])}"
+                )
+        hints = {"monitor": str | None, "mode": Literal["max", "min"], "early_stopping": int | None,
+                 "save_top_k": int}
+        kwargs = {k: convert(hints[k], v, f"{path}.{k}", errors) for k, v in own.items()}
+        return cls(lightning=tuple(sorted(passed.items())), **kwargs)
+
+
+@dataclass(frozen=True)
+class Config:
+    funnel: FunnelSpec
+    data: DataSpec = field(default_factory=DataSpec)
+    features: tuple[FeatureSpec, ...] = ()
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    seed: int = 0
+    run_dir: str | None = None  # default: runs/<config stem>/<timestamp>
+    plugins: tuple[str, ...] = ()  # modules imported first; they may register towers/models
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.funnel.stages]

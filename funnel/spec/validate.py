@@ -1,0 +1,73 @@
+"""Checks that span sections of a converted config (run before any data is read)."""
+
+from __future__ import annotations
+
+from funnel.errors import did_you_mean
+from funnel.graph import graph_problems
+from funnel.spec.schema import Config
+
+METRIC_PREFIXES = ("auc", "auc_cond", "logloss", "calib")
+
+
+def config_problems(cfg: Config) -> list[str]:
+    from funnel.models import MODELS
+    from funnel.models.towers import tower_problems
+
+    problems: list[str] = []
+    stages = [s for s in cfg.funnel.stages if s is not None]
+    problems += graph_problems([(s.name, s.label_column, s.after) for s in stages])
+    if cfg.funnel.model not in MODELS:
+        problems.append(MODELS.unknown(cfg.funnel.model))
+    problems += tower_problems(cfg.funnel.tower, "funnel.tower")
+    for i, s in enumerate(stages):
+        if s.tower is not None:
+            problems += tower_problems(s.tower, f"funnel.stages[{i}].tower")
+        if s.weight < 0:
+            problems.append(f"funnel.stages[{i}].weight: loss weights must be >= 0, got {s.weight}.")
+
+    feats = [f for f in cfg.features if f is not None]
+    if not feats:
+        problems.append("features: list at least one feature, e.g. [{name: user_id, kind: categorical}].")
+    names = [f.name for f in feats]
+    cat_names = [f.name for f in feats if f.kind == "categorical"]
+    labels = {s.label_column for s in stages}
+    for i, f in enumerate(feats):
+        if names.count(f.name) > 1 and names.index(f.name) != i:
+            problems.append(f"features[{i}].name: feature {f.name!r} is declared twice.")
+        if f.source in labels:
+            problems.append(
+                f"features[{i}]: column {f.source!r} is a stage label; a label used as a feature leaks the answer."
+            )
+        if f.share_with is not None:
+            if f.share_with not in cat_names or f.share_with == f.name:
+                problems.append(
+                    f"features[{i}].share_with: {f.share_with!r} is not another categorical feature."
+                    f"{did_you_mean(f.share_with, cat_names)}"
+                )
+            else:
+                owner = feats[names.index(f.share_with)]
+                if owner.share_with is not None:
+                    problems.append(
+                        f"features[{i}].share_with: {f.share_with!r} itself shares {owner.share_with!r}; "
+                        f"point share_with at {owner.share_with!r} directly."
+                    )
+            if f.hash_buckets is not None:
+                problems.append(f"features[{i}]: hash_buckets and share_with exclude each other; keep one.")
+
+    d = cfg.data
+    if d.synthetic is None and d.train is None:
+        problems.append("data: give `train` (a CSV/Parquet path) or `synthetic: {}` for generated data.")
+    if d.synthetic is not None and (d.train or d.valid or d.test):
+        problems.append("data: `synthetic` and file paths exclude each other; keep one.")
+    if d.csv.header is False and not d.csv.names:
+        problems.append("data.csv.names: a file without header needs the column names listed here.")
+
+    if stages:
+        monitor = cfg.trainer.monitor or f"val/auc/{stages[-1].name}"
+        valid = [f"val/{m}/{s.name}" for m in METRIC_PREFIXES for s in stages] + ["val/loss"]
+        if monitor not in valid:
+            problems.append(
+                f"trainer.monitor: {monitor!r} is not a logged metric.{did_you_mean(monitor, valid)} "
+                f"Choose from: {', '.join(valid)}."
+            )
+    return problems

@@ -1,0 +1,322 @@
+"""Synthetic sequential-funnel data with a known ground truth.
+
+Every row is one impression. A chain of stages follows it (default ``click -> conversion``),
+and a stage can only happen if its parent did. The true probabilities are built from hidden
+latent factors, so a model can be scored against the oracle. Each row also gets a
+counterfactual draw ``cf_<stage>`` of every conditional stage, whether or not the parent
+happened. ESMM-style models claim to estimate that quantity over the whole impression space,
+but observed data only shows it on the rows where the parent happened.
+
+Ids are short strings (``"u12"``, ``"i7"``, ``"c3"``, ``"d1"``) so that nothing downstream
+mistakes them for numbers. ``hour`` is an int from 0 to 23 and should be treated as a
+category. Rows are drawn independently, so they are already in random order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+MAX_STAGES = 8
+FEATURE_COLUMNS = ("user_id", "item_id", "item_category", "device", "hour",
+                   "price", "user_age", "n_prev_visits")
+_DEFAULT_RATES = (0.08, 0.15, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5)
+_LATENT_DIM = 8
+_ZIPF_OFFSET = 10.0
+_SHARED = 0.5  # share of each item vector's variance common to all stages
+_MISSING_VISITS = 0.02  # share of n_prev_visits hidden as NaN, to exercise missing-value handling
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What to generate. Every field is checked on construction and all problems are reported together."""
+
+    rows: int = 200_000
+    stages: tuple[str, ...] = ("click", "conversion")  # a chain; the first stage follows the impression
+    n_users: int = 5_000
+    n_items: int = 2_000
+    n_categories: int = 40
+    n_devices: int = 4
+    zipf: float = 1.1  # popularity skew of users and items; 0 = uniform
+    rates: tuple[float, ...] | None = None  # target mean p(stage | parent); None -> _DEFAULT_RATES
+    bias_share: float = 0.3  # share of "clickbait" items whose later stages run against their click appeal
+    bias_strength: float = 2.0  # logit penalty per standard deviation of click appeal, for clickbait items
+    noise: float = 0.5  # std of per-row logit noise, part of the true probability, so oracle AUC < 1
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from JSON/YAML) but store tuples so the spec stays hashable.
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if self.rates is not None:
+            object.__setattr__(self, "rates", tuple(float(r) for r in self.rates))
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("invalid SyntheticSpec:\n  - " + "\n  - ".join(problems))
+
+    def _problems(self) -> Iterator[str]:
+        if self.rows <= 0:
+            yield f"rows={self.rows}: must be a positive int, e.g. rows=10_000"
+        for name in ("n_users", "n_items", "n_categories", "n_devices"):
+            if getattr(self, name) < 1:
+                yield f"{name}={getattr(self, name)}: must be >= 1"
+        if not 1 <= len(self.stages) <= MAX_STAGES:
+            yield f"stages={self.stages}: give between 1 and {MAX_STAGES} stage names"
+        duplicates = sorted({s for s in self.stages if self.stages.count(s) > 1})
+        if duplicates:
+            yield f"stages={self.stages}: duplicate names {duplicates}; give every stage a unique name"
+        for s in self.stages:
+            if not (isinstance(s, str) and s.isidentifier()):
+                yield f"stages: {s!r} is not a valid name; use letters, digits and underscores"
+            elif s in FEATURE_COLUMNS:
+                yield f"stages: {s!r} is also a feature column; rename the stage"
+        if self.rates is not None:
+            if len(self.rates) != len(self.stages):
+                yield (f"rates has {len(self.rates)} values but stages has {len(self.stages)}; "
+                       "give one rate per stage, or rates=None for the defaults")
+            if any(not 0 < r < 1 for r in self.rates):
+                yield f"rates={self.rates}: every rate must lie strictly between 0 and 1"
+        if self.zipf < 0:
+            yield f"zipf={self.zipf}: must be >= 0 (0 means uniform popularity)"
+        if not 0 <= self.bias_share <= 1:
+            yield f"bias_share={self.bias_share}: must lie in [0, 1]"
+        for name in ("bias_strength", "noise"):
+            if getattr(self, name) < 0:
+                yield f"{name}={getattr(self, name)}: must be >= 0"
+        for name in ("valid_frac", "test_frac"):
+            if not 0 <= getattr(self, name) < 1:
+                yield f"{name}={getattr(self, name)}: must lie in [0, 1)"
+        if self.valid_frac + self.test_frac >= 1:
+            yield (f"valid_frac + test_frac = {self.valid_frac + self.test_frac:g}: must be < 1 "
+                   "so that training rows remain; lower one of them")
+
+    @property
+    def target_rates(self) -> tuple[float, ...]:
+        """The rates in effect: ``rates`` if given, otherwise the defaults, one per stage."""
+        return self.rates if self.rates is not None else _DEFAULT_RATES[: len(self.stages)]
+
+
+def truth_columns(stages: Sequence[str]) -> list[str]:
+    """Names of all ground-truth columns for these stages, in frame order."""
+    return [c for s in stages for c in (f"true_p_{s}_cond", f"true_p_{s}", f"cf_{s}")]
+
+
+def _column_docs(stages: Sequence[str]) -> dict[str, str]:
+    """A one-line description of every column `generate` produces."""
+    docs = {
+        "user_id": "categorical, 'u<int>'; Zipf-popular users",
+        "item_id": "categorical, 'i<int>'; Zipf-popular items",
+        "item_category": "categorical, 'c<int>'; a function of item_id",
+        "device": "categorical, 'd<int>'; context",
+        "hour": "categorical int 0..23; context, evening-heavy traffic",
+        "price": "numeric > 0; lognormal item price with small per-row jitter",
+        "user_age": "numeric; a function of user_id",
+        "n_prev_visits": f"numeric count >= 0, ~{_MISSING_VISITS:.0%} NaN (truth uses the hidden value)",
+    }
+    parent = "impression"
+    for s in stages:
+        docs[s] = f"observed 0/1 label: {parent} happened and cf_{s} = 1"
+        docs[f"true_p_{s}_cond"] = f"true p({s} | {parent}, x)"
+        docs[f"true_p_{s}"] = f"true p({s} | impression, x) = product of the conditionals up to {s}"
+        docs[f"cf_{s}"] = f"counterfactual 0/1 draw from true_p_{s}_cond, also where {parent} is 0"
+        parent = s
+    return docs
+
+
+def generate(spec: SyntheticSpec) -> pd.DataFrame:
+    """All rows: features, one 0/1 label per stage, then `truth_columns`. Deterministic from the seed."""
+    rng = np.random.default_rng(spec.seed)
+    n, n_stages, d = spec.rows, len(spec.stages), _LATENT_DIM
+
+    # Who sees what, and when.
+    u = rng.choice(spec.n_users, size=n, p=_zipf_weights(spec.n_users, spec.zipf, rng))
+    i = rng.choice(spec.n_items, size=n, p=_zipf_weights(spec.n_items, spec.zipf, rng))
+    item_cat = rng.integers(spec.n_categories, size=spec.n_items)
+    device = rng.choice(spec.n_devices, size=n, p=rng.dirichlet(np.full(spec.n_devices, 2.0)))
+    traffic = 1 + 0.6 * np.sin(2 * np.pi * (np.arange(24) - 14) / 24)
+    hour = rng.choice(24, size=n, p=traffic / traffic.sum())
+
+    # Observed numeric features.
+    item_logprice = rng.normal(3.5, 0.8, spec.n_categories)[item_cat] + rng.normal(0, 0.5, spec.n_items)
+    logprice = item_logprice[i] + rng.normal(0, 0.05, n)  # row jitter: discounts, rounding
+    user_age = np.clip(rng.normal(38, 12, spec.n_users), 18, 80).round()
+    visits = rng.poisson(np.exp(rng.normal(0.5, 1.0, spec.n_users))[u]).astype(float)
+    hide_visits = rng.random(n) < _MISSING_VISITS  # hidden from the model only; the truth uses them
+    z_item_price = _standardise(item_logprice)
+    z_price = (logprice - item_logprice.mean()) / (item_logprice.std() + 1e-12)
+    z_age, z_visits = _standardise(user_age)[u], _standardise(np.log1p(visits))
+
+    # Hidden per-stage effects. Every stage reads the same user vector and a shared part of the
+    # item vector, so multi-task models have something to transfer; later stages see the shared
+    # part through a random rotation, so without clickbait their logits barely correlate with the
+    # click logit and bias_share alone controls how unrepresentative the clicked rows are.
+    user_vec = rng.standard_normal((spec.n_users, d))
+    rotation = _random_rotations(rng, n_stages, d)
+    shared_vec = rng.standard_normal((spec.n_items, d))
+    item_vec = (np.sqrt(_SHARED) * np.einsum("id,kde->kie", shared_vec, rotation)
+                + np.sqrt(1 - _SHARED) * rng.standard_normal((n_stages, spec.n_items, d)))
+    user_bias = rng.normal(0, 0.5, (n_stages, spec.n_users))
+    item_bias = rng.normal(0, 0.8, (n_stages, spec.n_items))
+    cat_eff = rng.normal(0, 0.3, (n_stages, spec.n_categories))
+    dev_eff = rng.normal(0, 0.3, (n_stages, spec.n_devices))
+    hour_amp, hour_phase = rng.normal(0, 0.3, n_stages), rng.uniform(0, 24, n_stages)
+    # Price and loyalty matter little for a click but a lot for the later, costlier steps.
+    later = np.arange(n_stages) > 0
+    beta_price = np.where(later, -0.4, -0.05) + rng.normal(0, 0.1, n_stages)
+    beta_visits = np.where(later, 0.3, 0.05) + rng.normal(0, 0.1, n_stages)
+    beta_age = rng.normal(0, 0.2, n_stages)
+
+    # Clickbait: for these items every later stage runs against the item's own click appeal.
+    click_appeal = _standardise(item_bias[0] + cat_eff[0, item_cat] + beta_price[0] * z_item_price)
+    clickbait = rng.random(spec.n_items) < spec.bias_share
+    bait_penalty = spec.bias_strength * np.where(clickbait, click_appeal, 0.0)
+
+    labels, truth = {}, {}
+    parent_path, parent_label = np.ones(n), np.ones(n, dtype=bool)
+    uv = user_vec[u]  # (N, d), reused by every stage
+    for k, (stage, rate) in enumerate(zip(spec.stages, spec.target_rates)):
+        logit = (0.8 / np.sqrt(d)) * np.einsum("nd,nd->n", uv, item_vec[k][i])
+        logit += user_bias[k][u] + item_bias[k][i] + cat_eff[k][item_cat[i]] + dev_eff[k][device]
+        logit += hour_amp[k] * np.sin(2 * np.pi * (hour - hour_phase[k]) / 24)
+        logit += beta_price[k] * z_price + beta_age[k] * z_age + beta_visits[k] * z_visits
+        if k > 0:
+            logit -= bait_penalty[i]
+        logit += spec.noise * rng.standard_normal(n)
+        # Weight by the parent's path probability: the expected parent-positive population.
+        logit += _calibrate_intercept(logit, parent_path, rate)
+        p_cond = _sigmoid(logit)
+        cf = rng.random(n) < p_cond
+        parent_label = parent_label & cf
+        parent_path = parent_path * p_cond
+        labels[stage] = parent_label.astype(np.int64)
+        truth |= {f"true_p_{stage}_cond": p_cond, f"true_p_{stage}": parent_path,
+                  f"cf_{stage}": cf.astype(np.int64)}
+
+    frame = {
+        "user_id": _names("u", spec.n_users)[u],
+        "item_id": _names("i", spec.n_items)[i],
+        "item_category": _names("c", spec.n_categories)[item_cat[i]],
+        "device": _names("d", spec.n_devices)[device],
+        "hour": hour,
+        "price": np.round(np.exp(logprice), 2),
+        "user_age": user_age[u],
+        "n_prev_visits": np.where(hide_visits, np.nan, visits),
+    }
+    return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)})
+
+
+def split_frames(df: pd.DataFrame, spec: SyntheticSpec) -> dict[str, pd.DataFrame]:
+    """Split into disjoint ``train``/``valid``/``test`` frames sized by the spec's fractions."""
+    # A separate stream, so the split does not move when generate() changes its draws.
+    order = np.random.default_rng([spec.seed, 1]).permutation(len(df))
+    n_test, n_valid = round(len(df) * spec.test_frac), round(len(df) * spec.valid_frac)
+    parts = {"train": order[n_test + n_valid:], "valid": order[n_test:n_test + n_valid],
+             "test": order[:n_test]}
+    return {name: df.iloc[np.sort(idx)].reset_index(drop=True) for name, idx in parts.items()}
+
+
+def write(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Path]:
+    """Write train/valid/test CSVs and ``truth.json``; return their paths keyed train/valid/test/truth."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    frames = split_frames(generate(spec), spec)
+    paths: dict[str, Path] = {}
+    for name, frame in frames.items():
+        paths[name] = out / f"{name}.csv"
+        # 8 significant digits keep cents on prices and make the files about half as large.
+        frame.to_csv(paths[name], index=False, float_format="%.8g")
+    truth = {
+        "spec": dataclasses.asdict(spec) | {"target_rates": list(spec.target_rates)},
+        "rows": {name: len(frame) for name, frame in frames.items()},
+        "columns": _column_docs(spec.stages),
+        "oracle_test": _oracle_metrics(frames["test"], spec.stages),
+    }
+    paths["truth"] = out / "truth.json"
+    paths["truth"].write_text(json.dumps(truth, indent=2) + "\n")
+    log.info("wrote %d rows to %s in %.1fs", spec.rows, out, time.perf_counter() - start)
+    return paths
+
+
+def _oracle_metrics(df: pd.DataFrame, stages: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """Per stage: observed rates and the AUCs the true probabilities reach (None if a class is absent).
+
+    ``path_auc``: true_p_s vs label s, all rows. ``cond_auc``: true_p_s_cond vs label s on
+    parent-positive rows. ``cf_auc``: true_p_s_cond vs cf_s, all rows.
+    """
+    metrics: dict[str, dict[str, float | None]] = {}
+    parent = np.ones(len(df), dtype=bool)
+    for s in stages:
+        label, cond = df[s].to_numpy() == 1, df[f"true_p_{s}_cond"].to_numpy()
+        metrics[s] = {
+            "rate_on_parent": float(label[parent].mean()) if parent.any() else None,
+            "true_cond_mean_on_parent": float(cond[parent].mean()) if parent.any() else None,
+            "true_cond_mean_all": float(cond.mean()),
+            "path_auc": _auc(label, df[f"true_p_{s}"].to_numpy()),
+            "cond_auc": _auc(label[parent], cond[parent]),
+            "cf_auc": _auc(df[f"cf_{s}"].to_numpy() == 1, cond),
+        }
+        parent = label
+    return metrics
+
+
+def _zipf_weights(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    # Zipf-Mandelbrot: the offset keeps a long tail without a handful of ids owning most rows.
+    w = (np.arange(1, n + 1) + _ZIPF_OFFSET) ** -float(exponent)
+    return rng.permutation(w / w.sum())  # shuffled so that popularity is not readable from the id
+
+
+def _random_rotations(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """(n, d, d) random orthogonal matrices; the first is the identity."""
+    q, r = np.linalg.qr(rng.standard_normal((n, d, d)))
+    q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]  # makes the draw uniform (Haar)
+    q[0] = np.eye(d)
+    return q
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / (x.std() + 1e-12)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # tanh form cannot overflow
+
+
+def _names(prefix: str, n: int) -> np.ndarray:
+    return np.char.add(prefix, np.arange(n).astype(str)).astype(object)
+
+
+def _calibrate_intercept(logit: np.ndarray, weight: np.ndarray, rate: float) -> float:
+    """The shift c with weighted mean of sigmoid(logit + c) == rate (Newton, bisection fallback)."""
+    w = weight / weight.sum()
+    lo, hi = -50.0, 50.0
+    c = float(np.log(rate / (1 - rate)) - w @ logit)
+    for _ in range(100):
+        p = _sigmoid(logit + c)
+        gap = float(w @ p) - rate
+        if abs(gap) < 1e-7 * rate:
+            break
+        lo, hi = (lo, c) if gap > 0 else (c, hi)
+        slope = float(w @ (p * (1 - p)))
+        step = c - gap / slope if slope > 0 else lo - 1.0
+        c = step if lo < step < hi else 0.5 * (lo + hi)  # the mean is monotone in c, so bisection is safe
+    return c
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = pd.Series(score).rank().to_numpy()  # average ranks, so ties count one half
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

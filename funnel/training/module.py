@@ -1,0 +1,78 @@
+"""A generic LightningModule: it takes any FunnelModel and trains it on its own objective."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from funnel.models.registry import FunnelModel
+from funnel.spec.schema import OptimSpec
+from funnel.training.metrics import FunnelMetrics
+
+
+def truth_of(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k.split("/", 1)[1]: v for k, v in batch.items() if k.startswith("truth/")}
+
+
+class FunnelLightningModule(pl.LightningModule):
+    def __init__(self, model: FunnelModel, optim: OptimSpec, with_truth: bool = False):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.names = model.graph.names
+        self.val_metrics = FunnelMetrics(model.graph, with_truth=with_truth)
+        self.test_metrics = FunnelMetrics(model.graph, with_truth=with_truth)
+
+    def forward(self, batch: dict[str, Tensor]):
+        return self.model(batch)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.model(batch)
+        loss = self.model.loss(out, batch["labels"])
+        bs = batch["labels"].shape[0]
+        self.log("train/loss", loss.total, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log_dict({f"train/loss/{k}": v.detach() for k, v in loss.parts.items()}, on_epoch=True, batch_size=bs)
+        return loss.total
+
+    def _eval_step(self, batch: dict[str, Tensor], metrics: FunnelMetrics, prefix: str) -> None:
+        out = self.model(batch)
+        loss = self.model.loss(out, batch["labels"])
+        self.log(f"{prefix}/loss", loss.total, on_epoch=True, batch_size=batch["labels"].shape[0])
+        metrics.update(
+            torch.stack([out.log_reach[n] for n in self.names], 1),
+            torch.stack([out.log_cond[n] for n in self.names], 1),
+            batch["labels"],
+            truth_of(batch),
+        )
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def _log_metrics(self, metrics: FunnelMetrics, prefix: str) -> None:
+        values = metrics.compute()
+        metrics.reset()
+        shown = {f"{prefix}/{k}": v for k, v in values.items()}  # NaN where a space has one class
+        headline = f"{prefix}/auc/{self.names[-1]}"
+        self.log(headline, shown.pop(headline), prog_bar=True)
+        self.log_dict(shown, prog_bar=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.optim
+        params = self.model.parameters()
+        if o.name == "adam":
+            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        if o.name == "adamw":
+            return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        if o.name == "adagrad":
+            return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)

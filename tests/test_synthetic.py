@@ -1,0 +1,137 @@
+"""Tests for funnel.synthetic: determinism, funnel consistency, calibration, selection bias, I/O."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from funnel.synthetic import FEATURE_COLUMNS, SyntheticSpec, generate, split_frames, truth_columns, write
+
+SMALL = SyntheticSpec(rows=20_000, n_users=500, n_items=300)
+FIVE = ("click", "cart", "checkout", "pay", "review")
+
+
+@pytest.fixture(scope="module")
+def small() -> pd.DataFrame:
+    return generate(SMALL)
+
+
+def test_same_seed_gives_identical_frame(small):
+    pd.testing.assert_frame_equal(small, generate(SMALL))
+
+
+def test_different_seed_gives_different_frame(small):
+    other = generate(SyntheticSpec(rows=20_000, n_users=500, n_items=300, seed=1))
+    assert not small["true_p_click"].equals(other["true_p_click"])
+    assert not (small["user_id"] == other["user_id"]).all()
+
+
+def test_columns_are_features_labels_then_truth(small):
+    assert list(small.columns) == [*FEATURE_COLUMNS, "click", "conversion", *truth_columns(SMALL.stages)]
+    assert len(small) == SMALL.rows
+
+
+def test_features_have_documented_ranges(small):
+    assert small["hour"].between(0, 23).all()
+    assert (small["price"] > 0).all()
+    visits = small["n_prev_visits"]
+    assert 0.005 < visits.isna().mean() < 0.04
+    assert (visits.dropna() >= 0).all() and (visits.dropna() % 1 == 0).all()
+    # item_category and user_age are functions of their ids
+    assert small.groupby("item_id")["item_category"].nunique().max() == 1
+    assert small.groupby("user_id")["user_age"].nunique().max() == 1
+
+
+@pytest.mark.parametrize("stages", [("click",), ("click", "conversion"), FIVE])
+def test_labels_follow_parent_times_counterfactual(stages):
+    df = generate(SyntheticSpec(rows=5_000, stages=stages))
+    parent = np.ones(len(df), dtype=np.int64)
+    for s in stages:
+        assert set(np.unique(df[s])) <= {0, 1}
+        np.testing.assert_array_equal(df[s].to_numpy(), parent * df[f"cf_{s}"].to_numpy())
+        parent = df[s].to_numpy()
+
+
+@pytest.mark.parametrize("stages", [("click", "conversion"), FIVE])
+def test_path_probability_is_product_of_conditionals(stages):
+    df = generate(SyntheticSpec(rows=5_000, stages=stages))
+    path = np.ones(len(df))
+    for s in stages:
+        path = path * df[f"true_p_{s}_cond"].to_numpy()
+        assert np.allclose(df[f"true_p_{s}"], path)
+        assert df[f"true_p_{s}_cond"].between(0, 1, inclusive="neither").all()
+
+
+@pytest.mark.parametrize("rates", [None, (0.2, 0.05, 0.5)])
+def test_target_rates_are_hit_on_parent_positive_rows(rates):
+    spec = SyntheticSpec(rows=50_000, stages=("click", "cart", "buy"), rates=rates)
+    df = generate(spec)
+    parent = np.ones(len(df), dtype=bool)
+    for s, target in zip(spec.stages, spec.target_rates):
+        mean = df.loc[parent, f"true_p_{s}_cond"].mean()
+        assert abs(mean - target) < 0.1 * target, (s, mean, target)
+        parent = df[s].to_numpy() == 1
+
+
+def _clicked_vs_all_gap(bias_share: float) -> float:
+    df = generate(SyntheticSpec(rows=50_000, bias_share=bias_share))
+    cond = df["true_p_conversion_cond"]
+    return abs(cond[df["click"] == 1].mean() - cond.mean())
+
+
+def test_clickbait_makes_clicked_rows_unrepresentative():
+    no_bias, strong_bias = _clicked_vs_all_gap(0.0), _clicked_vs_all_gap(0.6)
+    assert strong_bias > no_bias + 0.03, (no_bias, strong_bias)
+
+
+def test_split_is_disjoint_sized_and_deterministic(small):
+    frames = split_frames(small, SMALL)
+    assert {k: len(v) for k, v in frames.items()} == {"train": 16_000, "valid": 2_000, "test": 2_000}
+    # Rows are identified by their (unique) float truth values.
+    keys = {k: set(v["true_p_conversion"]) for k, v in frames.items()}
+    assert not (keys["train"] & keys["valid"] or keys["train"] & keys["test"] or keys["valid"] & keys["test"])
+    assert all(list(v.index) == list(range(len(v))) for v in frames.values())
+    pd.testing.assert_frame_equal(frames["test"], split_frames(small, SMALL)["test"])
+
+
+def test_write_creates_csvs_and_truth(tmp_path):
+    spec = SyntheticSpec(rows=3_000, n_users=100, n_items=80)
+    paths = write(tmp_path / "out", spec)
+    assert set(paths) == {"train", "valid", "test", "truth"}
+    assert all(p.exists() for p in paths.values())
+    test = pd.read_csv(paths["test"])
+    assert len(test) == 300 and list(test.columns) == list(generate(spec).columns)
+    truth = json.loads(paths["truth"].read_text())
+    assert truth["spec"]["rows"] == 3_000
+    assert set(truth["columns"]) == set(test.columns)
+    assert 0.5 < truth["oracle_test"]["click"]["path_auc"] < 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"rows": 0}, "rows"),
+        ({"rates": (0.1,)}, "rates"),
+        ({"rates": (0.1, 1.5)}, "rates"),
+        ({"stages": ("click", "click")}, "stages"),
+        ({"stages": ()}, "stages"),
+        ({"stages": tuple(f"s{i}" for i in range(9))}, "stages"),
+        ({"stages": ("click", "price")}, "stages"),
+        ({"valid_frac": 0.5, "test_frac": 0.5}, "valid_frac + test_frac"),
+        ({"bias_share": 1.5}, "bias_share"),
+        ({"noise": -1.0}, "noise"),
+    ],
+)
+def test_bad_spec_raises_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=re.escape(field) + ".*(must|give|rename|lower)"):
+        SyntheticSpec(**overrides)
+
+
+def test_all_spec_problems_are_reported_at_once():
+    with pytest.raises(ValueError) as err:
+        SyntheticSpec(rows=-1, noise=-1.0)
+    assert "rows=" in str(err.value) and "noise=" in str(err.value)
