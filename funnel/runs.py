@@ -23,7 +23,7 @@ from funnel.errors import UserError
 from funnel.graph import FunnelGraph
 from funnel.models.registry import FunnelModel, create_model
 from funnel.spec import Config, load_config
-from funnel.spec.schema import TowerSpec, TrainerSpec
+from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec, TowerSpec, TrainerSpec
 
 CONFIG = "config.yaml"
 ENCODERS = "encoders.json"
@@ -51,8 +51,14 @@ def config_to_raw(cfg: Config) -> dict[str, Any]:
         if isinstance(obj, TrainerSpec):
             own = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "lightning"}
             return {**own, **{k: conv(v) for k, v in obj.lightning}}
+        if isinstance(obj, FeatureSpec):  # only its kind's options: the others are rejected on reload
+            keep = {"name", "kind", "column", *FEATURE_OPTIONS[obj.kind]}
+            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if f.name in keep and getattr(obj, f.name) is not None}
         if dataclasses.is_dataclass(obj):
-            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            # a null that is also the default is left out: `synthetic: null` reads as "generate data"
+            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if not (getattr(obj, f.name) is None and f.default is None)}
         if isinstance(obj, (tuple, list)):
             return [conv(v) for v in obj]
         return obj

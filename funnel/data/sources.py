@@ -19,7 +19,7 @@ def load_frames(cfg: Config) -> dict[str, pd.DataFrame]:
     if d.synthetic is not None:
         from funnel import synthetic
 
-        spec = synthetic_spec(cfg)
+        spec = d.synthetic
         log.info("generating the synthetic funnel: %d rows, stages %s, seed %d", spec.rows, spec.stages, spec.seed)
         return synthetic.split_frames(synthetic.generate(spec), spec)
     frames = {"train": read_table(d.train, d.csv)}
@@ -38,13 +38,3 @@ def holdout(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd
     mask = rng.random(len(df)) < share
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
 
-
-def synthetic_spec(cfg: Config):
-    """The generator spec, its stages named after the funnel's label columns."""
-    import dataclasses
-
-    spec = cfg.data.synthetic
-    labels = tuple(s.label_column for s in cfg.funnel.stages)
-    if spec.stages != labels:
-        spec = dataclasses.replace(spec, stages=labels, rates=spec.rates if spec.rates and len(spec.rates) == len(labels) else None)
-    return spec

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from funnel.models.inputs import InputShape, TowerInput
+from funnel.models.inputs import InputShape, TowerInput, module_key
 
 
 class SharedEmbeddings(nn.Module):
@@ -15,11 +15,11 @@ class SharedEmbeddings(nn.Module):
 
     def __init__(self, layout: dict[str, Any], init_std: float = 0.05):
         super().__init__()
-        self.tables = nn.ModuleDict({name: nn.Embedding(n, dim) for name, (n, dim) in layout["tables"].items()})
+        self.tables = nn.ModuleDict({module_key(name): nn.Embedding(n, dim) for name, (n, dim) in layout["tables"].items()})
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=init_std)
-        self.cat_fields = [(f["name"], f["table"], f["column"]) for f in layout["fields"] if f["kind"] == "categorical"]
-        self.seq_fields = [(f["name"], f["table"], f["pooling"]) for f in layout["fields"] if f["kind"] == "sequence"]
+        self.cat_fields = [(f["name"], module_key(f["table"]), f["column"]) for f in layout["fields"] if f["kind"] == "categorical"]
+        self.seq_fields = [(f["name"], module_key(f["table"]), f["pooling"]) for f in layout["fields"] if f["kind"] == "sequence"]
         self.numeric_dim = int(layout["numeric_dim"])
         field_dims = {f["name"]: int(f["dim"]) for f in layout["fields"]}
         self.shape = InputShape(

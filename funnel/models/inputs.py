@@ -22,3 +22,10 @@ class TowerInput:
     fields: dict[str, Tensor]  # feature name -> (B, E) embedding (sequences pooled)
     numeric: Tensor  # (B, numeric_dim)
     sequences: dict[str, tuple[Tensor, Tensor]]  # name -> ((B, L, E) embeddings, (B, L) bool mask)
+
+
+def module_key(name: str) -> str:
+    """A user-chosen name as an ``nn.ModuleDict`` key: prefixed so that stage or feature
+    names such as ``apply`` or ``type`` never clash with Module attributes, and without
+    dots, which module paths reserve."""
+    return "m_" + name.replace(".", "_dot_")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from funnel.graph import FunnelGraph
 from funnel.models.embedding import SharedEmbeddings
+from funnel.models.inputs import module_key
 from funnel.models.losses import log1mexp
 from funnel.models.towers import build_tower
 from funnel.spec.schema import FunnelSpec, TowerSpec
@@ -40,23 +41,34 @@ class FunnelOutput:
 
 
 class FunnelNet(nn.Module):
-    def __init__(self, graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]):
+    def __init__(self, graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any], share_embeddings: bool = True):
         super().__init__()
         self.graph = graph
-        self.embeddings = SharedEmbeddings(layout)
+        self.shared = share_embeddings
+        if share_embeddings:
+            self.embeddings = SharedEmbeddings(layout)
+        else:  # each tower owns a full set of tables (ESMM-NS, the paper's BASE)
+            self.private = nn.ModuleDict({module_key(t): SharedEmbeddings(layout) for t in graph.towers})
+        shape = self.embeddings.shape if share_embeddings else next(iter(self.private.values())).shape
         tower_spec = {s.name: s.tower or spec.tower for s in spec.stages}
         self.towers = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         for stage in graph.stages:
             for edge in stage.edges:
                 t: TowerSpec = tower_spec.get(edge.tower, spec.tower)
-                tower = build_tower(t, self.embeddings.shape, f"funnel.stages.{stage.name}.tower")
-                self.towers[edge.tower] = tower
-                self.heads[edge.tower] = nn.Linear(tower.out_dim, 1)
+                tower = build_tower(t, shape, f"funnel.stages.{stage.name}.tower")
+                self.towers[module_key(edge.tower)] = tower
+                self.heads[module_key(edge.tower)] = nn.Linear(tower.out_dim, 1)
+        self.edge_names = {module_key(t): t for t in graph.towers}
 
     def edge_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        x = self.embeddings(batch)
-        return {name: self.heads[name](tower(x)).squeeze(-1) for name, tower in self.towers.items()}
+        if self.shared:
+            x = self.embeddings(batch)
+            return {self.edge_names[k]: self.heads[k](tower(x)).squeeze(-1) for k, tower in self.towers.items()}
+        return {
+            self.edge_names[k]: self.heads[k](tower(self.private[k](batch))).squeeze(-1)
+            for k, tower in self.towers.items()
+        }
 
     def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
         logits = self.edge_logits(batch)

@@ -61,9 +61,11 @@ class ConditionalSubsetLoss:
 
 @register_model("esmm")
 def build_esmm(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
-    return FunnelModel(FunnelNet(graph, spec, layout), EntireSpaceLoss(graph))
+    share = True if spec.share_embeddings is None else spec.share_embeddings
+    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=share), EntireSpaceLoss(graph))
 
 
 @register_model("base")
 def build_base(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
-    return FunnelModel(FunnelNet(graph, spec, layout), ConditionalSubsetLoss(graph))
+    share = False if spec.share_embeddings is None else spec.share_embeddings
+    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=share), ConditionalSubsetLoss(graph))

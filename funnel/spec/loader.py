@@ -92,6 +92,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     plugins = raw.get("plugins") or []
     if isinstance(plugins, list):
         import_plugins([str(p) for p in plugins])
+    _default_synthetic_stages(raw)
     errors: list[str] = []
     cfg = build(Config, raw, "", errors)
     if cfg is not None:
@@ -99,6 +100,21 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def _default_synthetic_stages(raw: dict[str, Any]) -> None:
+    """Generated data gets one label column per funnel stage unless told otherwise."""
+    data, funnel = raw.get("data"), raw.get("funnel")
+    if not (isinstance(data, dict) and "synthetic" in data and isinstance(funnel, dict)):
+        return
+    synth = data["synthetic"]
+    if synth is None:
+        synth = data["synthetic"] = {}
+    stages = funnel.get("stages")
+    if isinstance(synth, dict) and "stages" not in synth and isinstance(stages, list):
+        labels = [s.get("label") or s.get("name") for s in stages if isinstance(s, dict)]
+        if all(isinstance(x, str) for x in labels):
+            data["synthetic"] = {**synth, "stages": labels}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, Any]]:

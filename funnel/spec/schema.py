@@ -163,6 +163,10 @@ class FunnelSpec:
     model: str = "esmm"
     embed_dim: int = 8
     tower: TowerSpec = field(default_factory=TowerSpec)
+    # One embedding table per feature shared by all towers (true), or a private set of
+    # tables per tower (false). None: the model's own default (esmm: true; base: false,
+    # as the ESMM paper's BASE is a stand-alone CVR network).
+    share_embeddings: bool | None = None
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:

@@ -59,6 +59,13 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("data: give `train` (a CSV/Parquet path) or `synthetic: {}` for generated data.")
     if d.synthetic is not None and (d.train or d.valid or d.test):
         problems.append("data: `synthetic` and file paths exclude each other; keep one.")
+    if d.synthetic is not None and stages:
+        labels = tuple(s.label_column for s in stages)
+        if tuple(d.synthetic.stages) != labels:
+            problems.append(
+                f"data.synthetic.stages: {list(d.synthetic.stages)} must be the funnel's label columns "
+                f"{list(labels)} in order; leave it out to use them."
+            )
     if d.csv.header is False and not d.csv.names:
         problems.append("data.csv.names: a file without header needs the column names listed here.")
 

@@ -1,0 +1,342 @@
+"""Tests for funnel.data: feature encoders, the Featurizer, stage labels and label conflicts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SequenceEncoder
+from funnel.data.featurizer import Featurizer
+from funnel.data.labels import conflict_counts, encode_label, resolve_conflicts
+from funnel.errors import DataError
+from funnel.graph import FunnelGraph
+from funnel.runs import build_graph
+from funnel.spec import config_from_dict
+from funnel.spec.schema import FeatureSpec, StageSpec
+
+
+def cat(**kw) -> FeatureSpec:
+    return FeatureSpec(name=kw.pop("name", "x"), kind="categorical", **kw)
+
+
+def num(**kw) -> FeatureSpec:
+    return FeatureSpec(name=kw.pop("name", "x"), kind="numeric", **kw)
+
+
+def seq(**kw) -> FeatureSpec:
+    return FeatureSpec(name=kw.pop("name", "x"), kind="sequence", **kw)
+
+
+# ---- categorical -------------------------------------------------------------------------------------
+
+
+def test_vocabulary_is_frequency_ordered_and_unknown_maps_to_zero():
+    enc = CategoricalEncoder(cat()).fit(pd.Series(["b", "a", "a", "c", "c", "c"]))
+    assert enc.vocab == ["c", "a", "b"]
+    assert enc.cardinality == 4  # 3 values + the unknown id 0
+    assert enc.encode(pd.Series(["a", "b", "c", "zzz"])).tolist() == [2, 3, 1, 0]
+
+
+def test_min_count_sends_rare_values_to_zero():
+    enc = CategoricalEncoder(cat(min_count=2)).fit(pd.Series(["a", "a", "b", "c", "c", "c"]))
+    assert enc.vocab == ["c", "a"]
+    assert enc.encode(pd.Series(["a", "b", "c"])).tolist() == [2, 0, 1]
+
+
+def test_vocabulary_comes_from_train_only(tmp_path):
+    cfg = make_cfg([{"name": "u", "kind": "categorical"}])
+    train = pd.DataFrame({"u": ["a", "a", "b"], "click": [1, 0, 0]})
+    valid = pd.DataFrame({"u": ["c", "c", "c", "b", "a"], "click": [0, 0, 0, 0, 1]})
+    fz = Featurizer(cfg, build_graph(cfg)).fit(train)
+    assert fz.cat["u"].vocab == ["a", "b"]
+    assert fz.encode(valid, "valid").cat[:, 0].tolist() == [0, 0, 0, 2, 1]
+
+
+def test_int_float_and_string_spellings_are_one_category():
+    enc = CategoricalEncoder(cat()).fit(pd.Series([12, 13, 13]))
+    assert enc.vocab == ["13", "12"]
+    for spelling in (pd.Series([12, 13]), pd.Series([12.0, 13.0]), pd.Series(["12", "13"])):
+        assert enc.encode(spelling).tolist() == [2, 1]
+
+
+def test_missing_category_is_its_own_value():
+    enc = CategoricalEncoder(cat()).fit(pd.Series([1.0, np.nan, np.nan]))
+    assert enc.vocab == ["<NA>", "1"]
+    assert enc.encode(pd.Series([np.nan, 1.0, 2.0])).tolist() == [1, 2, 0]
+
+
+def test_hashing_gives_ids_in_one_to_n_and_is_deterministic():
+    values = pd.Series([f"v{i}" for i in range(1000)])
+    enc = CategoricalEncoder(cat(hash_buckets=7)).fit(values)
+    ids = enc.encode(values)
+    assert enc.cardinality == 8 and enc.vocab == []
+    assert ids.min() >= 1 and ids.max() <= 7
+    assert set(ids.tolist()) == set(range(1, 8))  # 1000 values fill all 7 buckets
+    again = CategoricalEncoder(cat(hash_buckets=7)).encode(values)  # a fresh, unfitted encoder
+    np.testing.assert_array_equal(ids, again)
+    # the same category in another spelling hashes to the same bucket
+    assert enc.encode(pd.Series([12])).tolist() == enc.encode(pd.Series(["12"])).tolist()
+
+
+# ---- numeric -------------------------------------------------------------------------------------------
+
+
+def test_standardize_uses_train_mean_and_population_std():
+    enc = NumericEncoder(num()).fit(pd.Series([1.0, 2.0, 3.0, 4.0]))
+    std = math.sqrt(1.25)  # mean 2.5; squared deviations 2.25, .25, .25, 2.25 over 4
+    assert enc.mean == 2.5 and enc.std == pytest.approx(std)
+    out = enc.encode(pd.Series([1.0, 4.0, 6.0]))
+    assert out.shape == (3, 1) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0], [-1.5 / std, 1.5 / std, 3.5 / std], rtol=1e-6)
+
+
+def test_log1p_then_standardize():
+    e = math.e
+    enc = NumericEncoder(num(transform="log1p")).fit(pd.Series([0.0, e - 1, e**2 - 1]))
+    # log1p gives 0, 1, 2: mean 1, population std sqrt(2/3)
+    assert enc.mean == pytest.approx(1.0) and enc.std == pytest.approx(math.sqrt(2 / 3))
+    out = enc.encode(pd.Series([e**3 - 1, 0.0]))
+    np.testing.assert_allclose(out[:, 0], [2 / math.sqrt(2 / 3), -1 / math.sqrt(2 / 3)], rtol=1e-6)
+
+
+def test_transform_none_keeps_raw_values():
+    enc = NumericEncoder(num(transform="none")).fit(pd.Series([10.0, 20.0]))
+    np.testing.assert_allclose(enc.encode(pd.Series([5.0, 30.0]))[:, 0], [5.0, 30.0])
+
+
+def test_constant_column_divides_by_one():
+    enc = NumericEncoder(num()).fit(pd.Series([3.0, 3.0]))
+    assert enc.std == 1.0
+    np.testing.assert_allclose(enc.encode(pd.Series([3.0, 5.0]))[:, 0], [0.0, 2.0])
+
+
+def test_missing_values_are_filled_with_train_mean_and_flagged():
+    enc = NumericEncoder(num()).fit(pd.Series([1.0, np.nan, 3.0]))
+    assert enc.flag and enc.width == 2
+    assert enc.mean == 2.0 and enc.std == 1.0  # from the present values only
+    out = enc.encode(pd.Series([np.nan, 3.0, 0.0]))
+    np.testing.assert_allclose(out, [[0.0, 1.0], [1.0, 0.0], [-2.0, 0.0]])
+
+
+def test_missing_fill_without_transform_uses_the_raw_mean():
+    enc = NumericEncoder(num(transform="none")).fit(pd.Series([1.0, np.nan, 5.0]))
+    np.testing.assert_allclose(enc.encode(pd.Series([np.nan]))[0], [3.0, 1.0])
+
+
+def test_no_flag_column_when_train_has_no_missing_values():
+    enc = NumericEncoder(num()).fit(pd.Series([1.0, 3.0]))
+    assert not enc.flag
+    out = enc.encode(pd.Series([np.nan, 3.0]))
+    np.testing.assert_allclose(out, [[0.0], [1.0]])  # filled with the mean, standardised to 0
+
+
+def test_missing_error_policy_raises_data_error():
+    with pytest.raises(DataError, match="column 'x' has 1 missing values; set `missing: fill`"):
+        NumericEncoder(num(missing="error")).fit(pd.Series([1.0, np.nan]))
+
+
+def test_non_numeric_strings_raise_data_error_naming_the_column():
+    spec = num(name="price", column="price_raw")
+    with pytest.raises(DataError) as err:
+        NumericEncoder(spec).fit(pd.Series(["1.5", "abc", "2"]))
+    msg = str(err.value)
+    assert "column 'price_raw'" in msg and "numeric feature 'price'" in msg and "'abc'" in msg
+    assert "kind: categorical" in msg
+
+
+def test_numeric_strings_are_accepted():
+    enc = NumericEncoder(num(transform="none")).fit(pd.Series(["1.5", "2.5"]))
+    np.testing.assert_allclose(enc.encode(pd.Series(["4"]))[:, 0], [4.0])
+
+
+def test_log1p_of_negative_values_is_a_data_error():
+    with pytest.raises(DataError, match="log1p needs values >= 0"):
+        NumericEncoder(num(transform="log1p")).fit(pd.Series([1.0, -2.0]))
+
+
+# ---- sequences -------------------------------------------------------------------------------------------
+
+
+def test_sequence_keeps_the_most_recent_items_right_aligned():
+    enc = SequenceEncoder(seq(max_len=2), CategoricalEncoder(seq(max_len=2)))
+    enc.fit(pd.Series(["3|1|2", "5"]))
+    assert enc.ids.vocab == ["1", "2", "3", "5"]  # ties in frequency: by value
+    out = enc.encode(pd.Series(["3|1|2", "5", "", None, "2|9"]))
+    assert out.tolist() == [[1, 2], [0, 4], [0, 0], [0, 0], [2, 0]]  # unknown 9 -> 0
+
+
+def test_sequence_shorter_than_max_len_is_left_padded():
+    enc = SequenceEncoder(seq(max_len=4, sep=";"), CategoricalEncoder(seq()))
+    enc.fit(pd.Series(["a;b"]))
+    assert enc.encode(pd.Series(["a;b", "b"])).tolist() == [[0, 0, 1, 2], [0, 0, 0, 2]]
+
+
+def test_sequence_shared_with_a_categorical_feature_uses_its_vocabulary():
+    cfg = make_cfg([
+        {"name": "item", "kind": "categorical"},
+        {"name": "history", "kind": "sequence", "share_with": "item", "max_len": 3},
+    ])
+    df = pd.DataFrame({"item": ["i1", "i2", "i2"], "history": ["i9|i9|i9", "i1", "i2|i1"], "click": [0, 1, 0]})
+    fz = Featurizer(cfg, build_graph(cfg)).fit(df)
+    assert fz.cat["item"].vocab == ["i2", "i1"]  # history items do not enter the vocabulary
+    table = fz.encode(df, "train")
+    assert table.seq["history"].tolist() == [[0, 0, 0], [0, 0, 2], [0, 1, 2]]
+    assert fz.layout()["tables"] == {"item": (3, 8)}  # one table for both features
+
+
+# ---- featurizer -------------------------------------------------------------------------------------------
+
+STAGES = [{"name": "click"}, {"name": "conversion", "after": "click"}]
+
+
+def make_cfg(features, stages=None, **data):
+    stages = stages or [{"name": "click"}]
+    return config_from_dict({"data": {"train": "t.csv", **data}, "features": features, "funnel": {"stages": stages}})
+
+
+def test_featurizer_save_and_load_give_identical_encodings(tmp_path):
+    cfg = make_cfg(
+        [
+            {"name": "user", "kind": "categorical", "min_count": 2},
+            {"name": "item", "kind": "categorical", "hash_buckets": 5},
+            {"name": "price", "kind": "numeric", "transform": "log1p"},
+            {"name": "age", "kind": "numeric"},
+            {"name": "hist", "kind": "sequence", "max_len": 3},
+        ],
+        STAGES,
+    )
+    graph = build_graph(cfg)
+    rng = np.random.default_rng(0)
+    n = 50
+    df = pd.DataFrame({
+        "user": rng.choice(["u1", "u2", "u3", "u4"], n),
+        "item": rng.choice([f"i{k}" for k in range(10)], n),
+        "price": rng.uniform(0, 100, n),
+        "age": np.where(rng.random(n) < 0.2, np.nan, rng.normal(40, 10, n)),
+        "hist": ["|".join(rng.choice(["a", "b", "c", "d"], rng.integers(0, 5))) for _ in range(n)],
+        "click": rng.integers(0, 2, n),
+    })
+    df["conversion"] = df["click"] * rng.integers(0, 2, n)
+    fitted = Featurizer(cfg, graph).fit(df)
+    fitted.save(tmp_path / "encoders.json")
+    loaded = Featurizer.load(tmp_path / "encoders.json", cfg, graph)
+    assert loaded.fitted
+    assert loaded.layout() == fitted.layout()
+    a, b = fitted.encode(df, "x"), loaded.encode(df, "x")
+    for key, tensor in a.tensors().items():
+        assert torch.equal(tensor, b.tensors()[key]), key
+    assert a.num.shape == (n, 3)  # price, age, age's missing flag
+
+
+def test_featurizer_names_every_missing_column():
+    cfg = make_cfg([{"name": "user_id", "kind": "categorical"}, {"name": "price", "kind": "numeric"}])
+    df = pd.DataFrame({"userid": ["a"], "click": [1]})
+    with pytest.raises(DataError) as err:
+        Featurizer(cfg, build_graph(cfg)).fit(df)
+    assert len(err.value.problems) == 2
+    assert "train: column 'user_id' is missing. Did you mean \"userid\"?" in str(err.value)
+    assert "column 'price' is missing" in str(err.value)
+
+
+def test_encode_without_labels_does_not_need_label_columns():
+    cfg = make_cfg([{"name": "u", "kind": "categorical"}])
+    fz = Featurizer(cfg, build_graph(cfg)).fit(pd.DataFrame({"u": ["a"], "click": [1]}))
+    table = fz.encode(pd.DataFrame({"u": ["a", "b"]}), "predict", labels=False)
+    assert table.labels is None and table.cat[:, 0].tolist() == [1, 0]
+
+
+# ---- labels ------------------------------------------------------------------------------------------------
+
+
+def test_positive_values_mark_label_one():
+    stage = StageSpec(name="income", label="income_50k", positive=("50000+.",))
+    col = pd.Series(["- 50000.", "50000+.", " 50000+. ", "other"])
+    assert encode_label(col, stage).tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_numeric_zero_one_and_boolean_labels_are_accepted():
+    stage = StageSpec(name="click")
+    assert encode_label(pd.Series([0, 1, 1]), stage).tolist() == [0.0, 1.0, 1.0]
+    assert encode_label(pd.Series([0.0, 1.0]), stage).tolist() == [0.0, 1.0]
+    assert encode_label(pd.Series([True, False]), stage).tolist() == [1.0, 0.0]
+
+
+def test_label_other_than_zero_one_suggests_positive():
+    stage = StageSpec(name="conversion", label="bought")
+    with pytest.raises(DataError) as err:
+        encode_label(pd.Series([0, 1, 2, "yes"]), stage)
+    msg = str(err.value)
+    assert "label column 'bought' (stage 'conversion')" in msg and "'2'" in msg and "'yes'" in msg
+    assert "positive: [...]" in msg
+
+
+def test_missing_label_values_are_a_data_error():
+    with pytest.raises(DataError, match="has 1 missing values"):
+        encode_label(pd.Series([0.0, np.nan]), StageSpec(name="click"))
+
+
+CONFLICT = pd.DataFrame({"u": ["a", "b", "c", "d"], "click": [1, 0, 0, 1], "conversion": [1, 1, 0, 0]})
+CONFLICT_Y = CONFLICT[["click", "conversion"]].to_numpy(np.float32)
+
+
+def two_stage_graph() -> FunnelGraph:
+    return FunnelGraph.chain([("click", "click", None, 1.0), ("conversion", "conversion", "click", 1.0)])
+
+
+def test_conflict_counts_per_child_stage():
+    assert conflict_counts(CONFLICT_Y, two_stage_graph()) == {"conversion": 1}
+
+
+def test_conflict_policy_drop_removes_the_rows():
+    labels, keep = resolve_conflicts(CONFLICT_Y, two_stage_graph(), "drop", "train")
+    assert keep.tolist() == [True, False, True, True]
+    np.testing.assert_array_equal(labels, CONFLICT_Y)
+
+
+def test_conflict_policy_zero_clears_the_child_label():
+    labels, keep = resolve_conflicts(CONFLICT_Y, two_stage_graph(), "zero", "train")
+    assert keep.all()
+    assert labels.tolist() == [[1, 1], [0, 0], [0, 0], [1, 0]]
+    assert CONFLICT_Y[1, 1] == 1  # the input is not modified
+
+
+def test_conflict_policy_error_counts_the_conflicts():
+    with pytest.raises(DataError) as err:
+        resolve_conflicts(CONFLICT_Y, two_stage_graph(), "error", "train")
+    msg = str(err.value)
+    assert msg.startswith("train: 1 label conflicts") and "conversion: 1" in msg
+    assert "data.label_conflicts" in msg
+
+
+def test_zero_policy_cascades_down_a_chain():
+    graph = FunnelGraph.chain([("a", "a", None, 1.0), ("b", "b", "a", 1.0), ("c", "c", "b", 1.0)])
+    y = np.array([[0, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=np.float32)
+    zeroed, _ = resolve_conflicts(y, graph, "zero", "t")
+    assert zeroed.tolist() == [[0, 0, 0], [1, 0, 0], [1, 1, 1]]
+    _, keep = resolve_conflicts(y, graph, "drop", "t")
+    assert keep.tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("policy", "rows", "conversion"),
+    [("drop", [0, 2, 3], [1, 0, 0]), ("zero", [0, 1, 2, 3], [1, 0, 0, 0])],
+)
+def test_featurizer_applies_the_conflict_policy(policy, rows, conversion):
+    cfg = make_cfg([{"name": "u", "kind": "categorical"}], STAGES, label_conflicts=policy)
+    fz = Featurizer(cfg, build_graph(cfg)).fit(CONFLICT)
+    table = fz.encode(CONFLICT, "train")
+    assert len(table) == len(rows)
+    assert table.rows.tolist() == rows
+    assert table.labels[:, 1].tolist() == conversion
+    assert table.cat[:, 0].tolist() == [fz.cat["u"].vocab.index(v) + 1 for v in CONFLICT["u"].iloc[rows]]
+
+
+def test_featurizer_refuses_conflicts_under_error():
+    cfg = make_cfg([{"name": "u", "kind": "categorical"}], STAGES, label_conflicts="error")
+    fz = Featurizer(cfg, build_graph(cfg)).fit(CONFLICT)
+    with pytest.raises(DataError, match="valid: 1 label conflicts"):
+        fz.encode(CONFLICT, "valid")

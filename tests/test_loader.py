@@ -1,0 +1,95 @@
+"""Tests for funnel.data.loader.BatchLoader: coverage, order, seeding and sharding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from funnel.data.loader import BatchLoader
+from funnel.data.table import EncodedTable
+
+N = 103  # not a multiple of the batch size or of the world size
+
+
+def table(n: int = N) -> EncodedTable:
+    """Row i holds i in every tensor, so a batch shows which rows it gathered."""
+    ids = torch.arange(n)
+    return EncodedTable(
+        cat=ids.unsqueeze(1).repeat(1, 2),
+        num=ids.float().unsqueeze(1),
+        seq={"hist": ids.unsqueeze(1).repeat(1, 3)},
+        labels=torch.stack([ids.float(), -ids.float()], 1),
+    )
+
+
+def epoch(loader: BatchLoader) -> list[list[int]]:
+    batches = []
+    for b in loader:
+        rows = b["cat"][:, 0]
+        # every tensor of a batch holds the same rows
+        assert torch.equal(b["num"][:, 0].long(), rows) and torch.equal(b["seq/hist"][:, 2], rows)
+        assert torch.equal(b["labels"][:, 0].long(), rows)
+        batches.append(rows.tolist())
+    return batches
+
+
+def flat(batches: list[list[int]]) -> list[int]:
+    return [i for b in batches for i in b]
+
+
+def test_no_shuffle_batches_are_in_row_order():
+    batches = epoch(BatchLoader(table(), 10))
+    assert len(batches) == 11
+    assert batches[0] == list(range(10)) and batches[-1] == [100, 101, 102]
+    assert flat(batches) == list(range(N))
+
+
+def test_len_counts_the_last_partial_batch_unless_dropped():
+    assert len(BatchLoader(table(), 10)) == 11
+    loader = BatchLoader(table(), 10, drop_last=True)
+    assert len(loader) == 10 and len(flat(epoch(loader))) == 100
+
+
+def test_shuffle_covers_every_row_exactly_once_per_epoch():
+    loader = BatchLoader(table(), 16, shuffle=True, seed=3)
+    for _ in range(3):
+        rows = flat(epoch(loader))
+        assert sorted(rows) == list(range(N))
+        assert rows != list(range(N))
+
+
+def test_shuffle_draws_a_new_permutation_each_epoch():
+    loader = BatchLoader(table(), 16, shuffle=True, seed=3)
+    first, second = flat(epoch(loader)), flat(epoch(loader))
+    assert first != second
+
+
+def test_same_seed_gives_the_same_sequence_of_batches():
+    a = BatchLoader(table(), 16, shuffle=True, seed=7)
+    b = BatchLoader(table(), 16, shuffle=True, seed=7)
+    assert [epoch(a) for _ in range(2)] == [epoch(b) for _ in range(2)]
+    c = BatchLoader(table(), 16, shuffle=True, seed=8)
+    assert epoch(c) != epoch(BatchLoader(table(), 16, shuffle=True, seed=7))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_get_disjoint_shards_of_equal_size(shuffle, world_size):
+    shards = [
+        flat(epoch(BatchLoader(table(), 8, shuffle=shuffle, seed=1, rank=r, world_size=world_size)))
+        for r in range(world_size)
+    ]
+    per_rank = N // world_size
+    assert [len(s) for s in shards] == [per_rank] * world_size
+    union = set().union(*map(set, shards))
+    assert len(union) == per_rank * world_size  # disjoint
+    assert union <= set(range(N))
+    lens = {len(BatchLoader(table(), 8, rank=r, world_size=world_size)) for r in range(world_size)}
+    assert lens == {-(-per_rank // 8)}  # every rank runs the same number of steps
+
+
+def test_ranks_of_one_epoch_share_one_permutation():
+    """Sharding splits the same permutation: rank r takes every world_size-th row of it."""
+    whole = flat(epoch(BatchLoader(table(), N, shuffle=True, seed=5)))
+    rank1 = flat(epoch(BatchLoader(table(), N, shuffle=True, seed=5, rank=1, world_size=2)))
+    assert rank1 == whole[1::2][: N // 2]

@@ -1,0 +1,156 @@
+"""Tests for funnel.models: composing funnel probabilities, the registries, and the built network."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from funnel.data.featurizer import Featurizer
+from funnel.data.table import take
+from funnel.errors import ConfigError
+from funnel.graph import FunnelGraph
+from funnel.inference import predict_table
+from funnel.models import MODELS, TOWERS, create_model
+from funnel.models.inputs import InputShape, TowerInput
+from funnel.models.net import compose
+from funnel.models.towers import build_tower
+from funnel.runs import build_graph
+from funnel.spec import config_from_dict
+from funnel.spec.schema import TowerSpec
+from funnel.synthetic import SyntheticSpec, generate
+
+THREE = FunnelGraph.chain([("click", "click", None, 1.0), ("cart", "cart", "click", 1.0), ("buy", "buy", "cart", 1.0)])
+
+
+def test_compose_chains_log_probabilities():
+    logits = {"click": torch.tensor([0.5, -2.0]), "cart": torch.tensor([1.0, 3.0]), "buy": torch.tensor([-1.5, 0.0])}
+    out = compose(THREE, logits)
+    ls = {k: F.logsigmoid(v) for k, v in logits.items()}
+    assert set(out.log_reach) == set(out.log_cond) == {"click", "cart", "buy"}
+    for name in ("click", "cart", "buy"):
+        torch.testing.assert_close(out.log_cond[name], ls[name])
+    torch.testing.assert_close(out.log_reach["click"], ls["click"])
+    torch.testing.assert_close(out.log_reach["cart"], ls["click"] + ls["cart"])
+    torch.testing.assert_close(out.log_reach["buy"], ls["click"] + ls["cart"] + ls["buy"])
+
+
+def test_stacked_gives_probabilities_in_the_requested_order():
+    logits = {"click": torch.tensor([0.0]), "cart": torch.tensor([0.0]), "buy": torch.tensor([0.0])}
+    reach, cond = compose(THREE, logits).stacked(["buy", "click"])
+    torch.testing.assert_close(reach, torch.tensor([[0.125, 0.5]]))
+    torch.testing.assert_close(cond, torch.tensor([[0.5, 0.5]]))
+
+
+# ---- a model built from a config and a fitted featurizer -----------------------------------------------
+
+FEATURES = [
+    {"name": "user_id", "kind": "categorical"},
+    {"name": "item_id", "kind": "categorical"},
+    {"name": "device", "kind": "categorical"},
+    {"name": "price", "kind": "numeric", "transform": "log1p"},
+    {"name": "n_prev_visits", "kind": "numeric"},
+]
+RAW = {
+    "data": {"train": "unused.csv"},  # the frame below is made in memory
+    "features": FEATURES,
+    "funnel": {
+        "embed_dim": 4,
+        "tower": {"hidden": [8]},
+        "stages": [{"name": "buy", "after": "cart"}, {"name": "click"}, {"name": "cart", "after": "click"}],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return generate(SyntheticSpec(rows=400, n_users=50, n_items=40, stages=("click", "cart", "buy"),
+                                  rates=(0.3, 0.4, 0.5)))
+
+
+def build(frame, model: str = "esmm", **funnel):
+    raw = copy.deepcopy(RAW)
+    raw["funnel"].update(model=model, **funnel)
+    cfg = config_from_dict(raw)
+    graph = build_graph(cfg)
+    fz = Featurizer(cfg, graph).fit(frame)
+    table = fz.encode(frame, "train")
+    torch.manual_seed(0)
+    return create_model(graph, cfg.funnel, fz.layout()), table
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_registered_model_outputs_finite_probabilities_per_stage(frame, name):
+    model, table = build(frame, name)
+    batch = take(table.tensors(), slice(0, 32))
+    out = model(batch)
+    assert model.graph.names == ["click", "cart", "buy"]  # listed child first, ordered parent first
+    for stage in ("click", "cart", "buy"):
+        assert out.log_reach[stage].shape == (32,) and out.log_cond[stage].shape == (32,)
+        assert torch.isfinite(out.log_reach[stage]).all() and (out.log_reach[stage] <= 0).all()
+    loss = model.loss(out, batch["labels"])
+    assert set(loss.parts) == {"click", "cart", "buy"} and torch.isfinite(loss.total)
+    loss.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", TOWERS.names())
+def test_every_registered_tower_builds_with_defaults(name):
+    shape = InputShape(flat_dim=6, field_dims={"a": 4}, numeric_dim=2)
+    tower = build_tower(TowerSpec(type=name), shape, "funnel.tower")
+    x = TowerInput(flat=torch.randn(5, 6), fields={"a": torch.randn(5, 4)}, numeric=torch.randn(5, 2), sequences={})
+    assert tower(x).shape == (5, tower.out_dim)
+
+
+def test_tower_rejecting_its_arguments_is_a_config_error():
+    shape = InputShape(flat_dim=6, field_dims={}, numeric_dim=6)
+    with pytest.raises(ConfigError, match="activation 'rellu' is not one of.*Did you mean \"relu\""):
+        build_tower(TowerSpec(type="mlp", params=(("activation", "rellu"),)), shape, "funnel.tower")
+
+
+def test_mlp_tower_widths_follow_hidden():
+    shape = InputShape(flat_dim=6, field_dims={}, numeric_dim=6)
+    tower = build_tower(TowerSpec(type="mlp", params=(("hidden", (16, 3)),)), shape, "funnel.tower")
+    linears = [m for m in tower.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(6, 16), (16, 3)]
+    assert tower.out_dim == 3
+
+
+def test_model_probabilities_multiply_along_the_path(frame):
+    model, table = build(frame)
+    pred = predict_table(model, table, batch_size=100)
+    assert list(pred.columns) == ["p_click", "p_click_cond", "p_cart", "p_cart_cond", "p_buy", "p_buy_cond"]
+    assert len(pred) == len(table)
+    np.testing.assert_allclose(pred["p_click"], pred["p_click_cond"], rtol=1e-6)
+    np.testing.assert_allclose(pred["p_cart"], pred["p_click"] * pred["p_cart_cond"], rtol=1e-5)
+    np.testing.assert_allclose(pred["p_buy"], pred["p_cart"] * pred["p_buy_cond"], rtol=1e-5)
+
+
+def test_esmm_shares_embeddings_and_every_tower_reaches_them(frame):
+    model, table = build(frame, "esmm")
+    batch = take(table.tensors(), slice(0, 64))
+    tables = list(model.net.embeddings.tables.values())
+    assert len(tables) == 3  # user_id, item_id, device: one table each, used by every tower
+    for stage in ("click", "buy"):  # the first tower and a conditional one
+        model.zero_grad()
+        model(batch).logits[stage].sum().backward()
+        for emb in tables:
+            assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0, stage
+
+
+def test_esmm_loss_trains_every_tower_and_the_shared_tables(frame):
+    model, table = build(frame, "esmm")
+    batch = take(table.tensors(), slice(0, 64))
+    model.loss(model(batch), batch["labels"]).total.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_model_outputs_are_keyed_by_stage_name_not_position(frame):
+    model, table = build(frame)
+    out = model(take(table.tensors(), slice(0, 4)))
+    assert list(out.log_reach) == ["click", "cart", "buy"]
+    assert set(out.logits) == {"click", "cart", "buy"}
