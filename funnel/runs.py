@@ -56,7 +56,7 @@ def config_to_raw(cfg: Config) -> dict[str, Any]:
             return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                     if f.name in keep and getattr(obj, f.name) is not None}
         if dataclasses.is_dataclass(obj):
-            # a null that is also the default is left out: `synthetic: null` reads as "generate data"
+            # a null that is also the default is left out: it says nothing, and `synthetic: null` is ambiguous
             return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                     if not (getattr(obj, f.name) is None and f.default is None)}
         if isinstance(obj, (tuple, list)):

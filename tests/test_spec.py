@@ -266,3 +266,39 @@ def test_config_sections_are_frozen(pick, field):
 def test_lists_become_tuples():
     cfg = config_from_dict(copy.deepcopy(MINIMAL))
     assert isinstance(cfg.features, tuple) and isinstance(cfg.funnel.stages, tuple)
+
+
+# ---- synthetic data ----------------------------------------------------------------------------------
+
+CHILD_FIRST = {"stages": [{"name": "conversion", "label": "buy", "after": "click"}, {"name": "click"}]}
+
+
+def test_synthetic_stages_default_to_label_columns_parent_first():
+    cfg = config_from_dict(raw(data={"synthetic": {"rows": 500}}, funnel=CHILD_FIRST))
+    assert cfg.data.synthetic.stages == ("click", "buy")
+
+
+def test_synthetic_funnel_listed_child_first_generates_no_label_conflicts():
+    from funnel.data.sources import load_frames
+
+    cfg = config_from_dict(raw(data={"synthetic": {"rows": 2000, "rates": [0.3, 0.5]}}, funnel=CHILD_FIRST))
+    train = load_frames(cfg)["train"]
+    assert train["click"].mean() == pytest.approx(0.3, abs=0.05)  # click is the first generated stage
+    assert ((train["buy"] == 1) & (train["click"] == 0)).sum() == 0
+
+
+def test_explicit_synthetic_stages_must_follow_the_funnel_order():
+    ok = config_from_dict(raw(data={"synthetic": {"stages": ["click", "buy"]}}, funnel=CHILD_FIRST))
+    assert ok.data.synthetic.stages == ("click", "buy")
+    msg = problems_of(raw(data={"synthetic": {"stages": ["buy", "click"]}}, funnel=CHILD_FIRST))
+    assert "data.synthetic.stages: ['buy', 'click'] must be the funnel's label columns ['click', 'buy']" in msg
+
+
+def test_synthetic_data_and_file_paths_exclude_each_other():
+    msg = problems_of(raw(data={"train": "t.csv", "synthetic": {}}))
+    assert "data: `synthetic` and file paths exclude each other; keep one." in msg
+
+
+def test_null_synthetic_means_no_generated_data():
+    cfg = config_from_dict(raw(data={"train": "t.csv", "synthetic": None}))
+    assert cfg.data.synthetic is None

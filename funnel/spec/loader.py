@@ -107,14 +107,28 @@ def _default_synthetic_stages(raw: dict[str, Any]) -> None:
     data, funnel = raw.get("data"), raw.get("funnel")
     if not (isinstance(data, dict) and "synthetic" in data and isinstance(funnel, dict)):
         return
-    synth = data["synthetic"]
-    if synth is None:
-        synth = data["synthetic"] = {}
+    synth = data["synthetic"]  # null means no synthetic data; {} means all defaults
     stages = funnel.get("stages")
     if isinstance(synth, dict) and "stages" not in synth and isinstance(stages, list):
-        labels = [s.get("label") or s.get("name") for s in stages if isinstance(s, dict)]
+        labels = [s.get("label") or s.get("name") for s in _parent_first(stages) if isinstance(s, dict)]
         if all(isinstance(x, str) for x in labels):
             data["synthetic"] = {**synth, "stages": labels}
+
+
+def _parent_first(stages: list[Any]) -> list[Any]:
+    """Raw stage mappings with every parent before its children (as listed when that fails)."""
+    ordered: list[Any] = []
+    done: set[Any] = {None}
+    pending = [s for s in stages if isinstance(s, dict)]
+    while pending:
+        ready = [s for s in pending if s.get("after") in done]
+        if not ready:  # a broken graph: validation reports it
+            return stages
+        for s in ready:
+            ordered.append(s)
+            done.add(s.get("name"))
+            pending.remove(s)
+    return ordered
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, Any]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from funnel.errors import did_you_mean
-from funnel.graph import graph_problems
+from funnel.graph import FunnelGraph, graph_problems
 from funnel.spec.schema import Config
 
 METRIC_PREFIXES = ("auc", "auc_cond", "logloss", "calib")
@@ -15,7 +15,8 @@ def config_problems(cfg: Config) -> list[str]:
 
     problems: list[str] = []
     stages = [s for s in cfg.funnel.stages if s is not None]
-    problems += graph_problems([(s.name, s.label_column, s.after) for s in stages])
+    graph_errors = graph_problems([(s.name, s.label_column, s.after) for s in stages])
+    problems += graph_errors
     if cfg.funnel.model not in MODELS:
         problems.append(MODELS.unknown(cfg.funnel.model))
     problems += tower_problems(cfg.funnel.tower, "funnel.tower")
@@ -59,8 +60,10 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("data: give `train` (a CSV/Parquet path) or `synthetic: {}` for generated data.")
     if d.synthetic is not None and (d.train or d.valid or d.test):
         problems.append("data: `synthetic` and file paths exclude each other; keep one.")
-    if d.synthetic is not None and stages:
-        labels = tuple(s.label_column for s in stages)
+    if d.synthetic is not None and stages and not graph_errors:
+        # the generator's chain runs parent first, whatever order the stages are listed in
+        graph = FunnelGraph.chain([(s.name, s.label_column, s.after, s.weight) for s in stages])
+        labels = tuple(s.label for s in graph.stages)
         if tuple(d.synthetic.stages) != labels:
             problems.append(
                 f"data.synthetic.stages: {list(d.synthetic.stages)} must be the funnel's label columns "
