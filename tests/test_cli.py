@@ -152,6 +152,17 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(fitted, tmp_
     assert not run_dir.exists()
 
 
+def test_overrides_after_print_config_are_applied(fitted, capsys):
+    assert main(["fit", str(fitted.config), "--print-config", "optim.lr=0.03"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 0.03
+
+
+def test_unknown_flag_is_a_usage_error(fitted):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", str(fitted.config), "--bogus"])
+    assert exc.value.code == 2
+
+
 # ---- evaluate / predict / check ------------------------------------------------------------------------------
 
 
@@ -235,7 +246,7 @@ def test_python_m_funnel_help_lists_the_commands():
 def assert_user_error(capsys, *fragments: str) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.startswith("error: ")
+    assert ("\n" + err).count("\nerror: ") == 1  # one error line (INFO logs may come before it)
     for fragment in fragments:
         assert fragment in err, err
     return err
@@ -274,6 +285,12 @@ def test_missing_column_exits_2_naming_it_and_leaves_no_run_dir(base_config, wri
     base_config["features"][0] = {"name": "user_idd", "kind": "categorical"}
     assert main(["fit", str(write_config(base_config))]) == 2
     assert_user_error(capsys, "column 'user_idd' is missing.", 'Did you mean "user_id"?')
+    assert not (tmp_path / "run").exists()
+
+
+def test_tower_rejecting_its_arguments_exits_2_and_leaves_no_run_dir(base_config, write_config, tmp_path, capsys):
+    assert main(["fit", str(write_config(base_config)), "funnel.tower.activation=rellu"]) == 2
+    assert_user_error(capsys, "funnel.stages.click.tower: tower 'mlp' rejected its arguments", 'Did you mean "relu"?')
     assert not (tmp_path / "run").exists()
 
 

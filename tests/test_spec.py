@@ -199,6 +199,7 @@ def test_override_of_an_unknown_key_suggests_the_closest():
 def test_override_of_an_unknown_stage_lists_the_stages():
     msg = problems_of(MINIMAL, ("funnel.stages.convrsion.weight=2",))
     assert "no item named 'convrsion'" in msg and "Items: click, conversion." in msg
+    assert 'Did you mean "conversion"?' in msg
 
 
 def test_override_index_out_of_range_is_reported():

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from funnel.errors import ConfigError
+from funnel.errors import ConfigError, did_you_mean
 from funnel.spec.convert import build
 from funnel.spec.schema import Config
 from funnel.spec.validate import config_problems
@@ -74,7 +74,7 @@ def _list_index(node: list[Any], part: str, where: str) -> int:
         if isinstance(item, dict) and item.get("name") == part:
             return i
     names = [str(x.get("name")) for x in node if isinstance(x, dict)]
-    raise ConfigError(f"override {where!r}: no item named {part!r}. Items: {', '.join(names)}.")
+    raise ConfigError(f"override {where!r}: no item named {part!r}.{did_you_mean(part, names)} Items: {', '.join(names)}.")
 
 
 def import_plugins(modules: list[str] | tuple[str, ...]) -> None:

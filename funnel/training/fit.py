@@ -31,11 +31,11 @@ def fit_config(cfg: Config, config_path: str | Path = "config.yaml") -> Path:
     graph = build_graph(cfg)
     dm = FunnelDataModule(cfg, graph)
     dm.prepare()  # before the run dir exists: bad data never leaves a half-made run behind
+    model = create_model(graph, cfg.funnel, dm.featurizer.layout())  # so do bad tower arguments
     run_dir = new_run_dir(cfg, config_path)
     save_config(cfg, run_dir)
     dm.featurizer.save(run_dir / ENCODERS)
 
-    model = create_model(graph, cfg.funnel, dm.featurizer.layout())
     with_truth = bool(dm.tables["valid"].truth)
     module = FunnelLightningModule(model, cfg.optim, with_truth=with_truth)
     monitor = cfg.trainer.monitor or f"val/auc/{graph.names[-1]}"
