@@ -5,6 +5,7 @@
         encoders.json      fitted feature encoders
         checkpoints/best.ckpt
         metrics.json       metrics of the best checkpoint (test split, else valid)
+        metrics_valid.json the same on the valid split, when metrics.json is the test split
         logs/metrics.csv   per-epoch training / validation logs
 """
 
@@ -29,16 +30,22 @@ CONFIG = "config.yaml"
 ENCODERS = "encoders.json"
 BEST = "checkpoints/best.ckpt"
 METRICS = "metrics.json"
+METRICS_VALID = "metrics_valid.json"
 
 
-def new_run_dir(cfg: Config, config_path: str | Path) -> Path:
+def run_dir_path(cfg: Config, config_path: str | Path) -> Path:
+    """Where this run will write; refuses a non-empty folder so no earlier run is overwritten."""
     if cfg.run_dir:
         path = Path(cfg.run_dir)
-    else:
-        path = Path("runs") / Path(config_path).stem / time.strftime("%Y%m%d-%H%M%S")
-        while path.exists():  # two runs in the same second
-            path = path.with_name(path.name + "-1")
-    path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(
+                f"run_dir: {str(path)!r} already exists and is not empty; funnel never overwrites a run. "
+                "Choose a new run_dir, or leave it out for runs/<config stem>/<timestamp>."
+            )
+        return path
+    path = Path("runs") / Path(config_path).stem / time.strftime("%Y%m%d-%H%M%S")
+    while path.exists():  # two runs in the same second
+        path = path.with_name(path.name + "-1")
     return path
 
 

@@ -111,7 +111,23 @@ def test_metrics_json_has_every_metric_of_every_stage(fitted):
         assert isinstance(value, float) and value > 0, key
         if key.startswith(("auc", "oracle_auc")):
             assert 0 < value < 1, key
-    assert metrics["valid"]["rows"] == 300 and METRIC_KEYS <= set(metrics["valid"])
+    assert all(not isinstance(v, dict) for v in metrics.values()), "metrics.json keys are flat"
+    valid = json.loads((fitted.run / "metrics_valid.json").read_text())
+    assert valid["split"] == "valid" and valid["rows"] == 300 and METRIC_KEYS <= set(valid)
+
+
+def test_fit_refuses_to_overwrite_a_non_empty_run_dir(fitted, capsys):
+    before = (fitted.run / "metrics.json").read_text()
+    assert main(["fit", str(fitted.config), f"run_dir={fitted.run}"]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (fitted.run / "metrics.json").read_text() == before
+
+
+def test_bad_trainer_argument_value_exits_2_and_leaves_no_run_dir(fitted, tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    assert main(["fit", str(fitted.config), "trainer.accelerator=gpux", f"run_dir={run_dir}"]) == 2
+    assert "trainer:" in capsys.readouterr().err
+    assert not run_dir.exists()
 
 
 def test_saved_config_reloads_to_the_same_config(fitted):

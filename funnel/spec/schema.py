@@ -219,8 +219,12 @@ class TrainerSpec:
         for key, value in raw.items():
             if key in TRAINER_OWN_KEYS:
                 own[key] = value
-            elif key in ("callbacks", "logger", "plugins", "strategy") and not isinstance(value, (str, bool)):
-                errors.append(f"{path}.{key}: only a name or true/false can be set from YAML.")
+            elif key in ("callbacks", "plugins"):
+                errors.append(f"{path}.{key}: cannot be set from YAML; funnel adds checkpointing and early stopping.")
+            elif key == "logger" and not isinstance(value, bool):
+                errors.append(f"{path}.logger: true (CSV logs in the run directory) or false, got {describe(value)}.")
+            elif key == "strategy" and not isinstance(value, str):
+                errors.append(f"{path}.strategy: give a strategy name such as ddp, got {describe(value)}.")
             elif key in accepted:
                 passed[key] = value
             else:
