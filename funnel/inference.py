@@ -30,12 +30,7 @@ def score(model: FunnelModel, table: EncodedTable, batch_size: int):
     model.eval()
     names = model.graph.names
     for batch in BatchLoader(table, batch_size):
-        out = model(batch)
-        yield (
-            batch,
-            torch.stack([out.log_reach[n] for n in names], 1),
-            torch.stack([out.log_cond[n] for n in names], 1),
-        )
+        yield (batch, *model(batch).log_stacked(names))
 
 
 def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16384) -> dict[str, Any]:

@@ -150,7 +150,7 @@ class Featurizer:
         state = {
             "format": FORMAT_VERSION,
             "features": [
-                {"spec": _spec_dict(f), "state": self._encoder(f).state()} for f in self.features
+                {"spec": asdict(f), "state": self._encoder(f).state()} for f in self.features
             ],
         }
         Path(path).write_text(json.dumps(state, indent=1))
@@ -176,6 +176,3 @@ class Featurizer:
         self.fitted = True
         return self
 
-
-def _spec_dict(f: FeatureSpec) -> dict[str, Any]:
-    return {k: v for k, v in asdict(f).items()}

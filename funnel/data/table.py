@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 
@@ -36,6 +35,3 @@ def take(tensors: dict[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:
     """One batch: the same rows of every tensor (a gather, or a view for a slice)."""
     return {k: v[idx] for k, v in tensors.items()}
 
-
-def empty_like_table(n: int) -> EncodedTable:
-    return EncodedTable(cat=torch.zeros(n, 0, dtype=torch.int64), num=torch.zeros(n, 0))

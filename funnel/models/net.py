@@ -33,11 +33,17 @@ class FunnelOutput:
     log_reach: dict[str, Tensor]  # stage -> (B,) log P(stage | impression)
     log_cond: dict[str, Tensor]  # stage -> (B,) log P(stage | after-stage)
 
+    def log_stacked(self, names: list[str]) -> tuple[Tensor, Tensor]:
+        """(B, S) path and conditional log-probabilities in the order of ``names``."""
+        return (
+            torch.stack([self.log_reach[n] for n in names], 1),
+            torch.stack([self.log_cond[n] for n in names], 1),
+        )
+
     def stacked(self, names: list[str]) -> tuple[Tensor, Tensor]:
         """(B, S) path and conditional probabilities in the order of ``names``."""
-        reach = torch.stack([self.log_reach[n] for n in names], 1).exp()
-        cond = torch.stack([self.log_cond[n] for n in names], 1).exp()
-        return reach, cond
+        log_reach, log_cond = self.log_stacked(names)
+        return log_reach.exp(), log_cond.exp()
 
 
 class FunnelNet(nn.Module):

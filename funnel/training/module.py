@@ -39,12 +39,7 @@ class FunnelLightningModule(pl.LightningModule):
         out = self.model(batch)
         loss = self.model.loss(out, batch["labels"])
         self.log(f"{prefix}/loss", loss.total, on_epoch=True, batch_size=batch["labels"].shape[0])
-        metrics.update(
-            torch.stack([out.log_reach[n] for n in self.names], 1),
-            torch.stack([out.log_cond[n] for n in self.names], 1),
-            batch["labels"],
-            truth_of(batch),
-        )
+        metrics.update(*out.log_stacked(self.names), batch["labels"], truth_of(batch))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
