@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from funnel.errors import UserError
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a deprecation inside Lightning's own code, printed on every run; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting overrides at the first --flag; take the ones after it too
