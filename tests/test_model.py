@@ -154,3 +154,43 @@ def test_model_outputs_are_keyed_by_stage_name_not_position(frame):
     out = model(take(table.tensors(), slice(0, 4)))
     assert list(out.log_reach) == ["click", "cart", "buy"]
     assert set(out.logits) == {"click", "cart", "buy"}
+
+
+def test_sequence_feature_shares_the_item_table_and_pools_only_real_items():
+    import pandas as pd
+
+    from funnel.data.featurizer import Featurizer
+    from funnel.runs import build_graph
+    from funnel.spec import config_from_dict
+
+    cfg = config_from_dict({
+        "data": {"train": "unused.csv"},
+        "features": [
+            {"name": "item_id", "kind": "categorical"},
+            {"name": "history", "kind": "sequence", "share_with": "item_id", "max_len": 3},
+        ],
+        "funnel": {"embed_dim": 4, "tower": {"type": "mlp", "hidden": [8]},
+                   "stages": [{"name": "click"}, {"name": "buy", "after": "click"}]},
+    })
+    df = pd.DataFrame({"item_id": ["a", "b", "c"], "history": ["a|b", "", "c|c|a|b"],
+                       "click": [1, 0, 1], "buy": [1, 0, 0]})
+    graph = build_graph(cfg)
+    feat = Featurizer(cfg, graph).fit(df)
+    table = feat.encode(df, "train")
+    model = create_model(graph, cfg.funnel, feat.layout())
+    tables = model.net.embeddings.tables
+    assert len(tables) == 1  # history reuses item_id's table
+    ids = table.seq["history"]
+    assert ids[1].tolist() == [0, 0, 0]  # empty history: all padding
+
+    x = model.net.embeddings(table.tensors())
+    assert x.flat.shape == (3, 8)  # item (4) + pooled history (4)
+    assert torch.equal(x.fields["history"][1], torch.zeros(4))  # nothing to pool
+    weight = next(iter(tables.values())).weight
+    row0 = weight[ids[0][ids[0] > 0]].mean(0)
+    assert torch.allclose(x.fields["history"][0], row0)  # mean over the real items only
+
+    out = model(table.tensors())
+    model.loss(out, table.labels).total.backward()
+    touched = weight.grad.abs().sum(1) > 0
+    assert touched[ids[2][ids[2] > 0]].all()  # the history's items receive gradient

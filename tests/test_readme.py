@@ -32,3 +32,16 @@ def test_every_shipped_config_is_listed_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for cfg in sorted((ROOT / "configs").glob("*.yaml")):
         assert f"configs/{cfg.name}" in readme
+
+
+def test_the_readme_config_walkthrough_is_a_valid_config():
+    import yaml
+
+    from funnel.spec import config_from_dict
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n(seed: 0.*?)```", readme, flags=re.S)
+    assert block, "the README's YAML walkthrough block is missing"
+    cfg = config_from_dict(yaml.safe_load(block.group(1)))
+    assert [s.name for s in cfg.funnel.stages] == ["click", "conversion"]
+    assert {f.kind for f in cfg.features} == {"categorical", "numeric", "sequence"}
