@@ -349,3 +349,11 @@ def test_synth_with_zero_rows_exits_2(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "d"), "--rows", "0"]) == 2
     assert_user_error(capsys, "rows=0: must be a positive int")
     assert not (tmp_path / "d").exists()
+
+
+def test_an_unwritable_output_path_exits_2_without_traceback(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["synth", str(blocker / "out"), "--rows", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err

@@ -303,3 +303,11 @@ def test_synthetic_data_and_file_paths_exclude_each_other():
 def test_null_synthetic_means_no_generated_data():
     cfg = config_from_dict(raw(data={"train": "t.csv", "synthetic": None}))
     assert cfg.data.synthetic is None
+
+
+def test_a_stage_that_is_not_a_mapping_is_reported_once():
+    raw = copy.deepcopy(MINIMAL)
+    raw["funnel"]["stages"] = ["click"]
+    msg = problems_of(raw)
+    assert "funnel.stages[0]: expected a mapping of keys, got 'click'." in msg
+    assert "required key is missing" not in msg and "at least one stage" not in msg

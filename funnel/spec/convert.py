@@ -102,7 +102,7 @@ def build(cls: type, raw: Any, path: str, errors: list[str], *, hook: bool = Tru
         raw = {}
     if not isinstance(raw, Mapping):
         errors.append(f"{path or 'config'}: expected a mapping of keys, got {describe(raw)}.")
-        raw = {}
+        return None
     n_before = len(errors)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

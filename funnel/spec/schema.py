@@ -41,7 +41,9 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise ValueError("batch sizes must be positive integers")
+            raise ValueError(
+                f"batch_size and eval_batch_size must be positive integers, got {self.batch_size} and {self.eval_batch_size}"
+            )
         if not 0.0 < self.valid_split < 1.0:
             raise ValueError(f"valid_split must lie in (0, 1), got {self.valid_split}")
 

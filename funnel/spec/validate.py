@@ -15,7 +15,8 @@ def config_problems(cfg: Config) -> list[str]:
 
     problems: list[str] = []
     stages = [s for s in cfg.funnel.stages if s is not None]
-    graph_errors = graph_problems([(s.name, s.label_column, s.after) for s in stages])
+    complete = len(stages) == len(cfg.funnel.stages)  # else a malformed stage is reported already
+    graph_errors = graph_problems([(s.name, s.label_column, s.after) for s in stages]) if complete else []
     problems += graph_errors
     if cfg.funnel.model not in MODELS:
         problems.append(MODELS.unknown(cfg.funnel.model))
@@ -60,7 +61,7 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("data: give `train` (a CSV/Parquet path) or `synthetic: {}` for generated data.")
     if d.synthetic is not None and (d.train or d.valid or d.test):
         problems.append("data: `synthetic` and file paths exclude each other; keep one.")
-    if d.synthetic is not None and stages and not graph_errors:
+    if d.synthetic is not None and stages and complete and not graph_errors:
         # the generator's chain runs parent first, whatever order the stages are listed in
         graph = FunnelGraph.chain([(s.name, s.label_column, s.after, s.weight) for s in stages])
         labels = tuple(s.label for s in graph.stages)
