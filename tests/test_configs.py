@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from funnel.models import MODELS
 from funnel.spec import load_config
 from funnel.training.fit import fit
 
@@ -51,9 +52,11 @@ def test_header_override_example_validates(path):
     assert header_line(path, "Launch:") == f"funnel fit configs/{path.name}"
 
 
+@pytest.mark.parametrize("model", MODELS.names())
 @pytest.mark.parametrize("path", SYNTHETIC, ids=ids(SYNTHETIC))
-def test_synthetic_config_trains_one_fast_dev_run_step(path, tmp_path):
+def test_synthetic_config_trains_one_fast_dev_run_step(path, model, tmp_path):
     run_dir = fit(path, [
+        f"funnel.model={model}",
         "data.synthetic.rows=2000",
         "trainer.fast_dev_run=true",
         "trainer.enable_progress_bar=false",

@@ -33,6 +33,7 @@ def bce_from_log_prob(log_p: Tensor, target: Tensor) -> Tensor:
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean over rows where mask is true; 0 (with a gradient path) when no row is."""
+    """Mean over rows where mask is true, or weighted by a float mask (row weights);
+    0 (with a gradient path) when no row counts."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)

@@ -47,10 +47,20 @@ class FunnelOutput:
 
 
 class FunnelNet(nn.Module):
-    def __init__(self, graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any], share_embeddings: bool = True):
+    def __init__(
+        self,
+        graph: FunnelGraph,
+        spec: FunnelSpec,
+        layout: dict[str, Any],
+        share_embeddings: bool = True,
+        direct: bool = False,
+    ):
+        """``direct``: each tower predicts its stage's path probability itself (DIVISION)
+        instead of a conditional probability that is multiplied along the path."""
         super().__init__()
         self.graph = graph
         self.shared = share_embeddings
+        self.direct = direct
         if share_embeddings:
             self.embeddings = SharedEmbeddings(layout)
         else:  # each tower owns a full set of tables (ESMM-NS, the paper's BASE)
@@ -78,7 +88,7 @@ class FunnelNet(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
         logits = self.edge_logits(batch)
-        return compose(self.graph, logits)
+        return compose_direct(self.graph, logits) if self.direct else compose(self.graph, logits)
 
 
 def compose(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:
@@ -106,4 +116,16 @@ def compose(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:
             terms.append(log_src + F.logsigmoid(logits[edge.tower]))
         log_reach[stage.name] = torch.logsumexp(torch.stack(terms, 0), 0)
         log_cond[stage.name] = log_reach[stage.name] - reach(stage.after)
+    return FunnelOutput(logits=logits, log_reach=log_reach, log_cond=log_cond)
+
+
+def compose_direct(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:
+    """Each stage's single tower gives log P(stage) directly; the conditional probability
+    is the ratio P(stage) / P(after), clipped at 1 (the ESMM paper's DIVISION model)."""
+    log_reach: dict[str, Tensor] = {}
+    log_cond: dict[str, Tensor] = {}
+    for stage in graph.stages:
+        log_reach[stage.name] = F.logsigmoid(logits[stage.edges[0].tower])
+        parent = log_reach[stage.after] if stage.after is not None else torch.zeros_like(log_reach[stage.name])
+        log_cond[stage.name] = (log_reach[stage.name] - parent).clamp(max=0.0)  # ratio clipped to <= 1
     return FunnelOutput(logits=logits, log_reach=log_reach, log_cond=log_cond)

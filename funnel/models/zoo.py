@@ -1,4 +1,12 @@
-"""The built-in funnel models: ESMM (entire-space path losses) and BASE (its baseline)."""
+"""The built-in funnel models: ESMM and the ablation baselines of the ESMM paper.
+
+| model     | towers give          | trained on                                  | embeddings |
+| esmm      | conditional p        | path BCE, all impressions                   | shared     |
+| esmm_ns   | conditional p        | path BCE, all impressions                   | per tower  |
+| division  | path p directly      | path BCE, all impressions; cond = ratio     | per tower  |
+| base      | conditional p        | own BCE on parent-positive rows             | per tower  |
+| naive     | conditional p        | own BCE on all rows (unclicked = negative)  | per tower  |
+"""
 
 from __future__ import annotations
 
@@ -40,32 +48,85 @@ class ConditionalSubsetLoss:
     The first stage trains on all impressions (its parent is the impression); pCVR
     trains on clicked rows only, exactly the sample-selection-biased setup that the
     ESMM paper compares against. Predictions still multiply along the path.
+    ``oversample`` = k counts every positive of a conditional tower k times, which is
+    exactly the loss of a sample where each positive row is duplicated k times.
     """
 
-    def __init__(self, graph: FunnelGraph):
+    def __init__(self, graph: FunnelGraph, oversample: float = 1.0):
         for stage in graph.stages:
             if len(stage.edges) != 1 or stage.edges[0].negated:
-                raise ValueError(f"model base supports chains only; stage {stage.name!r} has branches")
+                raise ValueError(f"this model supports chains only; stage {stage.name!r} has branches")
+        self.oversample = oversample
         self.stages = [(j, s.name, s.edges[0].tower, graph.index(s.after) if s.after else None, s.weight)
                        for j, s in enumerate(graph.stages)]
+
+    def row_mask(self, labels: Tensor, parent: int | None) -> Tensor:
+        return torch.ones_like(labels[:, 0], dtype=torch.bool) if parent is None else labels[:, parent] > 0
 
     def __call__(self, out: FunnelOutput, labels: Tensor) -> LossResult:
         parts = {}
         for j, name, tower, parent, _ in self.stages:
-            per_row = F.binary_cross_entropy_with_logits(out.logits[tower], labels[:, j], reduction="none")
-            mask = torch.ones_like(per_row, dtype=torch.bool) if parent is None else labels[:, parent] > 0
-            parts[name] = masked_mean(per_row, mask)
+            y = labels[:, j]
+            per_row = F.binary_cross_entropy_with_logits(out.logits[tower], y, reduction="none")
+            weight = self.row_mask(labels, parent).to(per_row.dtype)
+            if parent is not None and self.oversample != 1.0:
+                weight = weight * torch.where(y > 0, self.oversample, 1.0)
+            parts[name] = masked_mean(per_row, weight)
         total = sum(w * parts[name] for _, name, _, _, w in self.stages)
         return LossResult(total=total, parts=parts)
 
 
+class ObservedLabelLoss(ConditionalSubsetLoss):
+    """NAIVE: every tower's BCE against its own stage label over ALL impressions.
+
+    The conversion tower thus learns p(conversion | impression) and is then used as if it
+    were p(conversion | click): the textbook mistake of treating unclicked impressions as
+    negatives of a conditional stage. Kept as a baseline to measure that mistake.
+    """
+
+    def row_mask(self, labels: Tensor, parent: int | None) -> Tensor:
+        return torch.ones_like(labels[:, 0], dtype=torch.bool)
+
+
+def _share(spec: FunnelSpec, default: bool) -> bool:
+    return default if spec.share_embeddings is None else spec.share_embeddings
+
+
 @register_model("esmm")
 def build_esmm(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
-    share = True if spec.share_embeddings is None else spec.share_embeddings
-    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=share), EntireSpaceLoss(graph))
+    """ESMM: conditional towers, products along the path, path losses on all impressions."""
+    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, True)), EntireSpaceLoss(graph))
+
+
+@register_model("esmm_ns")
+def build_esmm_ns(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+    """ESMM-NS: ESMM without shared embeddings (each tower has its own tables)."""
+    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False)), EntireSpaceLoss(graph))
+
+
+@register_model("division")
+def build_division(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+    """DIVISION: separate networks predict every path probability (pCTR, pCTCVR) on all
+    impressions; pCVR = pCTCVR / pCTR, clipped at 1."""
+    _chain_only(graph, "division")
+    net = FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False), direct=True)
+    return FunnelModel(net, EntireSpaceLoss(graph))
 
 
 @register_model("base")
 def build_base(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
-    share = False if spec.share_embeddings is None else spec.share_embeddings
-    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=share), ConditionalSubsetLoss(graph))
+    """BASE: each conditional tower on its parent-positive rows only (optionally oversampled)."""
+    net = FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False))
+    return FunnelModel(net, ConditionalSubsetLoss(graph, oversample=spec.oversample))
+
+
+@register_model("naive")
+def build_naive(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+    """NAIVE: independent towers, each trained on its own observed label over all rows."""
+    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False)), ObservedLabelLoss(graph))
+
+
+def _chain_only(graph: FunnelGraph, model: str) -> None:
+    for stage in graph.stages:
+        if len(stage.edges) != 1 or stage.edges[0].negated:
+            raise ValueError(f"model {model} supports chains only; stage {stage.name!r} has branches")

@@ -169,10 +169,15 @@ class FunnelSpec:
     # tables per tower (false). None: the model's own default (esmm: true; base: false,
     # as the ESMM paper's BASE is a stand-alone CVR network).
     share_embeddings: bool | None = None
+    # model base only: positives of each conditional tower count this many times in its
+    # loss, exactly as if they were duplicated in the parent-positive sample (OVERSAMPLING)
+    oversample: float = 1.0
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if self.oversample < 1:
+            raise ValueError(f"oversample must be >= 1 (a duplication factor), got {self.oversample}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ def config_problems(cfg: Config) -> list[str]:
     problems += graph_errors
     if cfg.funnel.model not in MODELS:
         problems.append(MODELS.unknown(cfg.funnel.model))
+    if cfg.funnel.oversample != 1.0 and cfg.funnel.model != "base":
+        problems.append(
+            f"funnel.oversample: {cfg.funnel.oversample} only applies to model base (it duplicates the "
+            "positives of the clicked-only sample); remove it or set funnel.model: base."
+        )
     problems += tower_problems(cfg.funnel.tower, "funnel.tower")
     for i, s in enumerate(stages):
         if s.tower is not None:

@@ -14,9 +14,9 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from funnel.data.datamodule import FunnelDataModule
+from funnel.errors import ConfigError
 from funnel.inference import evaluate_table
 from funnel.models.registry import create_model
-from funnel.errors import ConfigError
 from funnel.runs import BEST, ENCODERS, METRICS, METRICS_VALID, build_graph, run_dir_path, save_config
 from funnel.spec import Config, load_config
 from funnel.training.module import FunnelLightningModule
