@@ -72,21 +72,41 @@ class FunnelGraph:
             cur = self.stage(cur).after
         return out[::-1]
 
+    def branch_edges(self, name: str) -> list[Edge]:
+        """The edges of a stage reached through branches (empty for a chain stage)."""
+        edges = self.stage(name).edges
+        return list(edges) if len(edges) > 1 else []
+
     @classmethod
     def chain(cls, specs: Sequence[tuple[str, str, str | None, float]]) -> FunnelGraph:
         """Build from ``(name, label, after, weight)`` tuples; raises ValueError listing problems."""
-        problems = graph_problems([(n, lab, a) for n, lab, a, _ in specs])
+        return cls.build([(n, lab, a, w, None) for n, lab, a, w in specs])
+
+    @classmethod
+    def build(cls, specs: Sequence[tuple[str, str, str | None, float, str | None]]) -> FunnelGraph:
+        """Build from ``(name, label, after, weight, via)`` tuples.
+
+        ``via`` names a branch stage B (with the same ``after``): the stage then has two
+        towers, one for rows where B happened and one where it did not (ESM²).
+        """
+        problems = graph_problems([(n, lab, a) for n, lab, a, _, _ in specs])
+        problems += branch_problems([(n, a, v) for n, _, a, _, v in specs])
         if problems:
             raise ValueError("; ".join(problems))
-        by_name = {n: (n, lab, a, w) for n, lab, a, w in specs}
+        by_name = {s[0]: s for s in specs}
         ordered: list[Stage] = []
         done: set[str | None] = {None}
-        pending = [n for n, *_ in specs]
+        pending = [s[0] for s in specs]
         while pending:
             for n in list(pending):
-                _, lab, a, w = by_name[n]
-                if a in done:
-                    ordered.append(Stage(n, lab, a, (Edge(tower=n, source=a),), w))
+                _, lab, a, w, via = by_name[n]
+                if a in done and via in done:
+                    if via is None:
+                        edges: tuple[Edge, ...] = (Edge(tower=n, source=a),)
+                    else:
+                        edges = (Edge(tower=f"{n}@{via}", source=via),
+                                 Edge(tower=f"{n}@not_{via}", source=via, negated=True))
+                    ordered.append(Stage(n, lab, a, edges, w))
                     done.add(n)
                     pending.remove(n)
         return cls(tuple(ordered))
@@ -138,4 +158,23 @@ def graph_problems(specs: Sequence[tuple[str, str, str | None]], path: str = "fu
                 )
     if not any(a is None for _, _, a in specs):
         problems.append(f"{path}: no stage follows the impression; give the first stage no `after`.")
+    return problems
+
+
+def branch_problems(specs: Sequence[tuple[str, str | None, str | None]], path: str = "funnel.stages") -> list[str]:
+    """Problems of ``via`` links ``(name, after, via)``: the branch must be a sibling stage."""
+    after = {n: a for n, a, _ in specs}
+    problems = []
+    for i, (n, a, via) in enumerate(specs):
+        if via is None:
+            continue
+        if via not in after:
+            problems.append(f"{path}[{i}].via: {via!r} is not a stage.{did_you_mean(via, list(after))}")
+        elif via == n:
+            problems.append(f"{path}[{i}].via: stage {n!r} cannot branch on itself.")
+        elif after[via] != a:
+            problems.append(
+                f"{path}[{i}].via: the branch stage {via!r} follows {after[via]!r} but {n!r} follows {a!r}; "
+                f"a branch splits the rows of `after`, so give {via!r} `after: {a}`."
+            )
     return problems

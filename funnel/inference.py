@@ -26,16 +26,17 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def score(model: FunnelModel, table: EncodedTable, batch_size: int):
-    """Yield (batch, log_reach (B, S), log_cond (B, S)) over the table, in row order."""
+    """Yield (batch, log_reach (B, S), log_cond (B, S), edge logits) over the table, in row order."""
     model.eval()
     names = model.graph.names
     for batch in BatchLoader(table, batch_size):
-        yield (batch, *model(batch).log_stacked(names))
+        out = model(batch)
+        yield (batch, *out.log_stacked(names), out.logits)
 
 
 def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16384) -> dict[str, Any]:
     metrics = FunnelMetrics(model.graph, with_truth=bool(table.truth))
-    for batch, log_reach, log_cond in score(model, table, batch_size):
+    for batch, log_reach, log_cond, _ in score(model, table, batch_size):
         metrics.update(log_reach, log_cond, batch["labels"], truth_of(batch))
     values = metrics.compute()
     values = {k: (None if math.isnan(v) else round(v, 6)) for k, v in values.items()}
@@ -44,16 +45,29 @@ def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16
 
 
 def predict_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16384) -> pd.DataFrame:
-    reach, cond = [], []
-    for _, log_reach, log_cond in score(model, table, batch_size):
+    """p_<stage> (path) and p_<stage>_cond (given `after`) for every stage; for a stage
+    reached through branches also p_<stage>_via_<branch>_cond and p_<stage>_via_not_<branch>_cond,
+    the probability of the stage given each branch (ESM²'s y3 and y4)."""
+    graph = model.graph
+    branch_cols = {
+        f"p_{s.name}_via_{'not_' if e.negated else ''}{e.source}_cond": e.tower
+        for s in graph.stages for e in graph.branch_edges(s.name)
+    }
+    reach, cond, branch = [], [], {c: [] for c in branch_cols}
+    for _, log_reach, log_cond, logits in score(model, table, batch_size):
         reach.append(log_reach.exp())
         cond.append(log_cond.exp())
-    reach_np = torch.cat(reach).numpy() if reach else np.zeros((0, len(model.graph.names)))
-    cond_np = torch.cat(cond).numpy() if cond else np.zeros((0, len(model.graph.names)))
+        for col, tower in branch_cols.items():
+            branch[col].append(torch.sigmoid(logits[tower]))
+    n_stages = len(graph.names)
+    reach_np = torch.cat(reach).numpy() if reach else np.zeros((0, n_stages))
+    cond_np = torch.cat(cond).numpy() if cond else np.zeros((0, n_stages))
     cols: dict[str, np.ndarray] = {}
-    for j, name in enumerate(model.graph.names):
+    for j, name in enumerate(graph.names):
         cols[f"p_{name}"] = reach_np[:, j]
         cols[f"p_{name}_cond"] = cond_np[:, j]
+    for col, parts in branch.items():
+        cols[col] = torch.cat(parts).numpy() if parts else np.zeros(0)
     return pd.DataFrame(cols)
 
 

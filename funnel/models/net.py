@@ -71,7 +71,7 @@ class FunnelNet(nn.Module):
         self.heads = nn.ModuleDict()
         for stage in graph.stages:
             for edge in stage.edges:
-                t: TowerSpec = tower_spec.get(edge.tower, spec.tower)
+                t: TowerSpec = tower_spec.get(stage.name, spec.tower)  # every branch tower of a stage alike
                 tower = build_tower(t, shape, f"funnel.stages.{stage.name}.tower")
                 self.towers[module_key(edge.tower)] = tower
                 self.heads[module_key(edge.tower)] = nn.Linear(tower.out_dim, 1)

@@ -98,10 +98,16 @@ def build_esmm(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> 
     return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, True)), EntireSpaceLoss(graph))
 
 
+build_esmm.supports_branches = True  # ESM²: a `via` stage is a mixture of two towers
+
+
 @register_model("esmm_ns")
 def build_esmm_ns(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
     """ESMM-NS: ESMM without shared embeddings (each tower has its own tables)."""
     return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False)), EntireSpaceLoss(graph))
+
+
+build_esmm_ns.supports_branches = True
 
 
 @register_model("division")

@@ -153,6 +153,9 @@ class StageSpec:
     positive: tuple[str, ...] | None = None  # label values meaning 1 (else the column must be 0/1)
     weight: float = 1.0  # static loss weight of this stage
     tower: TowerSpec | None = None  # overrides funnel.tower for this stage
+    # ESM² branch: a sibling stage (same `after`) that splits the parent's rows; this stage
+    # then gets one tower per branch: P = P(after)·[p(via)·y_via + (1-p(via))·y_not_via]
+    via: str | None = None
 
     @property
     def label_column(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from funnel.errors import did_you_mean
-from funnel.graph import FunnelGraph, graph_problems
+from funnel.graph import FunnelGraph, branch_problems, graph_problems
 from funnel.spec.schema import Config
 
 METRIC_PREFIXES = ("auc", "auc_cond", "logloss", "calib")
@@ -16,10 +16,20 @@ def config_problems(cfg: Config) -> list[str]:
     problems: list[str] = []
     stages = [s for s in cfg.funnel.stages if s is not None]
     complete = len(stages) == len(cfg.funnel.stages)  # else a malformed stage is reported already
-    graph_errors = graph_problems([(s.name, s.label_column, s.after) for s in stages]) if complete else []
+    graph_errors = []
+    if complete:
+        graph_errors = graph_problems([(s.name, s.label_column, s.after) for s in stages])
+        graph_errors += branch_problems([(s.name, s.after, s.via) for s in stages])
     problems += graph_errors
     if cfg.funnel.model not in MODELS:
         problems.append(MODELS.unknown(cfg.funnel.model))
+    branched = [s.name for s in stages if s.via is not None]
+    if branched and cfg.funnel.model in MODELS and not getattr(MODELS.get(cfg.funnel.model), "supports_branches", False):
+        supported = [m for m in MODELS.names() if getattr(MODELS.get(m), "supports_branches", False)]
+        problems.append(
+            f"funnel.model: {cfg.funnel.model!r} supports chains only, but stage {branched[0]!r} has `via`. "
+            f"Models with branches: {', '.join(supported)}."
+        )
     if cfg.funnel.oversample != 1.0 and cfg.funnel.model != "base":
         problems.append(
             f"funnel.oversample: {cfg.funnel.oversample} only applies to model base (it duplicates the "
@@ -68,7 +78,7 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("data: `synthetic` and file paths exclude each other; keep one.")
     if d.synthetic is not None and stages and complete and not graph_errors:
         # the generator's chain runs parent first, whatever order the stages are listed in
-        graph = FunnelGraph.chain([(s.name, s.label_column, s.after, s.weight) for s in stages])
+        graph = FunnelGraph.build([(s.name, s.label_column, s.after, s.weight, s.via) for s in stages])
         labels = tuple(s.label for s in graph.stages)
         if tuple(d.synthetic.stages) != labels:
             problems.append(

@@ -1,0 +1,101 @@
+"""ESM² branching: a stage reached through both outcomes of a sibling branch stage."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from funnel.errors import ConfigError
+from funnel.graph import FunnelGraph
+from funnel.models.net import compose
+from funnel.models.zoo import EntireSpaceLoss
+from funnel.spec import config_from_dict
+
+# click -> {cart | no cart} -> buy
+ESM2 = FunnelGraph.build([
+    ("click", "click", None, 1.0, None),
+    ("buy", "buy", "click", 3.0, "cart"),  # listed before its branch: order is derived
+    ("cart", "cart", "click", 2.0, None),
+])
+L1, L2, L3, L4 = [1.0, -2.0, 0.3], [0.5, 2.5, -1.0], [2.0, -0.5, 0.0], [-1.0, 1.0, -3.0]  # 3 rows
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def logits(dtype=torch.float64) -> dict[str, torch.Tensor]:
+    return {"click": torch.tensor(L1, dtype=dtype), "cart": torch.tensor(L2, dtype=dtype),
+            "buy@cart": torch.tensor(L3, dtype=dtype), "buy@not_cart": torch.tensor(L4, dtype=dtype)}
+
+
+def test_branch_stage_gets_one_tower_per_outcome_and_comes_after_its_branch():
+    assert ESM2.names == ["click", "cart", "buy"]
+    assert ESM2.towers == ["click", "cart", "buy@cart", "buy@not_cart"]
+    assert ESM2.stage("buy").after == "click"
+
+
+def test_esm2_path_probabilities_match_the_paper_formula_on_three_rows():
+    out = compose(ESM2, logits())
+    reach, cond = out.stacked(ESM2.names)
+    for i in range(3):
+        y1, y2, y3, y4 = sig(L1[i]), sig(L2[i]), sig(L3[i]), sig(L4[i])
+        assert reach[i, 0].item() == pytest.approx(y1, rel=1e-12)
+        assert reach[i, 1].item() == pytest.approx(y1 * y2, rel=1e-12)  # pCTAVR
+        assert reach[i, 2].item() == pytest.approx(y1 * ((1 - y2) * y4 + y2 * y3), rel=1e-12)  # pCTCVR
+        assert cond[i, 2].item() == pytest.approx((1 - y2) * y4 + y2 * y3, rel=1e-12)  # pCVR given click
+
+
+def test_branch_weights_sum_to_one():
+    out = compose(ESM2, logits())
+    p_cart = out.log_cond["cart"].exp()
+    p_not_cart = (torch.log1p(-p_cart)).exp()
+    assert torch.allclose(p_cart + p_not_cart, torch.ones(3, dtype=torch.float64))
+    # with both branch towers equal, the mixture is that tower: the weights sum to one
+    same = logits()
+    same["buy@not_cart"] = same["buy@cart"]
+    cond = compose(ESM2, same).log_cond["buy"].exp()
+    assert torch.allclose(cond, torch.sigmoid(same["buy@cart"]))
+
+
+def test_esm2_loss_is_the_weighted_sum_of_the_three_path_bces():
+    click, cart, buy = [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]
+    labels = torch.tensor([click, cart, buy], dtype=torch.float64).T
+    loss = EntireSpaceLoss(ESM2)(compose(ESM2, logits()), labels)
+
+    def bce(p, y):
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    want = 0.0
+    for i in range(3):
+        y1, y2, y3, y4 = sig(L1[i]), sig(L2[i]), sig(L3[i]), sig(L4[i])
+        want += (1.0 * bce(y1, click[i]) + 2.0 * bce(y1 * y2, cart[i])
+                 + 3.0 * bce(y1 * ((1 - y2) * y4 + y2 * y3), buy[i])) / 3
+    assert loss.total.item() == pytest.approx(want, rel=1e-10)
+
+
+def _raw(model="esmm", **buy):
+    return {
+        "data": {"train": "t.csv"},
+        "features": [{"name": "user_id", "kind": "categorical"}],
+        "funnel": {"model": model, "stages": [{"name": "click"}, {"name": "cart", "after": "click"},
+                                              {"name": "buy", "after": "click", "via": "cart", **buy}]},
+    }
+
+
+def test_via_must_name_a_sibling_stage():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_raw(via="crat"))
+    assert "funnel.stages[2].via: 'crat' is not a stage." in str(err.value) and 'Did you mean "cart"?' in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_raw(after="cart"))
+    assert "a branch splits the rows of `after`" in str(err.value)
+
+
+def test_chain_only_models_refuse_branches_at_validation():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_raw(model="base"))
+    assert "'base' supports chains only, but stage 'buy' has `via`" in str(err.value)
+    assert config_from_dict(_raw(model="esmm_ns")).funnel.stages[2].via == "cart"
