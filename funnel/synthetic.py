@@ -57,6 +57,10 @@ class SyntheticSpec:
     valid_frac: float = 0.1
     test_frac: float = 0.1
     seed: int = 0
+    # ESM²: the last stage follows the third-to-last and is reached through both outcomes of
+    # the second-to-last (e.g. click -> cart -> buy with buy `after: click, via: cart`), each
+    # outcome with its own hidden tower; needs 3+ stages
+    branch: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON/YAML) but store tuples so the spec stays hashable.
@@ -99,6 +103,8 @@ class SyntheticSpec:
         for name in ("valid_frac", "test_frac"):
             if not 0 <= getattr(self, name) < 1:
                 yield f"{name}={getattr(self, name)}: must lie in [0, 1)"
+        if self.branch and len(self.stages) < 3:
+            yield f"branch=True needs at least 3 stages (e.g. click, cart, buy), got {len(self.stages)}"
         if self.valid_frac + self.test_frac >= 1:
             yield (f"valid_frac + test_frac = {self.valid_frac + self.test_frac:g}: must be < 1 "
                    "so that training rows remain; lower one of them")
@@ -163,21 +169,22 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     # item vector, so multi-task models have something to transfer; later stages see the shared
     # part through a random rotation, so without clickbait their logits barely correlate with the
     # click logit and bias_share alone controls how unrepresentative the clicked rows are.
+    n_towers = n_stages + int(spec.branch)  # the branched stage has a second hidden tower
     user_vec = rng.standard_normal((spec.n_users, d))
-    rotation = _random_rotations(rng, n_stages, d)
+    rotation = _random_rotations(rng, n_towers, d)
     shared_vec = rng.standard_normal((spec.n_items, d))
     item_vec = (np.sqrt(_SHARED) * np.einsum("id,kde->kie", shared_vec, rotation)
-                + np.sqrt(1 - _SHARED) * rng.standard_normal((n_stages, spec.n_items, d)))
-    user_bias = rng.normal(0, 0.5, (n_stages, spec.n_users))
-    item_bias = rng.normal(0, 0.8, (n_stages, spec.n_items))
-    cat_eff = rng.normal(0, 0.3, (n_stages, spec.n_categories))
-    dev_eff = rng.normal(0, 0.3, (n_stages, spec.n_devices))
-    hour_amp, hour_phase = rng.normal(0, 0.3, n_stages), rng.uniform(0, 24, n_stages)
+                + np.sqrt(1 - _SHARED) * rng.standard_normal((n_towers, spec.n_items, d)))
+    user_bias = rng.normal(0, 0.5, (n_towers, spec.n_users))
+    item_bias = rng.normal(0, 0.8, (n_towers, spec.n_items))
+    cat_eff = rng.normal(0, 0.3, (n_towers, spec.n_categories))
+    dev_eff = rng.normal(0, 0.3, (n_towers, spec.n_devices))
+    hour_amp, hour_phase = rng.normal(0, 0.3, n_towers), rng.uniform(0, 24, n_towers)
     # Price and loyalty matter little for a click but a lot for the later, costlier steps.
-    later = np.arange(n_stages) > 0
-    beta_price = np.where(later, -0.4, -0.05) + rng.normal(0, 0.1, n_stages)
-    beta_visits = np.where(later, 0.3, 0.05) + rng.normal(0, 0.1, n_stages)
-    beta_age = rng.normal(0, 0.2, n_stages)
+    later = np.arange(n_towers) > 0
+    beta_price = np.where(later, -0.4, -0.05) + rng.normal(0, 0.1, n_towers)
+    beta_visits = np.where(later, 0.3, 0.05) + rng.normal(0, 0.1, n_towers)
+    beta_age = rng.normal(0, 0.2, n_towers)
 
     # Clickbait: for these items every later stage runs against the item's own click appeal.
     click_appeal = _standardise(item_bias[0] + cat_eff[0, item_cat] + beta_price[0] * z_item_price)
@@ -187,20 +194,42 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     labels, truth = {}, {}
     parent_path, parent_label = np.ones(n), np.ones(n, dtype=bool)
     uv = user_vec[u]  # (N, d), reused by every stage
-    for k, (stage, rate) in enumerate(zip(spec.stages, spec.target_rates)):
+    def stage_logit(k: int) -> np.ndarray:
         logit = (0.8 / np.sqrt(d)) * np.einsum("nd,nd->n", uv, item_vec[k][i])
         logit += user_bias[k][u] + item_bias[k][i] + cat_eff[k][item_cat[i]] + dev_eff[k][device]
         logit += hour_amp[k] * np.sin(2 * np.pi * (hour - hour_phase[k]) / 24)
         logit += beta_price[k] * z_price + beta_age[k] * z_age + beta_visits[k] * z_visits
         if k > 0:
             logit -= bait_penalty[i]
-        logit += spec.noise * rng.standard_normal(n)
-        # Weight by the parent's path probability: the expected parent-positive population.
-        logit += _calibrate_intercept(logit, parent_path, rate)
-        p_cond = _sigmoid(logit)
-        cf = rng.random(n) < p_cond
-        parent_label = parent_label & cf
-        parent_path = parent_path * p_cond
+        return logit + spec.noise * rng.standard_normal(n)
+
+    paths, label_of, cf_of, cond_of = [], [], [], []
+    for k, (stage, rate) in enumerate(zip(spec.stages, spec.target_rates)):
+        if spec.branch and k == n_stages - 1:
+            # ESM²: reached from stage k-2 through both outcomes of stage k-1 (the branch),
+            # y3 when the branch happened (a boost: carted items sell), y4 when it did not
+            after_path, after_label, y2, branch_cf = paths[k - 2], label_of[k - 2], cond_of[k - 1], cf_of[k - 1]
+            l3, l4 = stage_logit(k) + 1.0, stage_logit(n_stages) - 0.5
+            c = _calibrate_mixture(l3, l4, y2, after_path, rate)
+            y3, y4 = _sigmoid(l3 + c), _sigmoid(l4 + c)
+            p_cond = y2 * y3 + (1 - y2) * y4
+            draw = rng.random(n)
+            cf = np.where(branch_cf, draw < y3, draw < y4)
+            parent_label, parent_path = after_label & cf, after_path * p_cond
+            truth |= {f"true_p_{stage}_via_{spec.stages[k - 1]}_cond": y3,
+                      f"true_p_{stage}_via_not_{spec.stages[k - 1]}_cond": y4}
+        else:
+            logit = stage_logit(k)
+            # Weight by the parent's path probability: the expected parent-positive population.
+            logit += _calibrate_intercept(logit, parent_path, rate)
+            p_cond = _sigmoid(logit)
+            cf = rng.random(n) < p_cond
+            parent_label = parent_label & cf
+            parent_path = parent_path * p_cond
+        paths.append(parent_path)
+        label_of.append(parent_label)
+        cf_of.append(cf)
+        cond_of.append(p_cond)
         labels[stage] = parent_label.astype(np.int64)
         truth |= {f"true_p_{stage}_cond": p_cond, f"true_p_{stage}": parent_path,
                   f"cf_{stage}": cf.astype(np.int64)}
@@ -215,7 +244,8 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
         "user_age": user_age[u],
         "n_prev_visits": np.where(hide_visits, np.nan, visits),
     }
-    return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)})
+    branch_truth = {c: v for c, v in truth.items() if "_via_" in c}  # ESM²'s y3 and y4
+    return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)} | branch_truth)
 
 
 def split_frames(df: pd.DataFrame, spec: SyntheticSpec) -> dict[str, pd.DataFrame]:
@@ -314,6 +344,17 @@ def _calibrate_intercept(logit: np.ndarray, weight: np.ndarray, rate: float) -> 
         step = c - gap / slope if slope > 0 else lo - 1.0
         c = step if lo < step < hi else 0.5 * (lo + hi)  # the mean is monotone in c, so bisection is safe
     return c
+
+
+def _calibrate_mixture(l3: np.ndarray, l4: np.ndarray, y2: np.ndarray, weight: np.ndarray, rate: float) -> float:
+    """The shift c with weighted mean of y2·σ(l3+c) + (1-y2)·σ(l4+c) == rate (bisection: monotone in c)."""
+    w = weight / weight.sum()
+    lo, hi = -50.0, 50.0
+    for _ in range(80):
+        c = 0.5 * (lo + hi)
+        gap = float(w @ (y2 * _sigmoid(l3 + c) + (1 - y2) * _sigmoid(l4 + c))) - rate
+        lo, hi = (lo, c) if gap > 0 else (c, hi)
+    return 0.5 * (lo + hi)
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float | None:

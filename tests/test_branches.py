@@ -99,3 +99,26 @@ def test_chain_only_models_refuse_branches_at_validation():
         config_from_dict(_raw(model="base"))
     assert "'base' supports chains only, but stage 'buy' has `via`" in str(err.value)
     assert config_from_dict(_raw(model="esmm_ns")).funnel.stages[2].via == "cart"
+
+
+def test_esm2_config_trains_and_predicts_every_stage_and_branch(tmp_path):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from funnel.inference import predict_run
+    from funnel.synthetic import SyntheticSpec, write
+    from funnel.training.fit import fit
+
+    run = fit(Path(__file__).resolve().parents[1] / "configs/esm2.yaml", ["data.synthetic.rows=3000", "trainer.max_epochs=1",
+                                     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+                                     f"run_dir={tmp_path / 'run'}"])
+    paths = write(tmp_path / "data", SyntheticSpec(rows=500, stages=("click", "cart", "buy"), branch=True))
+    out = predict_run(run, paths["test"], tmp_path / "p.csv", keep=["item_id"])
+    pred, src = pd.read_csv(out), pd.read_csv(paths["test"])
+    assert list(pred.columns) == ["item_id", "p_click", "p_click_cond", "p_cart", "p_cart_cond", "p_buy",
+                                  "p_buy_cond", "p_buy_via_cart_cond", "p_buy_via_not_cart_cond"]
+    assert (pred["item_id"] == src["item_id"]).all()
+    y2, y3, y4 = pred["p_cart_cond"], pred["p_buy_via_cart_cond"], pred["p_buy_via_not_cart_cond"]
+    assert ((pred["p_buy_cond"] - (y2 * y3 + (1 - y2) * y4)).abs() < 1e-5).all()
+    assert ((pred["p_buy"] - pred["p_click"] * pred["p_buy_cond"]).abs() < 1e-6).all()

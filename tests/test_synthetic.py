@@ -135,3 +135,23 @@ def test_all_spec_problems_are_reported_at_once():
     with pytest.raises(ValueError) as err:
         SyntheticSpec(rows=-1, noise=-1.0)
     assert "rows=" in str(err.value) and "noise=" in str(err.value)
+
+
+def test_branching_funnel_mixes_two_hidden_towers_and_keeps_labels_consistent():
+    spec = SyntheticSpec(rows=20_000, stages=("click", "cart", "buy"), rates=(0.2, 0.3, 0.2), branch=True, seed=3)
+    df = generate(spec)
+    y2, y3, y4 = df["true_p_cart_cond"], df["true_p_buy_via_cart_cond"], df["true_p_buy_via_not_cart_cond"]
+    assert np.allclose(df["true_p_buy_cond"], y2 * y3 + (1 - y2) * y4)
+    assert np.allclose(df["true_p_buy"], df["true_p_click"] * df["true_p_buy_cond"])
+    # buy follows click, not cart: it happens on clicked rows with and without a cart
+    assert (df["buy"] <= df["click"]).all() and (df["cart"] <= df["click"]).all()
+    clicked = df["click"] == 1
+    assert ((df["buy"] == 1) & (df["cart"] == 0)).sum() > 0 and ((df["buy"] == 1) & (df["cart"] == 1)).sum() > 0
+    # the counterfactual buy uses y3 where the counterfactual cart happened: buys are likelier after a cart
+    assert df.loc[df["cf_cart"] == 1, "cf_buy"].mean() > df.loc[df["cf_cart"] == 0, "cf_buy"].mean()
+    assert abs(df.loc[clicked, "true_p_buy_cond"].mean() - 0.2) < 0.02
+
+
+def test_branching_needs_three_stages():
+    with pytest.raises(ValueError, match="branch=True needs at least 3 stages"):
+        SyntheticSpec(stages=("click", "buy"), branch=True)

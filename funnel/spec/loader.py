@@ -113,6 +113,10 @@ def _default_synthetic_stages(raw: dict[str, Any]) -> None:
         labels = [s.get("label") or s.get("name") for s in _parent_first(stages) if isinstance(s, dict)]
         if all(isinstance(x, str) for x in labels):
             data["synthetic"] = {**synth, "stages": labels}
+    synth = data["synthetic"]
+    if isinstance(synth, dict) and "branch" not in synth and isinstance(stages, list):
+        if any(isinstance(s, dict) and s.get("via") for s in stages):  # ESM² funnels get ESM² data
+            data["synthetic"] = {**synth, "branch": True}
 
 
 def _parent_first(stages: list[Any]) -> list[Any]:
@@ -121,7 +125,7 @@ def _parent_first(stages: list[Any]) -> list[Any]:
     done: set[Any] = {None}
     pending = [s for s in stages if isinstance(s, dict)]
     while pending:
-        ready = [s for s in pending if s.get("after") in done]
+        ready = [s for s in pending if s.get("after") in done and s.get("via") in done]
         if not ready:  # a broken graph: validation reports it
             return stages
         for s in ready:

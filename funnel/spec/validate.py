@@ -80,6 +80,18 @@ def config_problems(cfg: Config) -> list[str]:
         # the generator's chain runs parent first, whatever order the stages are listed in
         graph = FunnelGraph.build([(s.name, s.label_column, s.after, s.weight, s.via) for s in stages])
         labels = tuple(s.label for s in graph.stages)
+        st = graph.stages
+        # generated branching data: (a, b, c) with b and c both after a; c may use `via: b` (ESM²)
+        # or ignore the branch (plain ESMM on the same data, for comparison)
+        shape = len(st) >= 3 and st[-1].after == st[-3].name and st[-2].after == st[-3].name
+        via_ok = all(len(s.edges) == 1 for s in st[:-1]) and (len(st[-1].edges) == 1 or st[-1].edges[0].source == st[-2].name)
+        if d.synthetic.branch and not (shape and via_ok):
+            problems.append(
+                "data.synthetic.branch: generated branching data has stages (a, b, c) with b `after: a` and "
+                "c `after: a` (optionally `via: b`); the funnel's stages do not match."
+            )
+        if not d.synthetic.branch and any(len(s.edges) > 1 for s in st):
+            problems.append("data.synthetic.branch: a funnel with `via` needs branching data; set it to true.")
         if tuple(d.synthetic.stages) != labels:
             problems.append(
                 f"data.synthetic.stages: {list(d.synthetic.stages)} must be the funnel's label columns "
