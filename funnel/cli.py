@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
+    cmp = sub.add_parser("compare", help="train several models x seeds on the same splits; print a mean ± std table")
+    cmp.add_argument("config")
+    cmp.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    cmp.add_argument("--models", default="esmm,base", help="comma-separated, e.g. esmm,esmm_ns,division,base,naive")
+    cmp.add_argument("--seeds", type=int, default=3)
+    cmp.add_argument("--out", help="folder for the runs, compare.json and compare.md")
+
     s = sub.add_parser("synth", help="write the synthetic funnel (train/valid/test CSV + truth.json)")
     s.add_argument("out_dir")
     s.add_argument("--rows", type=int, default=200_000)
@@ -63,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
     )
+    if args.quiet:  # Lightning sets its own loggers to INFO
+        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return _run(args)
     except UserError as exc:
@@ -111,6 +121,14 @@ def _run(args: argparse.Namespace) -> int:
 
         print(json.dumps(check(args.config, args.overrides), indent=1))
         print("config and data OK")
+        return 0
+    if args.command == "compare":
+        from funnel.compare import compare
+
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        out, table = compare(args.config, models, args.seeds, args.overrides, args.out)
+        print(table)
+        print(f"comparison written to: {out}")
         return 0
     if args.command == "synth":
         from funnel import synthetic
