@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from funnel.graph import FunnelGraph
 from funnel.models.net import FunnelNet, FunnelOutput
+from funnel.models.weighting import StaticWeighting, build_weighting
 from funnel.registry import Registry
 from funnel.spec.schema import FunnelSpec
 
@@ -31,10 +32,11 @@ class Objective(Protocol):
 class FunnelModel(nn.Module):
     """A FunnelNet and the objective that trains it (composition, not subclassing)."""
 
-    def __init__(self, net: FunnelNet, objective: Objective):
+    def __init__(self, net: FunnelNet, objective: Objective, weighting: StaticWeighting | None = None):
         super().__init__()
         self.net = net
         self.objective = objective
+        self.weighting = weighting  # None: the objective's own static weighted sum
 
     @property
     def graph(self) -> FunnelGraph:
@@ -44,7 +46,10 @@ class FunnelModel(nn.Module):
         return self.net(batch)
 
     def loss(self, out: FunnelOutput, labels: Tensor) -> LossResult:
-        return self.objective(out, labels)
+        result = self.objective(out, labels)
+        if self.weighting is not None:
+            result.total = self.weighting(result.parts)
+        return result
 
 
 Builder = Callable[[FunnelGraph, FunnelSpec, dict[str, Any]], FunnelModel]
@@ -55,4 +60,8 @@ register_model = MODELS.register
 def create_model(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
     import funnel.models.zoo  # noqa: F401  (registers the built-in models)
 
-    return MODELS.get(spec.model)(graph, spec, layout)
+    model = MODELS.get(spec.model)(graph, spec, layout)
+    w = spec.loss_weighting
+    if w.method != "static":  # every model, built-in or plug-in, gets the same weighting
+        model.weighting = build_weighting(w.method, graph.names, [s.weight for s in graph.stages], w.temperature)
+    return model

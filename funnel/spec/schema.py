@@ -163,6 +163,18 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class WeightingSpec:
+    """How the per-stage losses are combined (see funnel/models/weighting.py)."""
+
+    method: Literal["static", "uncertainty", "dwa"] = "static"
+    temperature: float = 2.0  # dwa only: softmax temperature T
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+@dataclass(frozen=True)
 class FunnelSpec:
     stages: tuple[StageSpec, ...]
     model: str = "esmm"
@@ -175,6 +187,7 @@ class FunnelSpec:
     # model base only: positives of each conditional tower count this many times in its
     # loss, exactly as if they were duplicated in the parent-positive sample (OVERSAMPLING)
     oversample: float = 1.0
+    loss_weighting: WeightingSpec = field(default_factory=WeightingSpec)
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:

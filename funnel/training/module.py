@@ -35,6 +35,16 @@ class FunnelLightningModule(pl.LightningModule):
         self.log_dict({f"train/loss/{k}": v.detach() for k, v in loss.parts.items()}, on_epoch=True, batch_size=bs)
         return loss.total
 
+    def on_train_epoch_end(self) -> None:
+        weighting = self.model.weighting
+        if weighting is None:
+            return
+        metrics = self.trainer.callback_metrics
+        epoch_losses = {n: float(metrics[f"train/loss/{n}"]) for n in self.names if f"train/loss/{n}" in metrics}
+        if len(epoch_losses) == len(self.names):
+            weighting.end_epoch(epoch_losses)
+        self.log_dict({f"weight/{k}": v for k, v in weighting.weights().items()})
+
     def _eval_step(self, batch: dict[str, Tensor], metrics: FunnelMetrics, prefix: str) -> None:
         out = self.model(batch)
         loss = self.model.loss(out, batch["labels"])

@@ -1,0 +1,84 @@
+"""Dynamic loss weighting: static, uncertainty (Kendall 2018) and DWA (Liu 2019)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from funnel.errors import ConfigError
+from funnel.models.weighting import DWAWeighting, StaticWeighting, UncertaintyWeighting
+from funnel.spec import config_from_dict
+
+NAMES = ["click", "conversion"]
+
+
+def test_static_weighting_is_the_weighted_sum():
+    w = StaticWeighting(NAMES, [1.0, 3.0])
+    total = w({"click": torch.tensor(0.5), "conversion": torch.tensor(0.25)})
+    assert total.item() == pytest.approx(0.5 + 3 * 0.25)
+
+
+def test_uncertainty_weighting_value_and_direction():
+    w = UncertaintyWeighting(NAMES, [1.0, 1.0])
+    with torch.no_grad():
+        w.log_var.copy_(torch.tensor([0.5, -0.2]))
+    parts = {"click": torch.tensor(0.4), "conversion": torch.tensor(2.0)}
+    want = math.exp(-0.5) * 0.4 + 0.5 + math.exp(0.2) * 2.0 - 0.2
+    assert w(parts).item() == pytest.approx(want, rel=1e-6)
+    # on fixed losses the optimum is s_k = log L_k: the low-loss stage gains weight, the high-loss one loses it
+    w = UncertaintyWeighting(NAMES, [1.0, 1.0])
+    opt = torch.optim.SGD(w.parameters(), lr=0.1)
+    losses = {"click": torch.tensor(0.1), "conversion": torch.tensor(2.0)}
+    for _ in range(300):
+        opt.zero_grad()
+        w(losses).backward()
+        opt.step()
+    weights = w.weights()
+    assert weights["click"] > 1.0 > weights["conversion"]
+    assert w.log_var.detach().tolist() == pytest.approx([math.log(0.1), math.log(2.0)], abs=0.05)
+
+
+def test_dwa_weights_follow_the_hand_computed_softmax_of_loss_ratios():
+    w = DWAWeighting(NAMES, [1.0, 1.0], temperature=2.0)
+    w.end_epoch({"click": 0.4, "conversion": 0.2})
+    assert w.weights() == {"click": 1.0, "conversion": 1.0}  # one epoch of history: equal weights
+    w.end_epoch({"click": 0.36, "conversion": 0.1})  # click falls slowly (0.9), conversion fast (0.5)
+    e1, e2 = math.exp(0.9 / 2), math.exp(0.5 / 2)
+    assert w.weights()["click"] == pytest.approx(2 * e1 / (e1 + e2), rel=1e-6)
+    assert w.weights()["click"] > 1.0 > w.weights()["conversion"]
+    assert sum(w.weights().values()) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("method", ["static", "uncertainty", "dwa"])
+def test_every_weighting_method_trains_end_to_end_and_logs_weights(method, tmp_path):
+    import csv
+
+    from funnel.training.fit import fit_config
+
+    cfg = config_from_dict({
+        "run_dir": str(tmp_path / "run"),
+        "data": {"synthetic": {"rows": 3000, "seed": 0}, "batch_size": 512},
+        "features": [{"name": "user_id", "kind": "categorical"}, {"name": "price", "kind": "numeric"}],
+        "funnel": {"loss_weighting": {"method": method}, "embed_dim": 4, "tower": {"hidden": [8]},
+                   "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
+        "trainer": {"max_epochs": 3, "enable_progress_bar": False, "log_every_n_steps": 1},
+    })
+    run = fit_config(cfg)
+    with open(run / "logs" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = [r for r in rows if r.get("weight/click")]
+    if method == "static":
+        assert not logged
+    else:
+        assert len(logged) == 3
+        assert all(math.isfinite(float(r["weight/conversion"])) for r in logged)
+
+
+def test_unknown_weighting_method_is_a_config_error():
+    with pytest.raises(ConfigError, match='Did you mean "uncertainty"'):
+        config_from_dict({
+            "data": {"train": "t.csv"}, "features": [{"name": "u", "kind": "categorical"}],
+            "funnel": {"loss_weighting": {"method": "uncertainty_"}, "stages": [{"name": "click"}]},
+        })
