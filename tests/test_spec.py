@@ -149,7 +149,7 @@ def test_stage_tower_arguments_are_checked_too():
 def test_unknown_model_suggests_the_closest():
     msg = problems_of(raw(funnel={**MINIMAL["funnel"], "model": "esm"}))
     assert msg.startswith("funnel.model: unknown model 'esm'. Did you mean \"esmm\"?")
-    assert "Registered: base, division, esmm, esmm_ns, naive." in msg
+    assert "Registered: aitm, base, division, esmm, esmm_ns, naive." in msg
 
 
 def test_unknown_tower_type_suggests_the_closest():

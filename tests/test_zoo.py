@@ -95,3 +95,54 @@ def test_which_models_share_the_embedding_tables(model, private):
     net = create_model(graph_, cfg.funnel, feat.layout()).net
     assert hasattr(net, "private") is private
     assert hasattr(net, "embeddings") is (not private)
+
+
+def test_ait_unit_attends_over_the_transferred_and_own_representation():
+    from funnel.models.transfer import AdaptiveTransfer
+
+    torch.manual_seed(0)
+    ait = AdaptiveTransfer(dim=6)
+    z_prev, q = torch.randn(5, 6), torch.randn(5, 6)
+    z = ait(z_prev, q)
+    assert z.shape == (5, 6)
+    w = ait.last_weights
+    assert w.shape == (5, 2) and torch.allclose(w.sum(1), torch.ones(5))
+    # by hand: u = [transfer(z_prev), q], w = softmax(<h2 u, h3 u>/sqrt(6)), z = sum w h1(u)
+    u = torch.stack([ait.transfer(z_prev), q], 1)
+    score = (ait.h2(u) * ait.h3(u)).sum(-1) / math.sqrt(6)
+    want = (torch.softmax(score, 1).unsqueeze(-1) * ait.h1(u)).sum(1)
+    assert torch.allclose(z, want, atol=1e-6)
+
+
+def test_calibrator_is_alpha_times_the_mean_of_non_monotone_gaps():
+    from funnel.models.zoo import EntireSpaceLoss
+
+    logits, labels = batch()
+    out = compose_direct(graph(), logits)  # path heads: conversion may exceed click
+    plain = EntireSpaceLoss(graph())(out, labels)
+    calibrated = EntireSpaceLoss(graph(), calibrator=0.6)(out, labels)
+    gaps = [max(sigmoid(b) - sigmoid(a), 0.0) for a, b in zip(A, B)]
+    assert calibrated.extra["calibrator"].item() == pytest.approx(0.6 * sum(gaps) / 4)
+    assert calibrated.total.item() == pytest.approx(plain.total.item() + 0.6 * sum(gaps) / 4)
+    assert plain.extra == {}
+
+
+def test_transfer_needs_towers_of_one_width():
+    cfg = config_from_dict({**_config("aitm"), "funnel": {
+        **_config("aitm")["funnel"],
+        "stages": [{"name": "click", "tower": {"hidden": [8]}},
+                   {"name": "conversion", "after": "click", "tower": {"hidden": [16]}}]}})
+    from funnel.data.featurizer import Featurizer
+    from funnel.data.sources import load_frames
+    from funnel.models import create_model
+    from funnel.runs import build_graph
+
+    g = build_graph(cfg)
+    feat = Featurizer(cfg, g).fit(load_frames(cfg)["train"])
+    with pytest.raises(ConfigError, match="same output width"):
+        create_model(g, cfg.funnel, feat.layout())
+
+
+def test_transfer_options_are_refused_for_models_without_them():
+    with pytest.raises(ConfigError, match="funnel.transfer: applies to models esmm, esmm_ns and aitm, not 'base'"):
+        config_from_dict(_config("base", transfer="ait"))

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
 from funnel.models.embedding import SharedEmbeddings
 from funnel.models.inputs import module_key
 from funnel.models.losses import log1mexp
 from funnel.models.towers import build_tower
+from funnel.models.transfer import AdaptiveTransfer
 from funnel.spec.schema import FunnelSpec, TowerSpec
 
 
@@ -54,6 +56,7 @@ class FunnelNet(nn.Module):
         layout: dict[str, Any],
         share_embeddings: bool = True,
         direct: bool = False,
+        transfer: bool = False,
     ):
         """``direct``: each tower predicts its stage's path probability itself (DIVISION)
         instead of a conditional probability that is multiplied along the path."""
@@ -76,15 +79,29 @@ class FunnelNet(nn.Module):
                 self.towers[module_key(edge.tower)] = tower
                 self.heads[module_key(edge.tower)] = nn.Linear(tower.out_dim, 1)
         self.edge_names = {module_key(t): t for t in graph.towers}
+        self.transfer = None
+        if transfer:  # AITM: each stage after the first receives from its parent
+            widths = {t.out_dim for t in self.towers.values()}
+            if len(widths) != 1 or any(len(s.edges) != 1 for s in graph.stages):
+                raise ConfigError(
+                    "funnel.transfer: ait needs a chain whose towers all have the same output width "
+                    f"(got widths {sorted(widths)}); give every stage the same tower."
+                )
+            width = widths.pop()
+            self.transfer = nn.ModuleDict({module_key(s.name): AdaptiveTransfer(width) for s in graph.stages if s.after})
 
     def edge_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.shared:
             x = self.embeddings(batch)
-            return {self.edge_names[k]: self.heads[k](tower(x)).squeeze(-1) for k, tower in self.towers.items()}
-        return {
-            self.edge_names[k]: self.heads[k](tower(self.private[k](batch))).squeeze(-1)
-            for k, tower in self.towers.items()
-        }
+            hidden = {k: tower(x) for k, tower in self.towers.items()}  # each (B, out_dim)
+        else:
+            hidden = {k: tower(self.private[k](batch)) for k, tower in self.towers.items()}
+        if self.transfer is not None:
+            for stage in self.graph.stages:  # parents first: z_parent is final when its child reads it
+                if stage.after is not None:
+                    key = module_key(stage.name)
+                    hidden[key] = self.transfer[key](hidden[module_key(stage.after)], hidden[key])
+        return {self.edge_names[k]: self.heads[k](h).squeeze(-1) for k, h in hidden.items()}
 
     def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
         logits = self.edge_logits(batch)

@@ -7,7 +7,7 @@ with ``@register_model("name")``; ``funnel.model: name`` in YAML selects it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from funnel.spec.schema import FunnelSpec
 class LossResult:
     total: Tensor  # scalar that is back-propagated
     parts: dict[str, Tensor]  # per-stage terms (detached copies are logged)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # non-stage terms in total (calibrator, ...)
 
 
 class Objective(Protocol):
@@ -47,8 +48,8 @@ class FunnelModel(nn.Module):
 
     def loss(self, out: FunnelOutput, labels: Tensor) -> LossResult:
         result = self.objective(out, labels)
-        if self.weighting is not None:
-            result.total = self.weighting(result.parts)
+        if self.weighting is not None:  # reweight the stage terms, keep the others as they are
+            result.total = self.weighting(result.parts) + sum(result.extra.values())
         return result
 
 

@@ -30,16 +30,24 @@ class EntireSpaceLoss:
     the product, never from a loss on the clicked subset (ESMM, Ma et al. 2018).
     """
 
-    def __init__(self, graph: FunnelGraph):
+    def __init__(self, graph: FunnelGraph, calibrator: float = 0.0):
         self.names = graph.names
         self.weights = [s.weight for s in graph.stages]
+        self.calibrator = calibrator  # AITM's α; only meaningful when heads predict paths directly
+        self.parents = [(s.name, s.after) for s in graph.stages if s.after is not None]
 
     def __call__(self, out: FunnelOutput, labels: Tensor) -> LossResult:
         parts = {
             name: bce_from_log_prob(out.log_reach[name], labels[:, j]).mean() for j, name in enumerate(self.names)
         }
         total = sum(w * parts[n] for w, n in zip(self.weights, self.names))
-        return LossResult(total=total, parts=parts)
+        extra = {}
+        if self.calibrator > 0 and self.parents:
+            # α · mean over the batch of Σ_t max(ŷ_t − ŷ_parent(t), 0): a later stage may not be likelier
+            gaps = sum((out.log_reach[c].exp() - out.log_reach[p].exp()).clamp(min=0) for c, p in self.parents)
+            extra["calibrator"] = self.calibrator * gaps.mean()
+            total = total + extra["calibrator"]
+        return LossResult(total=total, parts=parts, extra=extra)
 
 
 class ConditionalSubsetLoss:
@@ -92,22 +100,46 @@ def _share(spec: FunnelSpec, default: bool) -> bool:
     return default if spec.share_embeddings is None else spec.share_embeddings
 
 
+def _entire_space(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any], share: bool,
+                  transfer: str, compose: str) -> FunnelModel:
+    """Path losses on all impressions over conditional (product) or path (direct) heads."""
+    transfer = spec.transfer or transfer
+    compose = spec.compose or compose
+    direct = compose == "direct"
+    if direct:
+        _chain_only(graph, f"compose: direct ({spec.model})")
+    net = FunnelNet(graph, spec, layout, share_embeddings=_share(spec, share), direct=direct, transfer=transfer == "ait")
+    return FunnelModel(net, EntireSpaceLoss(graph, calibrator=spec.calibrator if direct else 0.0))
+
+
 @register_model("esmm")
 def build_esmm(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
     """ESMM: conditional towers, products along the path, path losses on all impressions."""
-    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, True)), EntireSpaceLoss(graph))
+    return _entire_space(graph, spec, layout, share=True, transfer="none", compose="product")
 
 
 build_esmm.supports_branches = True  # ESM²: a `via` stage is a mixture of two towers
+build_esmm.takes_transfer = True  # funnel.transfer / compose / calibrator apply
 
 
 @register_model("esmm_ns")
 def build_esmm_ns(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
     """ESMM-NS: ESMM without shared embeddings (each tower has its own tables)."""
-    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False)), EntireSpaceLoss(graph))
+    return _entire_space(graph, spec, layout, share=False, transfer="none", compose="product")
 
 
 build_esmm_ns.supports_branches = True
+build_esmm_ns.takes_transfer = True
+
+
+@register_model("aitm")
+def build_aitm(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+    """AITM: shared embeddings, adaptive information transfer between adjacent towers, each
+    head predicting its path probability directly, trained with BCE plus the calibrator."""
+    return _entire_space(graph, spec, layout, share=True, transfer="ait", compose="direct")
+
+
+build_aitm.takes_transfer = True
 
 
 @register_model("division")

@@ -188,10 +188,20 @@ class FunnelSpec:
     # loss, exactly as if they were duplicated in the parent-positive sample (OVERSAMPLING)
     oversample: float = 1.0
     loss_weighting: WeightingSpec = field(default_factory=WeightingSpec)
+    # AITM (esmm, esmm_ns, aitm; chains): `ait` adds adaptive information transfer between
+    # adjacent towers. None: the model's default (aitm: ait, others: none).
+    transfer: Literal["none", "ait"] | None = None
+    # product: towers give conditionals multiplied along the path (funnel's default);
+    # direct: each head predicts its path probability itself (the AITM paper), with the
+    # calibrator loss below keeping them monotone. None: the model's default (aitm: direct).
+    compose: Literal["product", "direct"] | None = None
+    calibrator: float = 0.6  # direct compose: α · mean Σ_t max(ŷ_t − ŷ_parent, 0)
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if self.calibrator < 0:
+            raise ValueError(f"calibrator must be >= 0, got {self.calibrator}")
         if self.oversample < 1:
             raise ValueError(f"oversample must be >= 1 (a duplication factor), got {self.oversample}")
 

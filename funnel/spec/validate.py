@@ -30,6 +30,19 @@ def config_problems(cfg: Config) -> list[str]:
             f"funnel.model: {cfg.funnel.model!r} supports chains only, but stage {branched[0]!r} has `via`. "
             f"Models with branches: {', '.join(supported)}."
         )
+    f = cfg.funnel
+    builder = MODELS.get(f.model) if f.model in MODELS else None
+    custom = [k for k in ("transfer", "compose") if getattr(f, k) is not None]
+    if builder is not None and custom and not getattr(builder, "takes_transfer", False):
+        problems.append(
+            f"funnel.{custom[0]}: applies to models esmm, esmm_ns and aitm, not {f.model!r}; remove it."
+        )
+    chain_only = f.model == "aitm" or f.transfer == "ait" or f.compose == "direct"
+    if branched and chain_only and getattr(builder, "takes_transfer", False):
+        problems.append(
+            f"funnel: information transfer and direct compose need a chain, but stage {branched[0]!r} has `via`; "
+            "remove `via` or use model esmm with compose: product and transfer: none."
+        )
     if cfg.funnel.oversample != 1.0 and cfg.funnel.model != "base":
         problems.append(
             f"funnel.oversample: {cfg.funnel.oversample} only applies to model base (it duplicates the "

@@ -32,7 +32,8 @@ class FunnelLightningModule(pl.LightningModule):
         loss = self.model.loss(out, batch["labels"])
         bs = batch["labels"].shape[0]
         self.log("train/loss", loss.total, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
-        self.log_dict({f"train/loss/{k}": v.detach() for k, v in loss.parts.items()}, on_epoch=True, batch_size=bs)
+        terms = {**loss.parts, **loss.extra}
+        self.log_dict({f"train/loss/{k}": v.detach() for k, v in terms.items()}, on_epoch=True, batch_size=bs)
         return loss.total
 
     def on_train_epoch_end(self) -> None:
