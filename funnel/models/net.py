@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
 from funnel.models.embedding import SharedEmbeddings
-from funnel.models.inputs import module_key
+from funnel.models.inputs import TowerInput, module_key
 from funnel.models.losses import log1mexp
 from funnel.models.towers import build_tower
 from funnel.models.transfer import AdaptiveTransfer
@@ -34,6 +34,7 @@ class FunnelOutput:
     logits: dict[str, Tensor]  # tower (edge) name -> (B,)
     log_reach: dict[str, Tensor]  # stage -> (B,) log P(stage | impression)
     log_cond: dict[str, Tensor]  # stage -> (B,) log P(stage | after-stage)
+    inputs: TowerInput | None = None  # the shared embeddings' output (None with private tables)
 
     def log_stacked(self, names: list[str]) -> tuple[Tensor, Tensor]:
         """(B, S) path and conditional log-probabilities in the order of ``names``."""
@@ -69,6 +70,7 @@ class FunnelNet(nn.Module):
         else:  # each tower owns a full set of tables (ESMM-NS, the paper's BASE)
             self.private = nn.ModuleDict({module_key(t): SharedEmbeddings(layout) for t in graph.towers})
         shape = self.embeddings.shape if share_embeddings else next(iter(self.private.values())).shape
+        self.shape = shape
         tower_spec = {s.name: s.tower or spec.tower for s in spec.stages}
         self.towers = nn.ModuleDict()
         self.heads = nn.ModuleDict()
@@ -90,7 +92,8 @@ class FunnelNet(nn.Module):
             width = widths.pop()
             self.transfer = nn.ModuleDict({module_key(s.name): AdaptiveTransfer(width) for s in graph.stages if s.after})
 
-    def edge_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def edge_logits(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], TowerInput | None]:
+        x = None
         if self.shared:
             x = self.embeddings(batch)
             hidden = {k: tower(x) for k, tower in self.towers.items()}  # each (B, out_dim)
@@ -101,11 +104,13 @@ class FunnelNet(nn.Module):
                 if stage.after is not None:
                     key = module_key(stage.name)
                     hidden[key] = self.transfer[key](hidden[module_key(stage.after)], hidden[key])
-        return {self.edge_names[k]: self.heads[k](h).squeeze(-1) for k, h in hidden.items()}
+        return {self.edge_names[k]: self.heads[k](h).squeeze(-1) for k, h in hidden.items()}, x
 
     def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
-        logits = self.edge_logits(batch)
-        return compose_direct(self.graph, logits) if self.direct else compose(self.graph, logits)
+        logits, inputs = self.edge_logits(batch)
+        out = compose_direct(self.graph, logits) if self.direct else compose(self.graph, logits)
+        out.inputs = inputs
+        return out
 
 
 def compose(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:

@@ -12,7 +12,9 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
+from funnel.models.counterfactual import build_regularizer
 from funnel.models.net import FunnelNet, FunnelOutput
 from funnel.models.weighting import StaticWeighting, build_weighting
 from funnel.registry import Registry
@@ -38,6 +40,7 @@ class FunnelModel(nn.Module):
         self.net = net
         self.objective = objective
         self.weighting = weighting  # None: the objective's own static weighted sum
+        self.regularizer: nn.Module | None = None  # counterfactual terms (IPS / DR), added to the total
 
     @property
     def graph(self) -> FunnelGraph:
@@ -48,6 +51,10 @@ class FunnelModel(nn.Module):
 
     def loss(self, out: FunnelOutput, labels: Tensor) -> LossResult:
         result = self.objective(out, labels)
+        if self.regularizer is not None:
+            terms = self.regularizer(out, labels)
+            result.extra.update(terms)
+            result.total = result.total + sum(terms.values())
         if self.weighting is not None:  # reweight the stage terms, keep the others as they are
             result.total = self.weighting(result.parts) + sum(result.extra.values())
         return result
@@ -65,4 +72,12 @@ def create_model(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -
     w = spec.loss_weighting
     if w.method != "static":  # every model, built-in or plug-in, gets the same weighting
         model.weighting = build_weighting(w.method, graph.names, [s.weight for s in graph.stages], w.temperature)
+    c = spec.counterfactual
+    if c.method == "dr" and not model.net.shared:
+        raise ConfigError(
+            f"funnel.counterfactual: dr imputes errors from the shared embeddings, but model {spec.model!r} "
+            "has private tables; set funnel.share_embeddings: true or use method ips."
+        )
+    if c.method != "none":
+        model.regularizer = build_regularizer(graph, c.method, c.weight, c.clip, c.stages, model.net.shape.flat_dim)
     return model

@@ -175,6 +175,20 @@ class WeightingSpec:
 
 
 @dataclass(frozen=True)
+class CounterfactualSpec:
+    """ESCM² regularisers on conditional edges (see funnel/models/counterfactual.py)."""
+
+    method: Literal["none", "ips", "dr"] = "none"
+    weight: float = 0.1  # λ
+    clip: float = 0.05  # the propensity P̂(parent) is clipped to [clip, 1]
+    stages: tuple[str, ...] = ()  # regularised stages; empty: every single-tower conditional stage
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or not 0 < self.clip <= 1:
+            raise ValueError(f"weight must be >= 0 and clip in (0, 1], got {self.weight} and {self.clip}")
+
+
+@dataclass(frozen=True)
 class FunnelSpec:
     stages: tuple[StageSpec, ...]
     model: str = "esmm"
@@ -196,6 +210,7 @@ class FunnelSpec:
     # calibrator loss below keeping them monotone. None: the model's default (aitm: direct).
     compose: Literal["product", "direct"] | None = None
     calibrator: float = 0.6  # direct compose: α · mean Σ_t max(ŷ_t − ŷ_parent, 0)
+    counterfactual: CounterfactualSpec = field(default_factory=CounterfactualSpec)
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:

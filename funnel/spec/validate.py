@@ -43,6 +43,15 @@ def config_problems(cfg: Config) -> list[str]:
             f"funnel: information transfer and direct compose need a chain, but stage {branched[0]!r} has `via`; "
             "remove `via` or use model esmm with compose: product and transfer: none."
         )
+    names = [s.name for s in stages]
+    for k, name in enumerate(f.counterfactual.stages):
+        if name not in names:
+            problems.append(f"funnel.counterfactual.stages[{k}]: {name!r} is not a stage.{did_you_mean(name, names)}")
+        elif stages[names.index(name)].after is None:
+            problems.append(
+                f"funnel.counterfactual.stages[{k}]: {name!r} follows the impression; only conditional stages "
+                "(with `after`) have a propensity to correct for."
+            )
     if cfg.funnel.oversample != 1.0 and cfg.funnel.model != "base":
         problems.append(
             f"funnel.oversample: {cfg.funnel.oversample} only applies to model base (it duplicates the "
