@@ -59,6 +59,7 @@ def read_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] 
             skipinitialspace=csv.skipinitialspace,
             na_values=list(csv.na_values) or None,
             usecols=columns,
+            comment=csv.comment,
             low_memory=False,
         )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:

@@ -25,6 +25,7 @@ class CsvSpec:
     names: tuple[str, ...] | None = None
     skipinitialspace: bool = False  # UCI files put a space after every comma
     na_values: tuple[str, ...] = ()  # extra strings read as missing, e.g. ["?"]
+    comment: str | None = None  # lines starting with this character are skipped (UCI Adult's test file)
 
 
 @dataclass(frozen=True)
