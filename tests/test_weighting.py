@@ -51,7 +51,7 @@ def test_dwa_weights_follow_the_hand_computed_softmax_of_loss_ratios():
     assert sum(w.weights().values()) == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("method", ["static", "uncertainty", "dwa"])
+@pytest.mark.parametrize("method", ["static", "uncertainty", "dwa", "gradnorm"])
 def test_every_weighting_method_trains_end_to_end_and_logs_weights(method, tmp_path):
     import csv
 
@@ -82,3 +82,32 @@ def test_unknown_weighting_method_is_a_config_error():
             "data": {"train": "t.csv"}, "features": [{"name": "u", "kind": "categorical"}],
             "funnel": {"loss_weighting": {"method": "uncertainty_"}, "stages": [{"name": "click"}]},
         })
+
+
+def test_gradnorm_gives_more_weight_to_the_stage_with_smaller_gradients_on_the_shared_table():
+    from funnel.models.weighting import GradNormWeighting
+
+    torch.manual_seed(0)
+    shared = torch.nn.Parameter(torch.ones(3))
+    w = GradNormWeighting(NAMES, [1.0, 1.0], alpha=1.5)
+    w.shared = [shared]
+    opt = torch.optim.SGD(w.parameters(), lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        # both losses are 1.0 with the same history, but click's gradient on the table is 10x conversion's
+        parts = {"click": shared.sum() / 3.0, "conversion": shared.sum() / 30.0 + 0.9}
+        w(parts).backward()
+        opt.step()
+    weights = w.weights()
+    assert weights["conversion"] > 1.0 > weights["click"]
+    assert sum(weights.values()) == pytest.approx(2.0)
+
+
+def test_gradnorm_is_a_plain_weighted_sum_without_gradients():
+    from funnel.models.weighting import GradNormWeighting
+
+    w = GradNormWeighting(NAMES, [1.0, 2.0])
+    w.shared = [torch.nn.Parameter(torch.ones(2))]
+    with torch.no_grad():
+        total = w({"click": torch.tensor(0.5), "conversion": torch.tensor(0.25)})
+    assert total.item() == pytest.approx(0.5 + 2 * 0.25)

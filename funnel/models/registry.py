@@ -71,7 +71,14 @@ def create_model(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -
     model = MODELS.get(spec.model)(graph, spec, layout)
     w = spec.loss_weighting
     if w.method != "static":  # every model, built-in or plug-in, gets the same weighting
-        model.weighting = build_weighting(w.method, graph.names, [s.weight for s in graph.stages], w.temperature)
+        model.weighting = build_weighting(w.method, graph.names, [s.weight for s in graph.stages], w.temperature, w.alpha)
+        if w.method == "gradnorm":
+            if not model.net.shared:
+                raise ConfigError(
+                    f"funnel.loss_weighting: gradnorm balances gradients on the shared embeddings, but model "
+                    f"{spec.model!r} has private tables; set funnel.share_embeddings: true or pick another method."
+                )
+            model.weighting.shared = list(model.net.embeddings.parameters())
     c = spec.counterfactual
     if c.method == "dr" and not model.net.shared:
         raise ConfigError(

@@ -1,6 +1,6 @@
 """Dynamic loss weighting across stages, selectable in YAML for every funnel model.
 
-``funnel.loss_weighting: {method: static | uncertainty | dwa}``
+``funnel.loss_weighting: {method: static | uncertainty | dwa | gradnorm}``
 
 - ``static``: Σ_s w_s · L_s with the stages' fixed ``weight`` (the default).
 - ``uncertainty`` (Kendall, Gal & Cipolla, CVPR 2018): a learned log-variance s_k per
@@ -9,6 +9,8 @@
   of stage k is K · softmax_k(r_k / T) with r_k = L_k(t-1) / L_k(t-2), the ratio of its
   last two epoch-mean losses; a stage whose loss falls slowly gets more weight. The
   first two epochs use equal weights.
+
+- ``gradnorm`` (Chen et al., ICML 2018): see :class:`GradNormWeighting`.
 
 The weights (times the static ones) are logged every epoch as ``weight/<stage>``.
 """
@@ -71,7 +73,50 @@ class DWAWeighting(StaticWeighting):
         self.current.copy_(len(self.names) * torch.softmax(ratio / self.temperature, dim=0))
 
 
-def build_weighting(method: str, names: list[str], weights: list[float], temperature: float = 2.0) -> StaticWeighting:
+class GradNormWeighting(StaticWeighting):
+    """GradNorm (Chen et al., ICML 2018) on the shared embedding tables W.
+
+    Weights w_k > 0 (renormalised to sum to K) are learned by L_grad = Σ_k |G_k − Ḡ·r_k^α|,
+    where G_k = w_k·‖∇_W L_k‖, r_k = (L_k / L_k(0)) / mean_j(L_j / L_j(0)) and the target is
+    held constant; the model itself is trained on Σ_k w_k·L_k with w_k held constant. A
+    stage whose gradients on W are small, or whose loss falls slowly, gains weight. The
+    returned total includes L_grad (its gradient reaches only the weights).
+    """
+
+    def __init__(self, names: list[str], weights: list[float], alpha: float = 1.5):
+        super().__init__(names, weights)
+        self.alpha = alpha
+        self.raw = nn.Parameter(torch.ones(len(names)))
+        self.register_buffer("initial", torch.zeros(len(names)))
+        self.shared: list[nn.Parameter] = []  # set by the model builder: the shared tables
+
+    def dynamic(self) -> Tensor:
+        positive = self.raw.abs().clamp(min=1e-6)
+        return len(self.names) * positive / positive.sum()
+
+    def forward(self, parts: dict[str, Tensor]) -> Tensor:
+        losses = torch.stack([parts[n] for n in self.names])
+        w = self.dynamic()
+        model_loss = (self.static.to(losses.dtype) * w.detach().to(losses.dtype) * losses).sum()
+        if not (torch.is_grad_enabled() and losses.requires_grad and self.shared):
+            return model_loss  # evaluation: nothing to learn
+        if not self.initial.any():
+            self.initial.copy_(losses.detach())
+        norms = []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, self.shared, retain_graph=True, allow_unused=True)
+            norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 1e-20))
+        g = torch.stack(norms).detach()  # ‖∇_W L_k‖
+        big_g = w * g  # G_k, differentiable in the weights only
+        ratio = losses.detach().float() / self.initial.clamp(min=1e-12)
+        target = (big_g.mean() * (ratio / ratio.mean()) ** self.alpha).detach()
+        return model_loss + (big_g - target).abs().sum()
+
+
+def build_weighting(method: str, names: list[str], weights: list[float], temperature: float = 2.0,
+                    alpha: float = 1.5) -> StaticWeighting:
+    if method == "gradnorm":
+        return GradNormWeighting(names, weights, alpha)
     if method == "uncertainty":
         return UncertaintyWeighting(names, weights)
     if method == "dwa":

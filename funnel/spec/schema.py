@@ -167,8 +167,9 @@ class StageSpec:
 class WeightingSpec:
     """How the per-stage losses are combined (see funnel/models/weighting.py)."""
 
-    method: Literal["static", "uncertainty", "dwa"] = "static"
+    method: Literal["static", "uncertainty", "dwa", "gradnorm"] = "static"
     temperature: float = 2.0  # dwa only: softmax temperature T
+    alpha: float = 1.5  # gradnorm only: the restoring-force exponent α
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
