@@ -78,3 +78,12 @@ def test_synthetic_config_trains_one_fast_dev_run_step(path, model, tmp_path):
     cfg, _ = load_config(path)
     assert metrics["split"] == "test" and metrics["rows"] == 200
     assert {f"auc/{s}" for s in cfg.stage_names()} <= set(metrics)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=ids(CONFIGS))
+def test_config_survives_the_run_directory_round_trip(path):
+    from funnel.runs import config_to_raw
+    from funnel.spec import config_from_dict
+
+    cfg, _ = load_config(path, ["funnel.loss_weighting.method=dwa", "funnel.counterfactual.method=ips"])
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_raw(cfg)))) == cfg
