@@ -1,4 +1,4 @@
-"""A real-data run: ESMM on UCI Census-Income (KDD) from the shared data folder, one epoch."""
+"""Real-data runs on the shared datasets: Census-Income (KDD) and UCI Adult, a few epochs."""
 
 from __future__ import annotations
 
@@ -11,20 +11,25 @@ from funnel.cli import main
 from funnel.data.io import DATA_ENV, default_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("census-income.train.csv.gz", "census-income.test.csv.gz")
+
+
+def fit_real(config: str, folder: str, files: tuple[str, ...], run_dir: Path, capsys, *overrides: str) -> dict:
+    """Fit a shipped real-data config and return its test metrics; missing data FAILS (CI has it)."""
+    where = default_data_dir() / folder
+    missing = [f for f in files if not (where / f).is_file()]
+    if missing:  # its absence is a broken setup, not a reason to skip
+        pytest.fail(f"shared data not found: {', '.join(missing)} in {where}. "
+                    f"Put the shared datasets there or set {DATA_ENV} to their folder.")
+    code = main(["fit", str(ROOT / "configs" / config), *overrides, "trainer.enable_progress_bar=false",
+                 f"run_dir={run_dir}"])
+    assert code == 0, capsys.readouterr().err
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_esmm_on_census_income_beats_085_auc_on_income(tmp_path, capsys):
-    folder = default_data_dir() / "census-income-kdd"
-    missing = [f for f in FILES if not (folder / f).is_file()]
-    if missing:  # CI has the data: its absence is a broken setup, not a reason to skip
-        pytest.fail(f"Census-Income data not found: {', '.join(missing)} in {folder}. "
-                    f"Put the shared datasets there or set {DATA_ENV} to their folder.")
-    run_dir = tmp_path / "run"
-    code = main(["fit", str(ROOT / "configs" / "esmm_census.yaml"), "trainer.max_epochs=1",
-                 "trainer.enable_progress_bar=false", f"run_dir={run_dir}"])
-    assert code == 0, capsys.readouterr().err
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = fit_real("esmm_census.yaml", "census-income-kdd",
+                       ("census-income.train.csv.gz", "census-income.test.csv.gz"), tmp_path / "run", capsys,
+                       "trainer.max_epochs=1")
     assert metrics["split"] == "test" and metrics["rows"] == 99_762
     assert metrics["auc/income"] > 0.85, metrics
     # the product label: p(income > 50K and never married) over everyone
@@ -33,16 +38,8 @@ def test_esmm_on_census_income_beats_085_auc_on_income(tmp_path, capsys):
 
 
 def test_esmm_on_uci_adult_reads_the_test_file_and_beats_085_auc_on_income(tmp_path, capsys):
-    folder = default_data_dir() / "uci-adult"
-    missing = [f for f in ("adult.data", "adult.test") if not (folder / f).is_file()]
-    if missing:
-        pytest.fail(f"UCI Adult data not found: {', '.join(missing)} in {folder}. "
-                    f"Put the shared datasets there or set {DATA_ENV} to their folder.")
-    run_dir = tmp_path / "run"
-    code = main(["fit", str(ROOT / "configs" / "esmm_adult.yaml"), "trainer.max_epochs=2",
-                 "trainer.enable_progress_bar=false", f"run_dir={run_dir}"])
-    assert code == 0, capsys.readouterr().err
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = fit_real("esmm_adult.yaml", "uci-adult", ("adult.data", "adult.test"), tmp_path / "run", capsys,
+                       "trainer.max_epochs=2")
     # every test row survives: the "|1x3 Cross validator" line is skipped, labels ending in "." count
     assert metrics["split"] == "test" and metrics["rows"] == 16_281
     assert metrics["auc/income"] > 0.85, metrics
