@@ -64,3 +64,25 @@ def test_full_synthetic_esmm_config_is_within_reach_of_the_measured_figures(tmp_
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["auc/conversion"] > 0.72 and metrics["auc_cond_es/conversion"] > 0.72, metrics
     assert metrics["auc/conversion"] < metrics["oracle_auc/conversion"]
+
+
+def _models() -> list[str]:
+    from funnel.models import MODELS
+
+    return MODELS.names()
+
+
+@pytest.mark.parametrize("model", _models())
+def test_every_model_runs_a_fast_dev_run_step_on_uci_adult(model, tmp_path, capsys):
+    metrics = fit_real("esmm_adult.yaml", "uci-adult", ("adult.data", "adult.test"), tmp_path / "run", capsys,
+                       f"funnel.model={model}", "trainer.fast_dev_run=true")
+    assert metrics["rows"] == 16_281 and 0.0 < metrics["auc/income"] < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", _models())
+def test_every_model_runs_a_fast_dev_run_step_on_census(model, tmp_path, capsys):
+    metrics = fit_real("esmm_census.yaml", "census-income-kdd",
+                       ("census-income.train.csv.gz", "census-income.test.csv.gz"), tmp_path / "run", capsys,
+                       f"funnel.model={model}", "trainer.fast_dev_run=true")
+    assert metrics["rows"] == 99_762 and 0.0 < metrics["auc/income"] < 1.0
