@@ -35,11 +35,11 @@ class Objective(Protocol):
 class FunnelModel(nn.Module):
     """A FunnelNet and the objective that trains it (composition, not subclassing)."""
 
-    def __init__(self, net: FunnelNet, objective: Objective, weighting: StaticWeighting | None = None):
+    def __init__(self, net: FunnelNet, objective: Objective):
         super().__init__()
         self.net = net
         self.objective = objective
-        self.weighting = weighting  # None: the objective's own static weighted sum
+        self.weighting: StaticWeighting | None = None  # None: the objective's own static weighted sum
         self.regularizer: nn.Module | None = None  # counterfactual terms (IPS / DR), added to the total
 
     @property

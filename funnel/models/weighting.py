@@ -9,7 +9,6 @@
   of stage k is K · softmax_k(r_k / T) with r_k = L_k(t-1) / L_k(t-2), the ratio of its
   last two epoch-mean losses; a stage whose loss falls slowly gets more weight. The
   first two epochs use equal weights.
-
 - ``gradnorm`` (Chen et al., ICML 2018): see :class:`GradNormWeighting`.
 
 The weights (times the static ones) are logged every epoch as ``weight/<stage>``.

@@ -61,9 +61,7 @@ class ConditionalSubsetLoss:
     """
 
     def __init__(self, graph: FunnelGraph, oversample: float = 1.0):
-        for stage in graph.stages:
-            if len(stage.edges) != 1 or stage.edges[0].negated:
-                raise ValueError(f"this model supports chains only; stage {stage.name!r} has branches")
+        _chain_only(graph, type(self).__name__)
         self.oversample = oversample
         self.stages = [(j, s.name, s.edges[0].tower, graph.index(s.after) if s.after else None, s.weight)
                        for j, s in enumerate(graph.stages)]
@@ -146,7 +144,7 @@ build_aitm.takes_transfer = True
 def build_division(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
     """DIVISION: separate networks predict every path probability (pCTR, pCTCVR) on all
     impressions; pCVR = pCTCVR / pCTR, clipped at 1."""
-    _chain_only(graph, "division")
+    _chain_only(graph, "model division")
     net = FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False), direct=True)
     return FunnelModel(net, EntireSpaceLoss(graph))
 
@@ -164,7 +162,7 @@ def build_naive(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) ->
     return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False)), ObservedLabelLoss(graph))
 
 
-def _chain_only(graph: FunnelGraph, model: str) -> None:
+def _chain_only(graph: FunnelGraph, what: str) -> None:
     for stage in graph.stages:
         if len(stage.edges) != 1 or stage.edges[0].negated:
-            raise ValueError(f"model {model} supports chains only; stage {stage.name!r} has branches")
+            raise ValueError(f"{what} supports chains only; stage {stage.name!r} has branches")

@@ -21,17 +21,17 @@ def config_problems(cfg: Config) -> list[str]:
         graph_errors = graph_problems([(s.name, s.label_column, s.after) for s in stages])
         graph_errors += branch_problems([(s.name, s.after, s.via) for s in stages])
     problems += graph_errors
-    if cfg.funnel.model not in MODELS:
-        problems.append(MODELS.unknown(cfg.funnel.model))
+    f = cfg.funnel
+    builder = MODELS.get(f.model) if f.model in MODELS else None
+    if builder is None:
+        problems.append(MODELS.unknown(f.model))
     branched = [s.name for s in stages if s.via is not None]
-    if branched and cfg.funnel.model in MODELS and not getattr(MODELS.get(cfg.funnel.model), "supports_branches", False):
+    if branched and builder is not None and not getattr(builder, "supports_branches", False):
         supported = [m for m in MODELS.names() if getattr(MODELS.get(m), "supports_branches", False)]
         problems.append(
             f"funnel.model: {cfg.funnel.model!r} supports chains only, but stage {branched[0]!r} has `via`. "
             f"Models with branches: {', '.join(supported)}."
         )
-    f = cfg.funnel
-    builder = MODELS.get(f.model) if f.model in MODELS else None
     custom = [k for k in ("transfer", "compose") if getattr(f, k) is not None]
     if builder is not None and custom and not getattr(builder, "takes_transfer", False):
         problems.append(
