@@ -10,13 +10,19 @@ probability of a stage is the sum over its edges of P(source) · p(edge), so cha
     chain:  P(cvr)  = P(click) · y2
     ESM²:   P(buy)  = P(click ∧ cart) · y3 + P(click ∧ ¬cart) · y4
 
+Sibling stages can form a *group* of mutually exclusive outcomes of their common parent
+(cart | wish | neither after a click). Their conditional probabilities come from one softmax
+over the members' logits and a fixed 0 logit for "none of them", so they sum to at most one;
+a group of one stage is the ordinary sigmoid. A stage ``via`` a group gets one tower per
+member plus one for "none": P(buy) = Σ_m P(click ∧ m) · y_m + P(click ∧ none) · y_none.
+
 ``after`` is the stage that every path to this stage passes through last; the
 conditional probability reported for a stage is P(stage) / P(after).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from funnel.errors import did_you_mean
@@ -29,8 +35,8 @@ class Edge:
     """One tower feeding a stage: p(stage | source event, x)."""
 
     tower: str  # name of the tower (unique across the graph)
-    source: str | None  # a stage name, or None for the impression
-    negated: bool = False  # True: the source stage did NOT happen (its parent did)
+    source: str | None  # a stage or group name, or None for the impression
+    negated: bool = False  # True: the source stage (or every stage of the group) did NOT happen, its parent did
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class Stage:
     after: str | None
     edges: tuple[Edge, ...]
     weight: float = 1.0
+    group: str | None = None  # mutually exclusive siblings share a group (one softmax)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,20 @@ class FunnelGraph:
     @property
     def towers(self) -> list[str]:
         return [e.tower for s in self.stages for e in s.edges]
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Group name -> its member stages, in graph order."""
+        out: dict[str, list[str]] = {}
+        for s in self.stages:
+            if s.group is not None:
+                out.setdefault(s.group, []).append(s.name)
+        return out
+
+    def after_of(self, source: str) -> str | None:
+        """The parent of a stage or of a group's members."""
+        groups = self.groups
+        return self.stage(groups[source][0] if source in groups else source).after
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -83,16 +104,30 @@ class FunnelGraph:
         return cls.build([(n, lab, a, w, None) for n, lab, a, w in specs])
 
     @classmethod
-    def build(cls, specs: Sequence[tuple[str, str, str | None, float, str | None]]) -> FunnelGraph:
-        """Build from ``(name, label, after, weight, via)`` tuples.
+    def from_stages(cls, stages: Sequence) -> FunnelGraph:
+        """Build from ``StageSpec``-like objects (name, label_column, after, weight, via, group)."""
+        return cls.build([(s.name, s.label_column, s.after, s.weight, s.via) for s in stages],
+                         groups={s.name: s.group for s in stages if s.group is not None})
+
+    @classmethod
+    def build(cls, specs: Sequence[tuple[str, str, str | None, float, str | None]],
+              groups: Mapping[str, str] | None = None) -> FunnelGraph:
+        """Build from ``(name, label, after, weight, via)`` tuples; ``groups`` maps stage -> group.
 
         ``via`` names a branch stage B (with the same ``after``): the stage then has two
-        towers, one for rows where B happened and one where it did not (ESM²).
+        towers, one for rows where B happened and one where it did not (ESM²). ``via`` may
+        also name a group: one tower per member and one for "none of them".
         """
+        groups = dict(groups or {})
         problems = graph_problems([(n, lab, a) for n, lab, a, _, _ in specs])
-        problems += branch_problems([(n, a, v) for n, _, a, _, v in specs])
+        problems += group_problems([(n, a, groups.get(n)) for n, _, a, _, _ in specs])
+        problems += branch_problems([(n, a, v) for n, _, a, _, v in specs], groups)
         if problems:
             raise ValueError("; ".join(problems))
+        members: dict[str, list[str]] = {}
+        for n, *_ in specs:
+            if n in groups:
+                members.setdefault(groups[n], []).append(n)
         by_name = {s[0]: s for s in specs}
         ordered: list[Stage] = []
         done: set[str | None] = {None}
@@ -100,13 +135,15 @@ class FunnelGraph:
         while pending:
             for n in list(pending):
                 _, lab, a, w, via = by_name[n]
-                if a in done and via in done:
+                via_done = all(m in done for m in members[via]) if via in members else via in done
+                if a in done and via_done:
                     if via is None:
                         edges: tuple[Edge, ...] = (Edge(tower=n, source=a),)
                     else:
-                        edges = (Edge(tower=f"{n}@{via}", source=via),
+                        outcomes = members.get(via, [via])
+                        edges = (*(Edge(tower=f"{n}@{m}", source=m) for m in outcomes),
                                  Edge(tower=f"{n}@not_{via}", source=via, negated=True))
-                    ordered.append(Stage(n, lab, a, edges, w))
+                    ordered.append(Stage(n, lab, a, edges, w, groups.get(n)))
                     done.add(n)
                     pending.remove(n)
         return cls(tuple(ordered))
@@ -161,15 +198,47 @@ def graph_problems(specs: Sequence[tuple[str, str, str | None]], path: str = "fu
     return problems
 
 
-def branch_problems(specs: Sequence[tuple[str, str | None, str | None]], path: str = "funnel.stages") -> list[str]:
-    """Problems of ``via`` links ``(name, after, via)``: the branch must be a sibling stage."""
+def group_problems(specs: Sequence[tuple[str, str | None, str | None]], path: str = "funnel.stages") -> list[str]:
+    """Problems of ``group`` names ``(name, after, group)``: members must be siblings."""
+    names = {n for n, _, _ in specs}
+    first: dict[str, tuple[str, str | None]] = {}
+    problems = []
+    for i, (n, a, g) in enumerate(specs):
+        if g is None:
+            continue
+        if g in names:
+            problems.append(f"{path}[{i}].group: {g!r} is also a stage name; give the group its own name.")
+        elif g in first and first[g][1] != a:
+            other, other_after = first[g]
+            problems.append(
+                f"{path}[{i}].group: {n!r} follows {a!r} but {other!r} of group {g!r} follows {other_after!r}; "
+                "a group holds mutually exclusive outcomes of one parent, so give them the same `after`."
+            )
+        first.setdefault(g, (n, a))
+    return problems
+
+
+def branch_problems(specs: Sequence[tuple[str, str | None, str | None]], groups: Mapping[str, str] | None = None,
+                    path: str = "funnel.stages") -> list[str]:
+    """Problems of ``via`` links ``(name, after, via)``: the branch must be a sibling stage or group."""
     after = {n: a for n, a, _ in specs}
+    group_after = {g: after.get(n) for n, g in (groups or {}).items()}
     problems = []
     for i, (n, a, via) in enumerate(specs):
         if via is None:
             continue
-        if via not in after:
-            problems.append(f"{path}[{i}].via: {via!r} is not a stage.{did_you_mean(via, list(after))}")
+        if via in group_after and via not in after:
+            if (groups or {}).get(n) == via:
+                problems.append(f"{path}[{i}].via: stage {n!r} cannot branch on its own group.")
+            elif group_after[via] != a:
+                problems.append(
+                    f"{path}[{i}].via: the group {via!r} follows {group_after[via]!r} but {n!r} follows {a!r}; "
+                    f"a branch splits the rows of `after`, so give {n!r} `after: {group_after[via]}`."
+                )
+        elif via not in after:
+            problems.append(
+                f"{path}[{i}].via: {via!r} is not a stage or group.{did_you_mean(via, [*after, *group_after])}"
+            )
         elif via == n:
             problems.append(f"{path}[{i}].via: stage {n!r} cannot branch on itself.")
         elif after[via] != a:

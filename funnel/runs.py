@@ -78,7 +78,7 @@ def save_config(cfg: Config, run_dir: Path) -> None:
 
 
 def build_graph(cfg: Config) -> FunnelGraph:
-    return FunnelGraph.build([(s.name, s.label_column, s.after, s.weight, s.via) for s in cfg.funnel.stages])
+    return FunnelGraph.from_stages(cfg.funnel.stages)
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, FunnelGraph, Featurizer, FunnelModel]:

@@ -34,6 +34,8 @@ _DEFAULT_RATES = (0.08, 0.15, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5)
 _LATENT_DIM = 8
 _ZIPF_OFFSET = 10.0
 _SHARED = 0.5  # share of each item vector's variance common to all stages
+_HISTORY_EFFECT = 2.5  # click logit per unit share of the history in the candidate's category
+_HISTORY_FOCUS = 0.7  # share of history items drawn from the user's two favourite categories
 _MISSING_VISITS = 0.02  # share of n_prev_visits hidden as NaN, to exercise missing-value handling
 
 
@@ -57,6 +59,14 @@ class SyntheticSpec:
     valid_frac: float = 0.1
     test_frac: float = 0.1
     seed: int = 0
+    # share of each hidden per-user/per-item effect (biases and latent vectors) common to all
+    # stages, unrotated: item quality that drives clicks also drives conversions, so a model
+    # sharing embeddings across stages can learn the sparse stages from the dense first one
+    stage_correlation: float = 0.0
+    # > 0: a `history` column of up to this many recently viewed items ("i3|i17|i5", most
+    # recent last), drawn mostly from two favourite categories per user; every stage's truth
+    # rises with the share of the history in the candidate item's category (DIN's signal)
+    history_len: int = 0
     # ESM²: the last stage follows the third-to-last and is reached through both outcomes of
     # the second-to-last (e.g. click -> cart -> buy with buy `after: click, via: cart`), each
     # outcome with its own hidden tower; needs 3+ stages
@@ -85,7 +95,7 @@ class SyntheticSpec:
         for s in self.stages:
             if not (isinstance(s, str) and s.isidentifier()):
                 yield f"stages: {s!r} is not a valid name; use letters, digits and underscores"
-            elif s in FEATURE_COLUMNS:
+            elif s in FEATURE_COLUMNS or s == "history":
                 yield f"stages: {s!r} is also a feature column; rename the stage"
         if self.rates is not None:
             if len(self.rates) != len(self.stages):
@@ -95,8 +105,11 @@ class SyntheticSpec:
                 yield f"rates={self.rates}: every rate must lie strictly between 0 and 1"
         if self.zipf < 0:
             yield f"zipf={self.zipf}: must be >= 0 (0 means uniform popularity)"
-        if not 0 <= self.bias_share <= 1:
-            yield f"bias_share={self.bias_share}: must lie in [0, 1]"
+        for name in ("bias_share", "stage_correlation"):
+            if not 0 <= getattr(self, name) <= 1:
+                yield f"{name}={getattr(self, name)}: must lie in [0, 1]"
+        if self.history_len < 0:
+            yield f"history_len={self.history_len}: must be >= 0 (0: no history column)"
         for name in ("bias_strength", "noise"):
             if getattr(self, name) < 0:
                 yield f"{name}={getattr(self, name)}: must be >= 0"
@@ -131,6 +144,7 @@ def _column_docs(stages: Sequence[str]) -> dict[str, str]:
         "price": "numeric > 0; lognormal item price with small per-row jitter",
         "user_age": "numeric; a function of user_id",
         "n_prev_visits": f"numeric count >= 0, ~{_MISSING_VISITS:.0%} NaN (truth uses the hidden value)",
+        "history": "sequence of item ids 'i3|i17', most recent last (only with history_len > 0)",
     }
     parent = "impression"
     for s in stages:
@@ -177,6 +191,11 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
                 + np.sqrt(1 - _SHARED) * rng.standard_normal((n_towers, spec.n_items, d)))
     user_bias = rng.normal(0, 0.5, (n_towers, spec.n_users))
     item_bias = rng.normal(0, 0.8, (n_towers, spec.n_items))
+    if spec.stage_correlation > 0:  # a separate stream: the default data does not move
+        rho, common = spec.stage_correlation, np.random.default_rng([spec.seed, 2])
+        item_vec = np.sqrt(rho) * common.standard_normal((spec.n_items, d)) + np.sqrt(1 - rho) * item_vec
+        user_bias = np.sqrt(rho) * common.normal(0, 0.5, spec.n_users) + np.sqrt(1 - rho) * user_bias
+        item_bias = np.sqrt(rho) * common.normal(0, 0.8, spec.n_items) + np.sqrt(1 - rho) * item_bias
     cat_eff = rng.normal(0, 0.3, (n_towers, spec.n_categories))
     dev_eff = rng.normal(0, 0.3, (n_towers, spec.n_devices))
     hour_amp, hour_phase = rng.normal(0, 0.3, n_towers), rng.uniform(0, 24, n_towers)
@@ -191,6 +210,11 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     clickbait = rng.random(spec.n_items) < spec.bias_share
     bait_penalty = spec.bias_strength * np.where(clickbait, click_appeal, 0.0)
 
+    match = np.zeros(n)
+    if spec.history_len:
+        history, match = _history(spec, u, item_cat, item_cat[i])
+        match = match - match.mean()
+
     labels, truth = {}, {}
     parent_path, parent_label = np.ones(n), np.ones(n, dtype=bool)
     uv = user_vec[u]  # (N, d), reused by every stage
@@ -201,6 +225,7 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
         logit += beta_price[k] * z_price + beta_age[k] * z_age + beta_visits[k] * z_visits
         if k > 0:
             logit -= bait_penalty[i]
+        logit += (_HISTORY_EFFECT if k == 0 else 0.75 * _HISTORY_EFFECT) * match
         return logit + spec.noise * rng.standard_normal(n)
 
     paths, label_of, cf_of, cond_of = [], [], [], []
@@ -244,6 +269,8 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
         "user_age": user_age[u],
         "n_prev_visits": np.where(hide_visits, np.nan, visits),
     }
+    if spec.history_len:
+        frame["history"] = history
     branch_truth = {c: v for c, v in truth.items() if "_via_" in c}  # ESM²'s y3 and y4
     return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)} | branch_truth)
 
@@ -272,7 +299,7 @@ def write(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Path]:
     truth = {
         "spec": dataclasses.asdict(spec) | {"target_rates": list(spec.target_rates)},
         "rows": {name: len(frame) for name, frame in frames.items()},
-        "columns": _column_docs(spec.stages),
+        "columns": {c: doc for c, doc in _column_docs(spec.stages).items() if c in frames["test"].columns},
         "oracle_test": _oracle_metrics(frames["test"], spec.stages),
     }
     paths["truth"] = out / "truth.json"
@@ -301,6 +328,29 @@ def _oracle_metrics(df: pd.DataFrame, stages: Sequence[str]) -> dict[str, dict[s
         }
         parent = label
     return metrics
+
+
+def _history(spec: SyntheticSpec, u: np.ndarray, item_cat: np.ndarray, target_cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: "|"-joined recent items, and the share of them in the candidate's category."""
+    rng = np.random.default_rng([spec.seed, 3])  # own stream: other columns do not move
+    n, width = len(u), spec.history_len
+    favourite = rng.integers(spec.n_categories, size=(spec.n_users, 2))[u]  # (N, 2)
+    cats = np.where(rng.random((n, width)) < _HISTORY_FOCUS,
+                    np.take_along_axis(favourite, rng.integers(2, size=(n, width)), 1),
+                    rng.integers(spec.n_categories, size=(n, width)))
+    by_cat = np.argsort(item_cat, kind="stable")  # item ids grouped by category
+    start = np.searchsorted(item_cat[by_cat], np.arange(spec.n_categories))
+    count = np.bincount(item_cat, minlength=spec.n_categories)
+    empty = count[cats] == 0  # a category without items: any item instead
+    pick = start[cats] + (rng.random((n, width)) * np.maximum(count[cats], 1)).astype(np.int64)
+    items = np.where(empty, rng.integers(spec.n_items, size=(n, width)), by_cat[np.minimum(pick, spec.n_items - 1)])
+    length = rng.integers(0, width + 1, size=n)
+    real = np.arange(width)[None, :] < length[:, None]  # (N, L) the first `length` slots are used
+    same = (item_cat[items] == target_cat[:, None]) & real
+    share = same.sum(1) / np.maximum(length, 1)
+    names = _names("i", spec.n_items)
+    text = ["|".join(names[items[r, : length[r]]]) for r in range(n)]
+    return np.array(text, dtype=object), share
 
 
 def _zipf_weights(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:

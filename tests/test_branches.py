@@ -88,7 +88,7 @@ def _raw(model="esmm", **buy):
 def test_via_must_name_a_sibling_stage():
     with pytest.raises(ConfigError) as err:
         config_from_dict(_raw(via="crat"))
-    assert "funnel.stages[2].via: 'crat' is not a stage." in str(err.value) and 'Did you mean "cart"?' in str(err.value)
+    assert "funnel.stages[2].via: 'crat' is not a stage or group." in str(err.value) and 'Did you mean "cart"?' in str(err.value)
     with pytest.raises(ConfigError) as err:
         config_from_dict(_raw(after="cart"))
     assert "a branch splits the rows of `after`" in str(err.value)
@@ -122,3 +122,105 @@ def test_esm2_config_trains_and_predicts_every_stage_and_branch(tmp_path):
     y2, y3, y4 = pred["p_cart_cond"], pred["p_buy_via_cart_cond"], pred["p_buy_via_not_cart_cond"]
     assert ((pred["p_buy_cond"] - (y2 * y3 + (1 - y2) * y4)).abs() < 1e-5).all()
     assert ((pred["p_buy"] - pred["p_click"] * pred["p_buy_cond"]).abs() < 1e-6).all()
+
+
+# k-way branch: click -> {cart | wish | neither} -> buy, cart and wish in group "action"
+KWAY = FunnelGraph.build(
+    [("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None),
+     ("wish", "wish", "click", 1.0, None), ("buy", "buy", "click", 1.0, "action")],
+    groups={"cart": "action", "wish": "action"},
+)
+LW, LB_WISH = [-1.0, 0.0, 2.0], [0.5, -2.0, 1.5]
+
+
+def kway_logits() -> dict[str, torch.Tensor]:
+    t = {k: v for k, v in logits().items() if k != "buy@not_cart"}
+    t |= {"wish": torch.tensor(LW, dtype=torch.float64), "buy@wish": torch.tensor(LB_WISH, dtype=torch.float64),
+          "buy@not_action": torch.tensor(L4, dtype=torch.float64)}
+    return t
+
+
+def test_kway_branch_has_a_tower_per_member_and_one_for_none():
+    assert KWAY.groups == {"action": ["cart", "wish"]}
+    assert KWAY.towers == ["click", "cart", "wish", "buy@cart", "buy@wish", "buy@not_action"]
+
+
+def test_kway_group_is_a_softmax_and_the_mixture_matches_hand_values():
+    out = compose(KWAY, kway_logits())
+    reach, cond = out.stacked(KWAY.names)
+    for i in range(3):
+        z = 1 + math.exp(L2[i]) + math.exp(LW[i])  # softmax over [none=0, cart, wish]
+        p_cart, p_wish, p_none = math.exp(L2[i]) / z, math.exp(LW[i]) / z, 1 / z
+        y1 = sig(L1[i])
+        assert cond[i, 1].item() == pytest.approx(p_cart, rel=1e-12)
+        assert cond[i, 2].item() == pytest.approx(p_wish, rel=1e-12)
+        assert p_cart + p_wish + p_none == pytest.approx(1.0)  # the branch weights sum to one
+        mix = p_cart * sig(L3[i]) + p_wish * sig(LB_WISH[i]) + p_none * sig(L4[i])
+        assert cond[i, 3].item() == pytest.approx(mix, rel=1e-12)
+        assert reach[i, 3].item() == pytest.approx(y1 * mix, rel=1e-12)
+        assert reach[i, 2].item() == pytest.approx(y1 * p_wish, rel=1e-12)
+
+
+def test_a_group_of_one_stage_is_the_plain_sigmoid():
+    single = FunnelGraph.build([("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None),
+                                ("buy", "buy", "click", 1.0, "cart")], groups={"cart": "g"})
+    a, b = compose(single, logits()), compose(ESM2, logits())
+    assert torch.allclose(a.log_cond["cart"], b.log_cond["cart"])
+    with_none = {**logits(), "buy@not_g": logits()["buy@not_cart"]}
+    single_via = FunnelGraph.build([("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None),
+                                    ("buy", "buy", "click", 1.0, "g")], groups={"cart": "g"})
+    assert torch.allclose(compose(single_via, with_none).log_reach["buy"], b.log_reach["buy"])
+
+
+def _kway_raw(model="esmm", **changes):
+    stages = [{"name": "click"}, {"name": "cart", "after": "click", "group": "action"},
+              {"name": "wish", "after": "click", "group": "action"},
+              {"name": "buy", "after": "click", "via": "action"}]
+    for i, change in changes.items():
+        stages[int(i[1:])] |= change
+    return {"data": {"train": "t.csv"}, "features": [{"name": "user_id", "kind": "categorical"}],
+            "funnel": {"model": model, "stages": stages}}
+
+
+def test_group_problems_are_reported_with_their_fix():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_kway_raw(s2={"after": "cart"}))
+    assert "group 'action' follows 'click'" in str(err.value) and "give them the same `after`" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_kway_raw(s1={"group": "click"}, s2={"group": "click"}, s3={"via": "click"}))
+    assert "'click' is also a stage name" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_kway_raw(model="division", s3={"via": None}))
+    assert "stage 'cart' is in a group of exclusive outcomes" in str(err.value)
+    cfg = config_from_dict(_kway_raw())
+    assert [s.group for s in cfg.funnel.stages] == [None, "action", "action", None]
+
+
+def test_kway_model_trains_through_the_softmax(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from funnel.training.fit import fit
+
+    rng = np.random.default_rng(0)
+    n = 600
+    click = rng.random(n) < 0.5
+    action = np.where(click, rng.choice(3, n, p=[0.5, 0.3, 0.2]), 0)  # 0 none, 1 cart, 2 wish
+    buy = click & (rng.random(n) < np.choose(action, [0.05, 0.6, 0.3]))
+    df = pd.DataFrame({"user_id": rng.integers(20, size=n).astype(str), "click": click.astype(int),
+                       "cart": (action == 1).astype(int), "wish": (action == 2).astype(int), "buy": buy.astype(int)})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    raw = _kway_raw()
+    raw["data"] = {"train": str(tmp_path / "t.csv"), "valid_split": 0.2}
+    import yaml
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw | {"trainer": {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1},
+                                                           "run_dir": str(tmp_path / "run")}))
+    run = fit(tmp_path / "c.yaml")
+    from funnel.inference import predict_run
+    pred = pd.read_csv(predict_run(run, tmp_path / "t.csv", tmp_path / "p.csv"))
+    assert {"p_buy_via_cart_cond", "p_buy_via_wish_cond", "p_buy_via_not_action_cond"} <= set(pred.columns)
+    total = pred["p_cart_cond"] + pred["p_wish_cond"]
+    assert (total < 1).all()  # mutually exclusive: one softmax
+    mix = (pred["p_cart_cond"] * pred["p_buy_via_cart_cond"] + pred["p_wish_cond"] * pred["p_buy_via_wish_cond"]
+           + (1 - total) * pred["p_buy_via_not_action_cond"])
+    assert ((pred["p_buy_cond"] - mix).abs() < 1e-5).all()

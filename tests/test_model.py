@@ -14,8 +14,8 @@ from funnel.data.table import take
 from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
 from funnel.inference import predict_table
-from funnel.models import MODELS, TOWERS, create_model
-from funnel.models.inputs import InputShape, TowerInput
+from funnel.models import MODELS, create_model
+from funnel.models.inputs import InputShape
 from funnel.models.net import compose
 from funnel.models.towers import build_tower
 from funnel.runs import build_graph
@@ -95,14 +95,6 @@ def test_every_registered_model_outputs_finite_probabilities_per_stage(frame, na
     assert set(loss.parts) == {"click", "cart", "buy"} and torch.isfinite(loss.total)
     loss.total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-
-
-@pytest.mark.parametrize("name", TOWERS.names())
-def test_every_registered_tower_builds_with_defaults(name):
-    shape = InputShape(flat_dim=6, field_dims={"a": 4}, numeric_dim=2)
-    tower = build_tower(TowerSpec(type=name), shape, "funnel.tower")
-    x = TowerInput(flat=torch.randn(5, 6), fields={"a": torch.randn(5, 4)}, numeric=torch.randn(5, 2), sequences={})
-    assert tower(x).shape == (5, tower.out_dim)
 
 
 def test_tower_rejecting_its_arguments_is_a_config_error():

@@ -21,7 +21,7 @@ def test_readme_test_command_is_the_one_ci_runs():
 
 def test_setup_commands_install_cpu_torch_before_the_package():
     readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"^python3 -m venv .*$", readme, flags=re.M)
+    commands = re.findall(r"^python3 -m venv .*$", readme, flags=re.MULTILINE)
     assert len(commands) == 2
     for cmd in commands:
         assert cmd.index("torch==2.13.0") < cmd.index("pip install -q -e" if "-q -e" in cmd else "pip install -e")
@@ -40,7 +40,7 @@ def test_the_readme_config_walkthrough_is_a_valid_config():
     from funnel.spec import config_from_dict
 
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```yaml\n(seed: 0.*?)```", readme, flags=re.S)
+    block = re.search(r"```yaml\n(seed: 0.*?)```", readme, flags=re.DOTALL)
     assert block, "the README's YAML walkthrough block is missing"
     cfg = config_from_dict(yaml.safe_load(block.group(1)))
     assert [s.name for s in cfg.funnel.stages] == ["click", "conversion"]

@@ -311,3 +311,16 @@ def test_a_stage_that_is_not_a_mapping_is_reported_once():
     msg = problems_of(raw)
     assert "funnel.stages[0]: expected a mapping of keys, got 'click'." in msg
     assert "required key is missing" not in msg and "at least one stage" not in msg
+
+
+def test_scientific_numbers_without_a_dot_are_numbers():
+    """YAML 1.1 reads `lr: 1e-3` as the string "1e-3"; funnel accepts it where a number is expected."""
+    from funnel.spec import config_from_dict
+
+    raw = {"data": {"train": "x.csv"}, "features": [{"name": "a", "kind": "categorical"}],
+           "funnel": {"stages": [{"name": "click"}]}, "optim": {"lr": "3e-3", "weight_decay": "1E-5"}}
+    optim = config_from_dict(raw).optim
+    assert optim.lr == 0.003 and optim.weight_decay == 1e-5
+    raw["optim"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got"):
+        config_from_dict(raw)

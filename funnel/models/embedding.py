@@ -23,7 +23,8 @@ class SharedEmbeddings(nn.Module):
         self.numeric_dim = int(layout["numeric_dim"])
         field_dims = {f["name"]: int(f["dim"]) for f in layout["fields"]}
         self.shape = InputShape(
-            flat_dim=sum(field_dims.values()) + self.numeric_dim, field_dims=field_dims, numeric_dim=self.numeric_dim
+            flat_dim=sum(field_dims.values()) + self.numeric_dim, field_dims=field_dims, numeric_dim=self.numeric_dim,
+            sequence_fields=tuple(name for name, _, _ in self.seq_fields),
         )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TowerInput:

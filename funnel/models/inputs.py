@@ -14,6 +14,7 @@ class InputShape:
     flat_dim: int  # width of TowerInput.flat
     field_dims: dict[str, int]  # embedding width per categorical/sequence feature
     numeric_dim: int  # width of TowerInput.numeric
+    sequence_fields: tuple[str, ...] = ()  # the names in field_dims that are sequences (TowerInput.sequences)
 
 
 @dataclass

@@ -7,7 +7,8 @@ All probabilities are carried as logs. For a stage with a single edge (a chain):
 
 With several edges (ESM² branches), P(s) = Σ_e P(source_e) · σ(logit_e), a logsumexp,
 where a negated source "parent happened, stage t did not" has probability
-P(after(t)) · (1 - p_cond(t)).
+P(after(t)) · (1 - p_cond(t)). Members of a group (mutually exclusive siblings) share one
+softmax with a fixed 0 logit for "none of them": log p_cond(m) = logit_m - log(1 + Σ exp logit).
 """
 
 from __future__ import annotations
@@ -123,14 +124,20 @@ def compose(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:
     def reach(name: str | None) -> Tensor:
         return zero if name is None else log_reach[name]
 
+    # log of the softmax normaliser per group: logsumexp over [0 ("none"), member logits]
+    log_norm = {g: torch.logsumexp(torch.stack([zero] + [logits[graph.stage(m).edges[0].tower] for m in members]), 0)
+                for g, members in graph.groups.items()}
     for stage in graph.stages:
         if len(stage.edges) == 1 and not stage.edges[0].negated and stage.edges[0].source == stage.after:
-            log_cond[stage.name] = F.logsigmoid(logits[stage.edges[0].tower])
+            logit = logits[stage.edges[0].tower]
+            log_cond[stage.name] = F.logsigmoid(logit) if stage.group is None else logit - log_norm[stage.group]
             log_reach[stage.name] = reach(stage.after) + log_cond[stage.name]
             continue
         terms = []
         for edge in stage.edges:
-            if edge.negated:  # P(after(src)) · (1 - p_cond(src))
+            if edge.negated and edge.source in log_norm:  # none of the group: P(after) · softmax_none
+                log_src = reach(graph.after_of(edge.source)) - log_norm[edge.source]
+            elif edge.negated:  # P(after(src)) · (1 - p_cond(src))
                 src = graph.stage(edge.source)
                 log_src = reach(src.after) + log1mexp(log_cond[src.name])
             else:

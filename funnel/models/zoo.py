@@ -166,3 +166,5 @@ def _chain_only(graph: FunnelGraph, what: str) -> None:
     for stage in graph.stages:
         if len(stage.edges) != 1 or stage.edges[0].negated:
             raise ValueError(f"{what} supports chains only; stage {stage.name!r} has branches")
+        if stage.group is not None and len(graph.groups[stage.group]) > 1:
+            raise ValueError(f"{what} supports chains only; stage {stage.name!r} is in group {stage.group!r}")

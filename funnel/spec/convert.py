@@ -9,6 +9,7 @@ over its own conversion (see :class:`funnel.spec.schema.TowerSpec`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -78,6 +79,8 @@ def convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
         errors.append(f"{path}: expected a number, got {describe(value)}.")
         return None
     if tp is str:
@@ -88,6 +91,9 @@ def convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         errors.append(f"{path}: expected a string, got {describe(value)}.")
         return None
     return value
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def build(cls: type, raw: Any, path: str, errors: list[str], *, hook: bool = True) -> Any:

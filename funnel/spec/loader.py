@@ -124,8 +124,10 @@ def _parent_first(stages: list[Any]) -> list[Any]:
     ordered: list[Any] = []
     done: set[Any] = {None}
     pending = [s for s in stages if isinstance(s, dict)]
+    group_of = {s.get("name"): s.get("group") for s in pending if s.get("group")}
     while pending:
-        ready = [s for s in pending if s.get("after") in done and s.get("via") in done]
+        waiting = ({s.get("name") for s in pending} | {group_of.get(s.get("name")) for s in pending}) - {None}
+        ready = [s for s in pending if s.get("after") in done and s.get("via") not in waiting]
         if not ready:  # a broken graph: validation reports it
             return stages
         for s in ready:

@@ -157,6 +157,10 @@ class StageSpec:
     # ESM² branch: a sibling stage (same `after`) that splits the parent's rows; this stage
     # then gets one tower per branch: P = P(after)·[p(via)·y_via + (1-p(via))·y_not_via]
     via: str | None = None
+    # mutually exclusive siblings (same `after`) share a group name; their conditional
+    # probabilities come from one softmax with a "none of them" outcome; `via: <group>` on a
+    # later sibling gives it one tower per member plus one for "none" (k-way ESM² branch)
+    group: str | None = None
 
     @property
     def label_column(self) -> str:

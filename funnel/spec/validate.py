@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from funnel.errors import did_you_mean
-from funnel.graph import FunnelGraph, branch_problems, graph_problems
+from funnel.graph import FunnelGraph, branch_problems, graph_problems, group_problems
 from funnel.spec.schema import Config
 
 METRIC_PREFIXES = ("auc", "auc_cond", "logloss", "calib")
@@ -19,7 +19,9 @@ def config_problems(cfg: Config) -> list[str]:
     graph_errors = []
     if complete:
         graph_errors = graph_problems([(s.name, s.label_column, s.after) for s in stages])
-        graph_errors += branch_problems([(s.name, s.after, s.via) for s in stages])
+        graph_errors += group_problems([(s.name, s.after, s.group) for s in stages])
+        graph_errors += branch_problems([(s.name, s.after, s.via) for s in stages],
+                                        {s.name: s.group for s in stages if s.group is not None})
     problems += graph_errors
     f = cfg.funnel
     builder = MODELS.get(f.model) if f.model in MODELS else None
@@ -42,6 +44,14 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append(
             f"funnel: information transfer and direct compose need a chain, but stage {branched[0]!r} has `via`; "
             "remove `via` or use model esmm with compose: product and transfer: none."
+        )
+    group_size = {g: sum(s.group == g for s in stages) for g in {s.group for s in stages} - {None}}
+    grouped = [s.name for s in stages if group_size.get(s.group, 0) > 1]
+    if grouped and (f.model == "division" or (chain_only and getattr(builder, "takes_transfer", False))):
+        problems.append(
+            f"funnel: stage {grouped[0]!r} is in a group of exclusive outcomes, which needs conditional towers "
+            f"multiplied along the path; model {f.model!r} with direct compose cannot express it. "
+            "Use esmm, esmm_ns, base or naive, or remove `group`."
         )
     names = [s.name for s in stages]
     for k, name in enumerate(f.counterfactual.stages):
@@ -100,7 +110,7 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("data: `synthetic` and file paths exclude each other; keep one.")
     if d.synthetic is not None and stages and complete and not graph_errors:
         # the generator's chain runs parent first, whatever order the stages are listed in
-        graph = FunnelGraph.build([(s.name, s.label_column, s.after, s.weight, s.via) for s in stages])
+        graph = FunnelGraph.from_stages(stages)
         labels = tuple(s.label for s in graph.stages)
         st = graph.stages
         # generated branching data: (a, b, c) with b and c both after a; c may use `via: b` (ESM²)

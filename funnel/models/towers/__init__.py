@@ -1,64 +1,27 @@
-"""Tower registry and the built-in MLP tower.
+"""Tower registry: the per-stage networks between the shared embeddings and the logit heads.
 
 A tower is an ``nn.Module`` whose constructor takes ``shape: InputShape`` first and its
 own keyword arguments after it (these come from YAML: ``tower: {type: mlp, hidden:
 [64]}``), that sets ``self.out_dim``, and whose ``forward(x: TowerInput)`` returns a
-``(B, out_dim)`` hidden vector. The framework adds the logit head.
+``(B, out_dim)`` hidden vector. The framework adds the logit head. Register a new one with
+``@register_tower("name")``; list its module under ``plugins:`` to use it from YAML.
+
+Built-ins: ``mlp``, ``deepfm``, ``dcn``, ``field_sum``, ``din`` (one file each).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from funnel.errors import did_you_mean
-from funnel.models.inputs import InputShape, TowerInput
+from funnel.errors import ConfigError, did_you_mean
+from funnel.models.inputs import InputShape
 from funnel.registry import Registry
 from funnel.spec.schema import TowerSpec
 
 TOWERS: Registry[type[nn.Module]] = Registry("tower", "funnel.tower.type")
 register_tower = TOWERS.register
-
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "prelu": nn.PReLU}
-
-
-@register_tower("mlp")
-class MLPTower(nn.Module):
-    """Fully connected layers over the concatenated embeddings and numerics."""
-
-    def __init__(
-        self,
-        shape: InputShape,
-        hidden: Sequence[int] = (128, 64),
-        activation: str = "relu",
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-    ):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}.{did_you_mean(activation, ACTIVATIONS)}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        layers: list[nn.Module] = []
-        width = shape.flat_dim
-        for size in hidden:
-            layers.append(nn.Linear(width, int(size)))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(int(size)))
-            layers.append(ACTIVATIONS[activation]())
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-            width = int(size)
-        self.layers = nn.Sequential(*layers)
-        self.out_dim = width
-
-    def forward(self, x: TowerInput) -> torch.Tensor:
-        return self.layers(x.flat)  # (B, out_dim)
 
 
 def tower_problems(spec: TowerSpec, path: str) -> list[str]:
@@ -79,8 +42,6 @@ def tower_problems(spec: TowerSpec, path: str) -> list[str]:
 
 
 def build_tower(spec: TowerSpec, shape: InputShape, path: str) -> nn.Module:
-    from funnel.errors import ConfigError
-
     try:
         tower = TOWERS.get(spec.type)(shape, **spec.kwargs)
     except (TypeError, ValueError) as exc:
@@ -88,3 +49,6 @@ def build_tower(spec: TowerSpec, shape: InputShape, path: str) -> nn.Module:
     if not isinstance(getattr(tower, "out_dim", None), int):
         raise ConfigError(f"{path}: tower {spec.type!r} must set an integer `self.out_dim` in its constructor.")
     return tower
+
+
+from funnel.models.towers import dcn, deepfm, din, field_sum, mlp  # noqa: F401  (register the built-ins)

@@ -1,0 +1,236 @@
+"""The tower registry and every built-in tower: hand-computed parts, masking, plug-ins, and
+every tower inside every funnel model (esmm, ESM², aitm) on data with a behaviour history."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from funnel.data.featurizer import Featurizer
+from funnel.data.table import take
+from funnel.errors import ConfigError
+from funnel.models import TOWERS, create_model
+from funnel.models.inputs import InputShape, TowerInput
+from funnel.models.towers import build_tower
+from funnel.models.towers.dcn import CrossLayer
+from funnel.models.towers.deepfm import fm_interaction
+from funnel.runs import build_graph
+from funnel.spec import config_from_dict
+from funnel.spec.schema import TowerSpec
+from funnel.synthetic import SyntheticSpec, generate
+
+# Minimal arguments per built-in tower (the rest are defaults); a new built-in must be listed.
+ARGS = {"mlp": {}, "deepfm": {}, "dcn": {}, "din": {"sequence": "history"},
+        "field_sum": {"groups": {"user": ["user_id"], "item": ["item_id", "history"]}}}
+
+
+def toy_input(batch: int = 5, width: int = 4, length: int = 3) -> tuple[InputShape, TowerInput]:
+    torch.manual_seed(0)
+    fields = {"user_id": torch.randn(batch, width), "item_id": torch.randn(batch, width), "history": torch.randn(batch, width)}
+    mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False], [True, True, True],
+                         [True, False, False]])[:batch]
+    keys = torch.randn(batch, length, width)
+    numeric = torch.randn(batch, 2)
+    flat = torch.cat([*fields.values(), numeric], 1)
+    shape = InputShape(flat_dim=flat.shape[1], field_dims={k: width for k in fields}, numeric_dim=2,
+                       sequence_fields=("history",))
+    return shape, TowerInput(flat=flat, fields=fields, numeric=numeric, sequences={"history": (keys, mask)})
+
+
+def tower(name: str, **extra):
+    shape, _ = toy_input()
+    params = tuple((ARGS[name] | extra).items())
+    return build_tower(TowerSpec(type=name, params=params), shape, "funnel.tower")
+
+
+def test_every_builtin_tower_is_listed_here():
+    assert set(ARGS) <= set(TOWERS.names())
+
+
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_every_builtin_tower_gives_out_dim_finite_values(name):
+    _, x = toy_input()
+    t = tower(name)
+    h = t(x)
+    assert h.shape == (5, t.out_dim) and torch.isfinite(h).all()
+
+
+def test_fm_term_is_the_sum_of_pairwise_inner_products():
+    v = torch.tensor([[[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]]])  # one row, three fields, width 2
+    # <v0,v1> = 3 - 2 = 1; <v0,v2> = 0.5 + 8 = 8.5; <v1,v2> = 1.5 - 4 = -2.5
+    assert fm_interaction(v).sum().item() == pytest.approx(1.0 + 8.5 - 2.5)
+    assert fm_interaction(v)[0].tolist() == pytest.approx([3 + 0.5 + 1.5, -2 + 8 - 4])  # per dimension
+
+
+def test_deepfm_puts_numerics_into_the_fm_as_value_scaled_vectors():
+    _, x = toy_input()
+    t = tower("deepfm")
+    v = t.field_vectors(x)
+    assert v.shape == (5, 3 + 2, 4)
+    torch.testing.assert_close(v[:, 3], x.numeric[:, :1] * t.numeric_vectors[0])
+    out = t(x)
+    torch.testing.assert_close(out[:, -4:], fm_interaction(v))
+
+
+def test_deepfm_needs_one_embedding_width():
+    shape = InputShape(flat_dim=10, field_dims={"a": 4, "b": 6}, numeric_dim=0)
+    with pytest.raises(ConfigError, match="one width"):
+        build_tower(TowerSpec(type="deepfm"), shape, "funnel.tower")
+
+
+def test_cross_layer_matches_its_formula():
+    layer = CrossLayer(3)
+    x0, x = torch.randn(2, 3), torch.randn(2, 3)
+    want = x0 * (x @ layer.w.weight.T + layer.w.bias) + x
+    torch.testing.assert_close(layer(x0, x), want)
+    low = CrossLayer(3, low_rank=1)
+    assert low(x0, x).shape == (2, 3)
+
+
+def test_dcn_structures_have_the_documented_widths():
+    assert tower("dcn", hidden=[8]).out_dim == 8 + 14  # parallel: cross output (flat width 14) beside the MLP
+    assert tower("dcn", hidden=[8], structure="stacked").out_dim == 8
+
+
+def test_din_padding_changes_nothing():
+    _, x = toy_input()
+    t = tower("din")
+    t.eval()
+    keys, mask = x.sequences["history"]
+    noisy = keys.clone()
+    noisy[~mask] = 100.0 * torch.randn(int((~mask).sum()), keys.shape[-1])  # garbage where padded
+    changed = TowerInput(x.flat, x.fields, x.numeric, {"history": (noisy, mask)})
+    torch.testing.assert_close(t(x), t(changed))
+    # an all-padding row attends to nothing: zero interest vector
+    assert t.attend(x.fields["item_id"], keys, mask)[2].abs().sum().item() == 0.0
+
+
+def test_din_unnormalised_weights_are_masked_too():
+    _, x = toy_input()
+    t = tower("din", normalize="none")
+    keys, mask = x.sequences["history"]
+    noisy = keys.clone()
+    noisy[~mask] = 7.0
+    torch.testing.assert_close(t.attend(x.fields["item_id"], keys, mask), t.attend(x.fields["item_id"], noisy, mask))
+
+
+def test_field_sum_adds_the_group_embeddings():
+    _, x = toy_input()
+    t = tower("field_sum", hidden=[])  # no layers: the output is the tower input itself
+    out = t(x)
+    torch.testing.assert_close(out[:, :4], x.fields["user_id"])
+    torch.testing.assert_close(out[:, 4:8], x.fields["item_id"] + x.fields["history"])
+    torch.testing.assert_close(out[:, 8:], x.numeric)
+
+
+@pytest.mark.parametrize(("name", "args", "message"), [
+    ("field_sum", {"groups": {"user": ["usr_id"]}}, "'usr_id' is not a categorical or sequence feature. Did you mean \"user_id\""),
+    ("din", {"sequence": "histroy"}, "Did you mean \"history\""),
+    ("din", {"sequence": "history", "target": "user"}, "target 'user' is not a categorical feature"),
+    ("mlp", {"activation": "rellu"}, "Did you mean \"relu\""),
+    ("dcn", {"structure": "serial"}, "structure must be 'parallel' or 'stacked'"),
+])
+def test_bad_tower_arguments_say_what_to_do(name, args, message):
+    shape, _ = toy_input()
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_tower(TowerSpec(type=name, params=tuple(args.items())), shape, "funnel.tower")
+
+
+def test_unknown_tower_argument_is_caught_at_validation():
+    raw = {"data": {"train": "t.csv"}, "features": [{"name": "user_id", "kind": "categorical"}],
+           "funnel": {"tower": {"type": "dcn", "cross_layer": 3}, "stages": [{"name": "click"}]}}
+    with pytest.raises(ConfigError, match="funnel.tower.cross_layer: tower 'dcn' has no argument 'cross_layer'. Did you mean \"cross_layers\""):
+        config_from_dict(raw)
+
+
+# ---- every tower in every funnel model -------------------------------------------------------------
+
+FEATURES = [
+    {"name": "user_id", "kind": "categorical"},
+    {"name": "item_id", "kind": "categorical"},
+    {"name": "item_category", "kind": "categorical"},
+    {"name": "history", "kind": "sequence", "share_with": "item_id", "max_len": 6},
+    {"name": "price", "kind": "numeric", "transform": "log1p"},
+]
+FUNNELS = {
+    "esmm": {"model": "esmm", "stages": [{"name": "click"}, {"name": "cart", "after": "click"}, {"name": "buy", "after": "cart"}]},
+    "esm2": {"model": "esmm", "stages": [{"name": "click"}, {"name": "cart", "after": "click"},
+                                         {"name": "buy", "after": "click", "via": "cart"}]},
+    "aitm": {"model": "aitm", "stages": [{"name": "click"}, {"name": "cart", "after": "click"}, {"name": "buy", "after": "cart"}]},
+}
+
+
+@pytest.fixture(scope="module")
+def frames():
+    common = {"rows": 300, "n_users": 30, "n_items": 40, "stages": ("click", "cart", "buy"), "rates": (0.4, 0.5, 0.5), "history_len": 6}
+    return {"chain": generate(SyntheticSpec(**common)), "branch": generate(SyntheticSpec(**common, branch=True))}
+
+
+@pytest.mark.parametrize("funnel", sorted(FUNNELS))
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_every_tower_in_every_model_reaches_the_shared_embeddings(frames, name, funnel):
+    raw = {"data": {"train": "unused.csv"}, "features": FEATURES,
+           "funnel": copy.deepcopy(FUNNELS[funnel]) | {"embed_dim": 4, "tower": {"type": name, **ARGS[name]}}}
+    cfg = config_from_dict(raw)
+    graph = build_graph(cfg)
+    frame = frames["branch" if funnel == "esm2" else "chain"]
+    fz = Featurizer(cfg, graph).fit(frame)
+    torch.manual_seed(0)
+    model = create_model(graph, cfg.funnel, fz.layout())
+    batch = take(fz.encode(frame, "train").tensors(), slice(0, 64))
+    out = model(batch)
+    for stage in graph.names:
+        assert out.log_reach[stage].shape == (64,) and torch.isfinite(out.log_reach[stage]).all()
+    loss = model.loss(out, batch["labels"])
+    loss.total.backward()
+    tables = model.net.embeddings.tables
+    for key in ("m_user_id", "m_item_id"):  # the history shares the item_id table
+        grad = tables[key].weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# ---- plug-ins -------------------------------------------------------------------------------------
+
+PLUGIN = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from funnel.models import register_tower
+
+    @register_tower("tmp_linear_tower")
+    class Linear(nn.Module):
+        def __init__(self, shape, width: int = 3):
+            super().__init__()
+            self.layer = nn.Linear(shape.flat_dim, width)
+            self.out_dim = width
+
+        def forward(self, x):
+            return torch.tanh(self.layer(x.flat))
+''')
+
+
+def test_a_plugin_tower_from_a_temporary_module_is_used_from_yaml(tmp_path, monkeypatch):
+    (tmp_path / "my_towers_tmp.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {"plugins": ["my_towers_tmp"], "data": {"train": "unused.csv"}, "features": FEATURES[:2],
+           "funnel": {"tower": {"type": "mlp"}, "stages": [{"name": "click"},
+                      {"name": "buy", "after": "click", "tower": {"type": "tmp_linear_tower", "width": 5}}]}}
+    from funnel.spec.loader import import_plugins
+
+    import_plugins(raw["plugins"])  # what the YAML loader does with `plugins:`
+    cfg = config_from_dict(raw)
+    graph = build_graph(cfg)
+    frame = generate(SyntheticSpec(rows=100, n_users=10, n_items=10, stages=("click", "buy")))
+    fz = Featurizer(cfg, graph).fit(frame)
+    model = create_model(graph, cfg.funnel, fz.layout())
+    assert type(model.net.towers["m_buy"]).__name__ == "Linear" and model.net.towers["m_buy"].out_dim == 5
+    assert type(model.net.towers["m_click"]).__name__ == "MLPTower"
+    bad = copy.deepcopy(raw)
+    bad["funnel"]["stages"][1]["tower"]["widht"] = 2
+    with pytest.raises(ConfigError, match="has no argument 'widht'. Did you mean \"width\""):
+        config_from_dict(bad)
+    sys.modules.pop("my_towers_tmp", None)
+    TOWERS._items.pop("tmp_linear_tower", None)
