@@ -18,7 +18,7 @@ from funnel.data.table import EncodedTable
 from funnel.errors import UserError
 from funnel.models.registry import FunnelModel
 from funnel.runs import load_run
-from funnel.training.metrics import FunnelMetrics
+from funnel.training.metrics import FunnelMetrics, free_stages
 from funnel.training.module import truth_of
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def score(model: FunnelModel, table: EncodedTable, batch_size: int):
 
 
 def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16384) -> dict[str, Any]:
-    metrics = FunnelMetrics(model.graph, with_truth=bool(table.truth))
+    metrics = FunnelMetrics(model.graph, with_truth=bool(table.truth), free=free_stages(model.graph, table.truth))
     for batch, log_reach, log_cond, _ in score(model, table, batch_size):
         metrics.update(log_reach, log_cond, batch["labels"], truth_of(batch))
     values = metrics.compute()

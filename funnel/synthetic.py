@@ -35,7 +35,11 @@ _LATENT_DIM = 8
 _ZIPF_OFFSET = 10.0
 _SHARED = 0.5  # share of each item vector's variance common to all stages
 _HISTORY_EFFECT = 2.5  # click logit per unit share of the history in the candidate's category
-_HISTORY_FOCUS = 0.7  # share of history items drawn from the user's two favourite categories
+_HISTORY_FOCUS = 0.7
+_POSITION_EFFECT = 1.0  # first-stage logit falls by this times log(position)  # share of history items drawn from the user's two favourite categories
+# ESM² data: logit shifts of the last stage through the branch (y3) and around it (y4); most
+# purchases go through the cart, as in the ESM² paper's Taobao logs
+_BRANCH_SHIFT = (2.5, -1.5)
 _MISSING_VISITS = 0.02  # share of n_prev_visits hidden as NaN, to exercise missing-value handling
 
 
@@ -67,6 +71,10 @@ class SyntheticSpec:
     # recent last), drawn mostly from two favourite categories per user; every stage's truth
     # rises with the share of the history in the candidate item's category (DIN's signal)
     history_len: int = 0
+    # > 0: a `position` column (1..positions, where the item was displayed). A ranker puts
+    # relevant items on top, and the first stage's logit falls by log(position) · 1.0; the
+    # truth gains true_p_<first>_free and cf_<first>_free: the same impression at position 1
+    positions: int = 0
     # ESM²: the last stage follows the third-to-last and is reached through both outcomes of
     # the second-to-last (e.g. click -> cart -> buy with buy `after: click, via: cart`), each
     # outcome with its own hidden tower; needs 3+ stages
@@ -95,7 +103,7 @@ class SyntheticSpec:
         for s in self.stages:
             if not (isinstance(s, str) and s.isidentifier()):
                 yield f"stages: {s!r} is not a valid name; use letters, digits and underscores"
-            elif s in FEATURE_COLUMNS or s == "history":
+            elif s in FEATURE_COLUMNS or s in ("history", "position"):
                 yield f"stages: {s!r} is also a feature column; rename the stage"
         if self.rates is not None:
             if len(self.rates) != len(self.stages):
@@ -108,6 +116,8 @@ class SyntheticSpec:
         for name in ("bias_share", "stage_correlation"):
             if not 0 <= getattr(self, name) <= 1:
                 yield f"{name}={getattr(self, name)}: must lie in [0, 1]"
+        if self.positions < 0:
+            yield f"positions={self.positions}: must be >= 0 (0: no position column)"
         if self.history_len < 0:
             yield f"history_len={self.history_len}: must be >= 0 (0: no history column)"
         for name in ("bias_strength", "noise"):
@@ -145,6 +155,7 @@ def _column_docs(stages: Sequence[str]) -> dict[str, str]:
         "user_age": "numeric; a function of user_id",
         "n_prev_visits": f"numeric count >= 0, ~{_MISSING_VISITS:.0%} NaN (truth uses the hidden value)",
         "history": "sequence of item ids 'i3|i17', most recent last (only with history_len > 0)",
+        "position": "categorical int 1..positions: display slot, 1 = top (only with positions > 0)",
     }
     parent = "impression"
     for s in stages:
@@ -152,6 +163,8 @@ def _column_docs(stages: Sequence[str]) -> dict[str, str]:
         docs[f"true_p_{s}_cond"] = f"true p({s} | {parent}, x)"
         docs[f"true_p_{s}"] = f"true p({s} | impression, x) = product of the conditionals up to {s}"
         docs[f"cf_{s}"] = f"counterfactual 0/1 draw from true_p_{s}_cond, also where {parent} is 0"
+        docs[f"true_p_{s}_free"] = f"true p({s} | x) had the row been shown at position 1 (only with positions > 0)"
+        docs[f"cf_{s}_free"] = f"0/1 draw from true_p_{s}_free with the same uniform as {s} (only with positions > 0)"
         parent = s
     return docs
 
@@ -234,7 +247,7 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
             # ESM²: reached from stage k-2 through both outcomes of stage k-1 (the branch),
             # y3 when the branch happened (a boost: carted items sell), y4 when it did not
             after_path, after_label, y2, branch_cf = paths[k - 2], label_of[k - 2], cond_of[k - 1], cf_of[k - 1]
-            l3, l4 = stage_logit(k) + 1.0, stage_logit(n_stages) - 0.5
+            l3, l4 = stage_logit(k) + _BRANCH_SHIFT[0], stage_logit(n_stages) + _BRANCH_SHIFT[1]
             c = _calibrate_mixture(l3, l4, y2, after_path, rate)
             y3, y4 = _sigmoid(l3 + c), _sigmoid(l4 + c)
             p_cond = y2 * y3 + (1 - y2) * y4
@@ -245,10 +258,19 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
                       f"true_p_{stage}_via_not_{spec.stages[k - 1]}_cond": y4}
         else:
             logit = stage_logit(k)
+            free = logit  # position-free relevance (the same row shown at position 1)
+            if k == 0 and spec.positions:
+                position = _positions(spec, logit)
+                logit = logit - _POSITION_EFFECT * np.log(position)
             # Weight by the parent's path probability: the expected parent-positive population.
-            logit += _calibrate_intercept(logit, parent_path, rate)
+            shift = _calibrate_intercept(logit, parent_path, rate)
+            logit += shift
             p_cond = _sigmoid(logit)
-            cf = rng.random(n) < p_cond
+            draw = rng.random(n)
+            cf = draw < p_cond
+            if k == 0 and spec.positions:
+                p_free = _sigmoid(free + shift)
+                truth |= {f"true_p_{stage}_free": p_free, f"cf_{stage}_free": (draw < p_free).astype(np.int64)}
             parent_label = parent_label & cf
             parent_path = parent_path * p_cond
         paths.append(parent_path)
@@ -271,8 +293,10 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     }
     if spec.history_len:
         frame["history"] = history
-    branch_truth = {c: v for c, v in truth.items() if "_via_" in c}  # ESM²'s y3 and y4
-    return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)} | branch_truth)
+    if spec.positions:
+        frame["position"] = position
+    extra_truth = {c: v for c, v in truth.items() if "_via_" in c or c.endswith("_free")}  # ESM²'s y3, y4; position-free
+    return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)} | extra_truth)
 
 
 def split_frames(df: pd.DataFrame, spec: SyntheticSpec) -> dict[str, pd.DataFrame]:
@@ -328,6 +352,14 @@ def _oracle_metrics(df: pd.DataFrame, stages: Sequence[str]) -> dict[str, dict[s
         }
         parent = label
     return metrics
+
+
+def _positions(spec: SyntheticSpec, relevance: np.ndarray) -> np.ndarray:
+    """A noisy ranker: more relevant rows land nearer the top (1 = top), every slot equally often."""
+    rng = np.random.default_rng([spec.seed, 4])
+    score = relevance + rng.normal(0, relevance.std() + 1e-12, len(relevance))  # as good as a coin half the time
+    rank = np.argsort(np.argsort(-score, kind="stable"), kind="stable")  # 0 = best
+    return 1 + (rank * spec.positions) // len(relevance)
 
 
 def _history(spec: SyntheticSpec, u: np.ndarray, item_cat: np.ndarray, target_cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -155,3 +155,32 @@ def test_branching_funnel_mixes_two_hidden_towers_and_keeps_labels_consistent():
 def test_branching_needs_three_stages():
     with pytest.raises(ValueError, match="branch=True needs at least 3 stages"):
         SyntheticSpec(stages=("click", "buy"), branch=True)
+
+
+def test_history_column_holds_recent_items_and_moves_the_truth():
+    spec = SyntheticSpec(rows=20_000, n_users=300, n_items=200, history_len=8)
+    df = generate(spec)
+    tokens = df["history"].str.split("|")
+    lengths = tokens.map(lambda t: 0 if t == [""] else len(t))
+    assert lengths.between(0, 8).all() and lengths.max() == 8 and (lengths == 0).any()
+    items = set(df["item_id"]) | {f"i{k}" for k in range(200)}
+    assert all(t in items for row in tokens for t in row if t)
+    cat_of = dict(zip(df["item_id"], df["item_category"], strict=False))
+    share = [sum(cat_of.get(t) == c for t in row if t) / max(len([t for t in row if t]), 1)
+             for row, c in zip(tokens, df["item_category"], strict=False)]
+    logit = np.log(df["true_p_click_cond"] / (1 - df["true_p_click_cond"]))
+    assert np.corrcoef(share, logit)[0, 1] > 0.15  # the candidate's category in the history raises pCTR
+    assert "history" not in generate(SyntheticSpec(rows=100)).columns  # opt-in: default data unchanged
+
+
+def test_positions_lower_clicks_and_the_free_truth_is_position_one():
+    df = generate(SyntheticSpec(rows=20_000, positions=4))
+    assert sorted(df["position"].unique()) == [1, 2, 3, 4]
+    assert df["position"].value_counts().min() == 5_000  # every slot equally often
+    rate = df.groupby("position")["click"].mean()
+    assert rate.is_monotonic_decreasing
+    top = df["position"] == 1
+    assert np.allclose(df.loc[top, "true_p_click_free"], df.loc[top, "true_p_click_cond"])
+    assert (df.loc[~top, "true_p_click_free"] > df.loc[~top, "true_p_click_cond"]).all()
+    assert (df["cf_click_free"] >= df["click"]).all()  # same uniform draw, higher probability
+    assert {"position", "true_p_click_free"}.isdisjoint(generate(SyntheticSpec(rows=100)).columns)

@@ -107,6 +107,10 @@ class Featurizer:
         truth = self.truth_columns(df)
         if truth:
             table.truth = {k: torch.from_numpy(df[c].to_numpy(np.float32, copy=True)) for k, c in truth.items()}  # (N, S) each
+            free = [f"cf_{c}_free" for c in self.label_columns()]  # position-free draws (NaN where absent)
+            if any(c in df.columns for c in free):
+                table.truth["free"] = torch.from_numpy(np.stack(
+                    [df[c].to_numpy(np.float32) if c in df.columns else np.full(n, np.nan, np.float32) for c in free], 1))
         if not labels:
             return table
         stages = [self.cfg.funnel.stages[self._spec_index(s.name)] for s in self.graph.stages]

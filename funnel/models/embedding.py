@@ -13,15 +13,20 @@ from funnel.models.inputs import InputShape, TowerInput, module_key
 class SharedEmbeddings(nn.Module):
     """Look up every categorical field, pool every sequence, and concatenate with numerics."""
 
-    def __init__(self, layout: dict[str, Any], init_std: float = 0.05):
+    def __init__(self, layout: dict[str, Any], init_std: float = 0.05, exclude: frozenset[str] = frozenset()):
+        """``exclude``: features this module leaves out (the bias tower's own features)."""
         super().__init__()
-        self.tables = nn.ModuleDict({module_key(name): nn.Embedding(n, dim) for name, (n, dim) in layout["tables"].items()})
+        fields = [f for f in layout["fields"] if f["name"] not in exclude]
+        used = {f["table"] for f in fields}
+        self.tables = nn.ModuleDict(
+            {module_key(name): nn.Embedding(n, dim) for name, (n, dim) in layout["tables"].items() if name in used}
+        )
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=init_std)
-        self.cat_fields = [(f["name"], module_key(f["table"]), f["column"]) for f in layout["fields"] if f["kind"] == "categorical"]
-        self.seq_fields = [(f["name"], module_key(f["table"]), f["pooling"]) for f in layout["fields"] if f["kind"] == "sequence"]
+        self.cat_fields = [(f["name"], module_key(f["table"]), f["column"]) for f in fields if f["kind"] == "categorical"]
+        self.seq_fields = [(f["name"], module_key(f["table"]), f["pooling"]) for f in fields if f["kind"] == "sequence"]
         self.numeric_dim = int(layout["numeric_dim"])
-        field_dims = {f["name"]: int(f["dim"]) for f in layout["fields"]}
+        field_dims = {f["name"]: int(f["dim"]) for f in fields}
         self.shape = InputShape(
             flat_dim=sum(field_dims.values()) + self.numeric_dim, field_dims=field_dims, numeric_dim=self.numeric_dim,
             sequence_fields=tuple(name for name, _, _ in self.seq_fields),

@@ -13,6 +13,7 @@ softmax with a fixed 0 logit for "none of them": log p_cond(m) = logit_m - log(1
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 
 from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
+from funnel.models.bias import BiasTower
+from funnel.models.bottoms import build_bottom
 from funnel.models.embedding import SharedEmbeddings
 from funnel.models.inputs import TowerInput, module_key
 from funnel.models.losses import log1mexp
@@ -66,12 +69,28 @@ class FunnelNet(nn.Module):
         self.graph = graph
         self.shared = share_embeddings
         self.direct = direct
+        bias = spec.bias_tower
+        exclude = frozenset(bias.features) if bias is not None else frozenset()
         if share_embeddings:
-            self.embeddings = SharedEmbeddings(layout)
+            self.embeddings = SharedEmbeddings(layout, exclude=exclude)
         else:  # each tower owns a full set of tables (ESMM-NS, the paper's BASE)
-            self.private = nn.ModuleDict({module_key(t): SharedEmbeddings(layout) for t in graph.towers})
+            self.private = nn.ModuleDict({module_key(t): SharedEmbeddings(layout, exclude=exclude) for t in graph.towers})
         shape = self.embeddings.shape if share_embeddings else next(iter(self.private.values())).shape
+        self.bottom = None
+        if spec.bottom is not None and spec.bottom.type != "none":
+            if not share_embeddings:
+                raise ConfigError(
+                    f"funnel.bottom: a shared bottom needs shared embeddings, but model {spec.model!r} gives every "
+                    "tower its own tables; use esmm or aitm, or set funnel.share_embeddings: true."
+                )
+            self.bottom = build_bottom(spec.bottom, shape, graph.names)
+            shape = dataclasses.replace(shape, flat_dim=self.bottom.out_dim)
         self.shape = shape
+        self.bias = None
+        self.bias_stage = None
+        if bias is not None:
+            self.bias_stage = bias.stage or graph.names[0]
+            self.bias = BiasTower(layout, bias.features, bias.hidden, bias.keep_at_inference)
         tower_spec = {s.name: s.tower or spec.tower for s in spec.stages}
         self.towers = nn.ModuleDict()
         self.heads = nn.ModuleDict()
@@ -82,6 +101,7 @@ class FunnelNet(nn.Module):
                 self.towers[module_key(edge.tower)] = tower
                 self.heads[module_key(edge.tower)] = nn.Linear(tower.out_dim, 1)
         self.edge_names = {module_key(t): t for t in graph.towers}
+        self.stage_towers = {s.name: [module_key(e.tower) for e in s.edges] for s in graph.stages}
         self.transfer = None
         if transfer:  # AITM: each stage after the first receives from its parent
             widths = {t.out_dim for t in self.towers.values()}
@@ -95,7 +115,12 @@ class FunnelNet(nn.Module):
 
     def edge_logits(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], TowerInput | None]:
         x = None
-        if self.shared:
+        if self.shared and self.bottom is not None:
+            x = self.embeddings(batch)
+            per_stage = self.bottom(x)  # stage -> (B, bottom.out_dim), each stage's towers read their own
+            hidden = {key: self.towers[key](dataclasses.replace(x, flat=per_stage[stage]))
+                      for stage, keys in self.stage_towers.items() for key in keys}
+        elif self.shared:
             x = self.embeddings(batch)
             hidden = {k: tower(x) for k, tower in self.towers.items()}  # each (B, out_dim)
         else:
@@ -105,7 +130,10 @@ class FunnelNet(nn.Module):
                 if stage.after is not None:
                     key = module_key(stage.name)
                     hidden[key] = self.transfer[key](hidden[module_key(stage.after)], hidden[key])
-        return {self.edge_names[k]: self.heads[k](h).squeeze(-1) for k, h in hidden.items()}, x
+        logits = {self.edge_names[k]: self.heads[k](h).squeeze(-1) for k, h in hidden.items()}
+        if self.bias is not None and self.bias.active(self.training):
+            logits[self.bias_stage] = logits[self.bias_stage] + self.bias(batch)
+        return logits, x
 
     def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
         logits, inputs = self.edge_logits(batch)

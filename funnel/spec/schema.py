@@ -195,6 +195,25 @@ class CounterfactualSpec:
 
 
 @dataclass(frozen=True)
+class BiasTowerSpec:
+    """A shallow tower on bias-only features (display position, device, ...).
+
+    In training its logit is added to ``stage``'s logit, so that the stage's own tower does
+    not have to explain the bias; at evaluation and prediction it is dropped (the debiased
+    probability) unless ``keep_at_inference``. The features are read by this tower only.
+    """
+
+    features: tuple[str, ...]  # categorical features, used by this tower and no other
+    stage: str | None = None  # None: the first stage
+    hidden: tuple[int, ...] = (16,)
+    keep_at_inference: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.features:
+            raise ValueError("features must list at least one bias-only feature, e.g. [position]")
+
+
+@dataclass(frozen=True)
 class FunnelSpec:
     stages: tuple[StageSpec, ...]
     model: str = "esmm"
@@ -217,6 +236,11 @@ class FunnelSpec:
     compose: Literal["product", "direct"] | None = None
     calibrator: float = 0.6  # direct compose: α · mean Σ_t max(ŷ_t − ŷ_parent, 0)
     counterfactual: CounterfactualSpec = field(default_factory=CounterfactualSpec)
+    # between the shared embeddings and the towers: none | shared_bottom | mmoe | ple
+    # (funnel/models/bottoms.py), e.g. {type: mmoe, experts: 4}
+    bottom: TowerSpec | None = None
+    # YouTube-style shallow tower on bias-only features, added to one stage's logit in training
+    bias_tower: BiasTowerSpec | None = None
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:

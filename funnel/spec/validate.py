@@ -11,6 +11,7 @@ METRIC_PREFIXES = ("auc", "auc_cond", "logloss", "calib")
 
 def config_problems(cfg: Config) -> list[str]:
     from funnel.models import MODELS
+    from funnel.models.bottoms import bottom_problems
     from funnel.models.towers import tower_problems
 
     problems: list[str] = []
@@ -68,6 +69,8 @@ def config_problems(cfg: Config) -> list[str]:
             "positives of the clicked-only sample); remove it or set funnel.model: base."
         )
     problems += tower_problems(cfg.funnel.tower, "funnel.tower")
+    problems += bottom_problems(cfg.funnel.bottom)
+    problems += _bias_tower_problems(cfg, stages)
     for i, s in enumerate(stages):
         if s.tower is not None:
             problems += tower_problems(s.tower, f"funnel.stages[{i}].tower")
@@ -140,4 +143,26 @@ def config_problems(cfg: Config) -> list[str]:
                 f"trainer.monitor: {monitor!r} is not a logged metric.{did_you_mean(monitor, valid)} "
                 f"Choose from: {', '.join(valid)}."
             )
+    return problems
+
+
+def _bias_tower_problems(cfg: Config, stages: list) -> list[str]:
+    bias = cfg.funnel.bias_tower
+    if bias is None:
+        return []
+    problems = []
+    kinds = {f.name: f.kind for f in cfg.features if f is not None}
+    for k, name in enumerate(bias.features):
+        if name not in kinds:
+            problems.append(f"funnel.bias_tower.features[{k}]: {name!r} is not a feature.{did_you_mean(name, list(kinds))} "
+                            "List it under `features:` as kind categorical.")
+        elif kinds[name] != "categorical":
+            problems.append(f"funnel.bias_tower.features[{k}]: {name!r} is {kinds[name]}; the bias tower takes "
+                            "categorical features (bucket a numeric position into a category).")
+    names = [s.name for s in stages]
+    if bias.stage is not None and bias.stage not in names:
+        problems.append(f"funnel.bias_tower.stage: {bias.stage!r} is not a stage.{did_you_mean(bias.stage, names)}")
+    elif any(s.name == (bias.stage or names[0] if names else None) and s.via is not None for s in stages):
+        problems.append("funnel.bias_tower.stage: a stage reached through branches (`via`) has several towers; "
+                        "pick a chain stage such as the first one.")
     return problems

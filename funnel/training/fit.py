@@ -19,6 +19,7 @@ from funnel.inference import evaluate_table
 from funnel.models.registry import create_model
 from funnel.runs import BEST, ENCODERS, METRICS, METRICS_VALID, build_graph, run_dir_path, save_config
 from funnel.spec import Config, load_config
+from funnel.training.metrics import free_stages
 from funnel.training.module import FunnelLightningModule
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def fit_config(cfg: Config, config_path: str | Path = "config.yaml") -> Path:
     dm = FunnelDataModule(cfg, graph)
     dm.prepare()
     model = create_model(graph, cfg.funnel, dm.featurizer.layout())
-    module = FunnelLightningModule(model, cfg.optim, with_truth=bool(dm.tables["valid"].truth))
+    valid = dm.tables["valid"]
+    module = FunnelLightningModule(model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth))
     monitor = cfg.trainer.monitor or f"val/auc/{graph.names[-1]}"
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="epoch{epoch}", auto_insert_metric_name=False,

@@ -10,6 +10,9 @@
   been had every row been clicked); ``calib_cond_es/<s>`` is the mean predicted over
   the mean true conditional probability on all impressions, and ``mae_cond_es/<s>``
   their mean absolute difference. These expose sample-selection bias directly.
+- With a position-free truth (``cf_<s>_free``, synthetic ``positions``): ``auc_free/<s>``
+  scores the stage's conditional probability on all rows against the draw had the row
+  been shown at the top position; a position-debiased model ranks better here.
 """
 
 from __future__ import annotations
@@ -49,9 +52,11 @@ class Ratio(nn.Module):
 
 
 class FunnelMetrics(nn.Module):
-    def __init__(self, graph: FunnelGraph, with_truth: bool = False):
+    def __init__(self, graph: FunnelGraph, with_truth: bool = False, free: tuple[str, ...] = ()):
+        """``free``: stages with a position-free truth (``auc_free/<s>``)."""
         super().__init__()
         self.with_truth = with_truth
+        self.free = tuple(free)
         self.views: dict[str, tuple[str, View]] = {}
         for j, stage in enumerate(graph.stages):
             p = graph.index(stage.after) if stage.after is not None else None
@@ -73,6 +78,8 @@ class FunnelMetrics(nn.Module):
         v[f"calib/{s}"] = ("ratio", lambda d: (d["reach"][:, j], d["labels"][:, j], None))
         if not self.with_truth:
             return
+        if s in self.free:
+            v[f"auc_free/{s}"] = ("auc", lambda d: (d["cond"][:, j], d["free"][:, j], None))
         v[f"auc_cond_es/{s}"] = ("auc", lambda d: (d["cond"][:, j], d["cf"][:, j], None))
         v[f"calib_cond_es/{s}"] = ("ratio", lambda d: (d["cond"][:, j], d["true_cond"][:, j], None))
         v[f"mae_cond_es/{s}"] = ("mean", lambda d: ((d["cond"][:, j] - d["true_cond"][:, j]).abs(), None, None))
@@ -98,6 +105,8 @@ class FunnelMetrics(nn.Module):
             d["true_cond"] = truth["true_cond"]
             d["cf"] = truth["cf"]
             d["true_reach"] = truth["true_reach"]
+            if self.free:
+                d["free"] = truth["free"]
         for key, (kind, view) in self.views.items():
             pred, target, mask = view(d)
             if mask is not None:
@@ -131,3 +140,11 @@ class FunnelMetrics(nn.Module):
         self._seen_pos.clear()
         self._seen_neg.clear()
 
+
+
+def free_stages(graph: FunnelGraph, truth: dict[str, Tensor]) -> tuple[str, ...]:
+    """The stages whose position-free truth column is present (not all NaN)."""
+    free = truth.get("free")
+    if free is None:
+        return ()
+    return tuple(n for j, n in enumerate(graph.names) if not free[:, j].isnan().all())

@@ -16,13 +16,13 @@ def truth_of(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class FunnelLightningModule(pl.LightningModule):
-    def __init__(self, model: FunnelModel, optim: OptimSpec, with_truth: bool = False):
+    def __init__(self, model: FunnelModel, optim: OptimSpec, with_truth: bool = False, free: tuple[str, ...] = ()):
         super().__init__()
         self.model = model
         self.optim = optim
         self.names = model.graph.names
-        self.val_metrics = FunnelMetrics(model.graph, with_truth=with_truth)
-        self.test_metrics = FunnelMetrics(model.graph, with_truth=with_truth)
+        self.val_metrics = FunnelMetrics(model.graph, with_truth=with_truth, free=free)
+        self.test_metrics = FunnelMetrics(model.graph, with_truth=with_truth, free=free)
 
     def forward(self, batch: dict[str, Tensor]):
         return self.model(batch)
@@ -34,6 +34,10 @@ class FunnelLightningModule(pl.LightningModule):
         self.log("train/loss", loss.total, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         terms = {**loss.parts, **loss.extra}
         self.log_dict({f"train/loss/{k}": v.detach() for k, v in terms.items()}, on_epoch=True, batch_size=bs)
+        gates = getattr(self.model.net.bottom, "gates", None)  # MMoE/PLE: mean gate weight per expert
+        if gates:
+            self.log_dict({f"gate/{s}/{i}": w[i] for s, w in gates.items() for i in range(len(w))},
+                          on_step=False, on_epoch=True, batch_size=bs)
         return loss.total
 
     def on_train_epoch_end(self) -> None:

@@ -1,0 +1,44 @@
+"""The position-bias shallow tower (Zhao et al. 2019, YouTube's multitask ranking).
+
+Bias-only features (display position, device, ...) get their own small embedding tables
+and an MLP that outputs one logit. During training it is added to the chosen stage's
+logit, so the stage tower learns the position-free relevance; at evaluation and
+prediction the term is dropped unless ``keep_at_inference``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from funnel.models.inputs import module_key
+from funnel.models.towers.mlp import mlp_layers
+
+
+class BiasTower(nn.Module):
+    def __init__(self, layout: dict[str, Any], features: Sequence[str], hidden: Sequence[int] = (16,),
+                 keep_at_inference: bool = False, init_std: float = 0.05):
+        super().__init__()
+        by_name = {f["name"]: f for f in layout["fields"]}
+        self.columns = [(module_key(name), by_name[name]["column"]) for name in features]
+        self.tables = nn.ModuleDict()
+        for name in features:
+            f = by_name[name]
+            n, dim = layout["tables"][f["table"]]
+            self.tables[module_key(name)] = nn.Embedding(n, dim)
+            nn.init.normal_(self.tables[module_key(name)].weight, std=init_std)
+        width = sum(t.embedding_dim for t in self.tables.values())
+        layers, out = mlp_layers(width, hidden)
+        self.net = nn.Sequential(layers, nn.Linear(out, 1))
+        self.keep_at_inference = keep_at_inference
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        cat = batch["cat"]
+        x = torch.cat([self.tables[key](cat[:, col]) for key, col in self.columns], 1)
+        return self.net(x).squeeze(-1)  # (B,) logit
+
+    def active(self, training: bool) -> bool:
+        return training or self.keep_at_inference

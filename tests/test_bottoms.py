@@ -1,0 +1,154 @@
+"""Shared bottoms (shared_bottom, MMoE, PLE) and the position-bias shallow tower."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from funnel.data.featurizer import Featurizer
+from funnel.data.table import take
+from funnel.errors import ConfigError
+from funnel.models import create_model
+from funnel.models.bottoms import MMoE, build_bottom
+from funnel.models.inputs import InputShape, TowerInput
+from funnel.runs import build_graph
+from funnel.spec import config_from_dict
+from funnel.spec.schema import TowerSpec
+from funnel.synthetic import SyntheticSpec, generate
+
+STAGES = ["click", "conversion"]
+
+
+def toy() -> tuple[InputShape, TowerInput]:
+    torch.manual_seed(0)
+    flat = torch.randn(6, 5)
+    return InputShape(flat_dim=5, field_dims={}, numeric_dim=5), TowerInput(flat, {}, flat, {})
+
+
+@pytest.mark.parametrize(("kind", "params"), [
+    ("shared_bottom", {"hidden": [8]}),
+    ("mmoe", {"experts": 3, "expert_hidden": [8]}),
+    ("ple", {"layers": 2, "shared_experts": 2, "specific_experts": 1, "expert_hidden": [8]}),
+])
+def test_every_bottom_gives_one_vector_per_stage(kind, params):
+    shape, x = toy()
+    bottom = build_bottom(TowerSpec(type=kind, params=tuple(params.items())), shape, STAGES)
+    out = bottom(x)
+    assert set(out) == set(STAGES) and all(v.shape == (6, bottom.out_dim) for v in out.values())
+    assert bottom.out_dim == 8
+    if kind != "shared_bottom":  # gated: the logged gate weights are a distribution per stage
+        for w in bottom.gates.values():
+            assert torch.isclose(w.sum(), torch.tensor(1.0))
+
+
+def test_mmoe_output_is_the_gate_weighted_sum_of_experts():
+    shape, x = toy()
+    m = MMoE(shape, STAGES, experts=2, expert_hidden=[4])
+    e = torch.stack([net(x.flat) for net in m.experts.nets], 1)
+    w = torch.softmax(m.gate["m_click"](x.flat), -1)
+    torch.testing.assert_close(m(x)["click"], w[:, :1] * e[:, 0] + w[:, 1:] * e[:, 1])
+
+
+def test_shared_bottom_is_one_network_for_all_stages():
+    shape, x = toy()
+    out = build_bottom(TowerSpec(type="shared_bottom"), shape, STAGES)(x)
+    assert out["click"] is out["conversion"]
+
+
+FEATURES = [
+    {"name": "user_id", "kind": "categorical"},
+    {"name": "item_id", "kind": "categorical"},
+    {"name": "position", "kind": "categorical"},
+    {"name": "price", "kind": "numeric"},
+]
+
+
+def raw(**funnel) -> dict:
+    return {"data": {"train": "unused.csv"}, "features": copy.deepcopy(FEATURES),
+            "funnel": {"embed_dim": 4, "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]} | funnel}
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return generate(SyntheticSpec(rows=400, n_users=40, n_items=30, positions=5, rates=(0.3, 0.4)))
+
+
+def build(frame, **funnel):
+    cfg = config_from_dict(raw(**funnel))
+    graph = build_graph(cfg)
+    fz = Featurizer(cfg, graph).fit(frame)
+    torch.manual_seed(0)
+    return create_model(graph, cfg.funnel, fz.layout()), take(fz.encode(frame, "train").tensors(), slice(0, 50))
+
+
+@pytest.mark.parametrize("kind", ["shared_bottom", "mmoe", "ple"])
+@pytest.mark.parametrize("model", ["esmm", "aitm"])
+def test_bottoms_train_inside_funnel_models(frame, kind, model):
+    m, batch = build(frame, model=model, bottom={"type": kind})
+    loss = m.loss(m(batch), batch["labels"])
+    loss.total.backward()
+    assert torch.isfinite(loss.total)
+    assert m.net.embeddings.tables["m_user_id"].weight.grad.abs().sum() > 0
+
+
+def test_bottom_problems_are_reported_at_validation():
+    with pytest.raises(ConfigError, match="funnel.bottom.expert: bottom 'mmoe' has no argument 'expert'. Did you mean \"experts\""):
+        config_from_dict(raw(bottom={"type": "mmoe", "expert": 3}))
+    with pytest.raises(ConfigError, match="unknown bottom 'mmeo'.*Did you mean \"mmoe\""):
+        config_from_dict(raw(bottom={"type": "mmeo"}))
+    assert config_from_dict(raw(bottom="none")).funnel.bottom.type == "none"
+
+
+def test_bottom_with_private_embeddings_is_refused(frame):
+    with pytest.raises(ConfigError, match="a shared bottom needs shared embeddings"):
+        build(frame, model="base", bottom={"type": "mmoe"})
+
+
+# ---- position-bias shallow tower -----------------------------------------------------------------
+
+def test_bias_logit_is_added_in_training_and_dropped_in_eval(frame):
+    m, batch = build(frame, bias_tower={"features": ["position"]})
+    assert "m_position" not in m.net.embeddings.tables  # bias features feed the shallow tower only
+    assert m.net.embeddings.shape.field_dims.keys() == {"user_id", "item_id"}
+    m.train()
+    with_bias, _ = m.net.edge_logits(batch)
+    bias = m.net.bias(batch)
+    m.eval()
+    without, _ = m.net.edge_logits(batch)
+    torch.testing.assert_close(with_bias["click"], without["click"] + bias)
+    torch.testing.assert_close(with_bias["conversion"], without["conversion"])  # other stages untouched
+
+
+def test_bias_tower_can_be_kept_at_inference(frame):
+    m, batch = build(frame, bias_tower={"features": ["position"], "keep_at_inference": True})
+    m.eval()
+    kept, _ = m.net.edge_logits(batch)
+    m.net.bias.keep_at_inference = False
+    dropped, _ = m.net.edge_logits(batch)
+    assert not torch.allclose(kept["click"], dropped["click"])
+
+
+@pytest.mark.parametrize(("bias", "message"), [
+    ({"features": ["postion"]}, "'postion' is not a feature. Did you mean \"position\""),
+    ({"features": ["price"]}, "'price' is numeric; the bias tower takes categorical features"),
+    ({"features": ["position"], "stage": "clik"}, "'clik' is not a stage. Did you mean \"click\""),
+    ({"features": []}, "features must list at least one bias-only feature"),
+])
+def test_bias_tower_problems_are_reported(bias, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw(bias_tower=bias))
+
+
+def test_position_free_auc_is_logged_for_the_first_stage(frame):
+    from funnel.inference import evaluate_table
+
+    cfg = config_from_dict(raw(bias_tower={"features": ["position"]}))
+    graph = build_graph(cfg)
+    fz = Featurizer(cfg, graph).fit(frame)
+    model = create_model(graph, cfg.funnel, fz.layout())
+    table = fz.encode(frame, "test")
+    assert torch.equal(table.truth["free"][:, 0], torch.tensor(frame["cf_click_free"].to_numpy(), dtype=torch.float32))
+    values = evaluate_table(model, table, 128)
+    assert 0 <= values["auc_free/click"] <= 1 and "auc_free/conversion" not in values
