@@ -40,6 +40,7 @@ _POSITION_EFFECT = 1.0  # first-stage logit falls by this times log(position)  #
 # ESM² data: logit shifts of the last stage through the branch (y3) and around it (y4); most
 # purchases go through the cart, as in the ESM² paper's Taobao logs
 _BRANCH_SHIFT = (2.5, -1.5)
+_BRANCH_SCALE = 0.5  # ... and depend on x mostly through whether the cart happened (y2)
 _MISSING_VISITS = 0.02  # share of n_prev_visits hidden as NaN, to exercise missing-value handling
 
 
@@ -247,7 +248,8 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
             # ESM²: reached from stage k-2 through both outcomes of stage k-1 (the branch),
             # y3 when the branch happened (a boost: carted items sell), y4 when it did not
             after_path, after_label, y2, branch_cf = paths[k - 2], label_of[k - 2], cond_of[k - 1], cf_of[k - 1]
-            l3, l4 = stage_logit(k) + _BRANCH_SHIFT[0], stage_logit(n_stages) + _BRANCH_SHIFT[1]
+            l3 = _BRANCH_SCALE * stage_logit(k) + _BRANCH_SHIFT[0]
+            l4 = _BRANCH_SCALE * stage_logit(n_stages) + _BRANCH_SHIFT[1]
             c = _calibrate_mixture(l3, l4, y2, after_path, rate)
             y3, y4 = _sigmoid(l3 + c), _sigmoid(l4 + c)
             p_cond = y2 * y3 + (1 - y2) * y4

@@ -234,3 +234,21 @@ def test_a_plugin_tower_from_a_temporary_module_is_used_from_yaml(tmp_path, monk
         config_from_dict(bad)
     sys.modules.pop("my_towers_tmp", None)
     TOWERS._items.pop("tmp_linear_tower", None)
+
+
+def test_custom_tower_example_trains_from_yaml(tmp_path):
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "examples/custom_tower.py"), "data.synthetic.rows=3000", "trainer.max_epochs=1",
+         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "custom_tower" in config and "gated_mlp" in config
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["auc/click"] <= 1
