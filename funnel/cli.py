@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True)
     pr.add_argument("--out", required=True, help=".csv or .parquet")
     pr.add_argument("--keep", default="", help="comma-separated input columns to copy into the output")
+    pr.add_argument("--chunk-rows", type=int, default=262_144,
+                    help="rows read, scored and written at a time (memory stays flat for any file size)")
 
     c = sub.add_parser("check", help="validate the config and the data without training")
     c.add_argument("config")
@@ -114,7 +116,9 @@ def _run(args: argparse.Namespace) -> int:
         from funnel.inference import predict_run
 
         keep = [c.strip() for c in args.keep.split(",") if c.strip()]
-        print(f"predictions: {predict_run(args.run_dir, args.data, args.out, keep)}")
+        if args.chunk_rows < 1:
+            raise UserError(f"--chunk-rows must be >= 1, got {args.chunk_rows}.")
+        print(f"predictions: {predict_run(args.run_dir, args.data, args.out, keep, args.chunk_rows)}")
         return 0
     if args.command == "check":
         from funnel.check import check

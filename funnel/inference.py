@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from funnel.data.io import read_table, write_table
+from funnel.data.io import TableWriter, iter_table, read_table, table_columns
 from funnel.data.loader import BatchLoader
 from funnel.data.table import EncodedTable
 from funnel.errors import UserError
@@ -81,17 +82,27 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None =
     return result
 
 
-def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: list[str] | None = None) -> Path:
+def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: list[str] | None = None,
+                chunk_rows: int = 262_144) -> Path:
+    """Score ``data`` chunk by chunk (reading only the feature and ``keep`` columns) and append
+    each chunk's predictions to ``out``, so memory stays flat for files larger than memory."""
     cfg, _, featurizer, model = load_run(run_dir)
-    df = read_table(data, cfg.data.csv)
     keep = keep or []
-    missing = [c for c in keep if c not in df.columns]
+    header = table_columns(data, cfg.data.csv)
+    missing = [c for c in keep if c not in header]
     if missing:
         raise UserError(f"--keep: column(s) {', '.join(missing)} not in {data}.")
-    table = featurizer.encode(df, str(data), labels=False)
-    pred = predict_table(model, table, cfg.data.eval_batch_size)
-    if keep:
-        pred = pd.concat([df[keep].reset_index(drop=True), pred], axis=1)
-    path = write_table(pred, out)
-    log.info("wrote %d predictions to %s", len(pred), path)
-    return path
+    featurizer.check_columns(pd.DataFrame(columns=header), str(data), labels=False)
+    wanted = list(dict.fromkeys([*featurizer.feature_columns(), *keep]))
+    start, rows = time.perf_counter(), 0
+    with TableWriter(out) as writer:
+        for k, df in enumerate(iter_table(data, cfg.data.csv, wanted, chunk_rows)):
+            table = featurizer.encode(df, f"{data} (chunk {k})", labels=False)
+            pred = predict_table(model, table, cfg.data.eval_batch_size)
+            if keep:
+                pred = pd.concat([df[keep].reset_index(drop=True), pred], axis=1)
+            writer.write(pred)
+            rows += len(pred)
+    seconds = time.perf_counter() - start
+    log.info("wrote %d predictions to %s in %.1fs (%.0f rows/s)", rows, out, seconds, rows / max(seconds, 1e-9))
+    return Path(out)

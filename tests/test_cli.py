@@ -161,7 +161,8 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(fitted, tmp_
     run_dir = tmp_path / "never"
     assert main(["fit", str(fitted.config), "optim.lr=0.02", f"run_dir={run_dir}", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["optim"] == {"name": "adam", "lr": 0.02, "weight_decay": 0.0, "momentum": 0.0}
+    assert printed["optim"] == {"name": "adam", "lr": 0.02, "weight_decay": 0.0, "momentum": 0.0,
+                                "sparse_embeddings": False}
     assert printed["data"]["eval_batch_size"] == 16384  # defaults are written out
     assert printed["funnel"]["tower"] == {"type": "mlp", "hidden": [8]}
     assert config_from_dict(printed) == load_config(fitted.config, ["optim.lr=0.02", f"run_dir={run_dir}"])[0]
@@ -224,6 +225,34 @@ def test_predict_writes_parquet_with_the_same_values(fitted, predictions, tmp_pa
     parquet = pd.read_parquet(out)
     assert list(parquet.columns) == ["p_click", "p_click_cond", "p_conversion", "p_conversion_cond"]
     np.testing.assert_allclose(parquet.to_numpy(), predictions.drop(columns="user_id").to_numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_predict_streams_in_chunks_with_the_same_output(fitted, predictions, tmp_path, capsys, suffix):
+    src = fitted.data / "test.csv"
+    if suffix == ".parquet":  # a Parquet input is read by row batches
+        src = tmp_path / "test.parquet"
+        pd.read_csv(fitted.data / "test.csv").to_parquet(src, index=False)
+    out = tmp_path / f"chunked{suffix}"
+    args = ["predict", str(fitted.run), "--data", str(src), "--out", str(out), "--keep", "user_id", "--chunk-rows", "37"]
+    assert main(args) == 0
+    chunked = pd.read_parquet(out) if suffix == ".parquet" else pd.read_csv(out)
+    assert len(chunked) == 300  # 9 chunks of 37 rows and one of 4
+    assert chunked["user_id"].tolist() == predictions["user_id"].tolist()
+    np.testing.assert_allclose(chunked.drop(columns="user_id").to_numpy(),
+                               predictions.drop(columns="user_id").to_numpy(), rtol=1e-6)
+
+
+def test_predict_names_missing_feature_columns_before_reading_rows(fitted, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    pd.read_csv(fitted.data / "test.csv").drop(columns=["user_id"]).to_csv(bad, index=False)
+    assert main(["predict", str(fitted.run), "--data", str(bad), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "column 'user_id' is missing" in err and "Traceback" not in err
+    assert not (tmp_path / "p.csv").exists()
+    assert main(["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv"),
+                 "--chunk-rows", "0"]) == 2
+    assert "--chunk-rows must be >= 1" in capsys.readouterr().err
 
 
 def test_predict_needs_no_label_columns(fitted, tmp_path, capsys):

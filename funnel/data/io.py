@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -64,6 +65,91 @@ def read_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] 
         )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: cannot be read as CSV ({exc}). Check data.csv (sep, header, names).") from None
+
+
+def table_columns(path: str | Path, csv: CsvSpec | None = None) -> list[str]:
+    """The column names of a CSV or Parquet file, without reading its rows."""
+    path = resolve_path(str(path))
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist.")
+    if path.suffix.lower() in PARQUET_EXT:
+        _require_pyarrow(path)
+        import pyarrow.parquet as pq
+
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    csv = csv or CsvSpec()
+    if csv.names:
+        return list(csv.names)
+    try:
+        return [str(c) for c in pd.read_csv(path, sep=csv.sep, nrows=0, skipinitialspace=csv.skipinitialspace,
+                                            comment=csv.comment).columns]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot be read as CSV ({exc}). Check data.csv (sep, header, names).") from None
+
+
+def iter_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None,
+               chunk_rows: int = 262_144) -> Iterator[pd.DataFrame]:
+    """The table in chunks of at most ``chunk_rows`` rows, so memory stays flat for any file size."""
+    path = resolve_path(str(path))
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist.")
+    if path.suffix.lower() in PARQUET_EXT:
+        _require_pyarrow(path)
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
+            yield batch.to_pandas()
+        return
+    csv = csv or CsvSpec()
+    try:
+        reader = pd.read_csv(
+            path, sep=csv.sep, header=0 if csv.header else None, names=list(csv.names) if csv.names else None,
+            skipinitialspace=csv.skipinitialspace, na_values=list(csv.na_values) or None, usecols=columns,
+            comment=csv.comment, chunksize=chunk_rows, low_memory=False,
+        )
+        with reader:
+            yield from reader
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot be read as CSV ({exc}). Check data.csv (sep, header, names).") from None
+
+
+class TableWriter:
+    """Append DataFrames to one CSV or Parquet file (by extension), chunk by chunk."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.parquet = self.path.suffix.lower() in PARQUET_EXT
+        self.rows = 0
+        self._writer = None
+        if self.parquet:
+            _require_pyarrow(self.path)
+
+    def write(self, df: pd.DataFrame) -> None:
+        if self.parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.path, table.schema)
+            self._writer.write_table(table)
+        else:
+            df.to_csv(self.path, index=False, mode="w" if self.rows == 0 else "a", header=self.rows == 0,
+                      float_format="%.7g")
+        self.rows += len(df)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        elif self.rows == 0 and not self.parquet:
+            self.path.write_text("")
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:

@@ -70,6 +70,12 @@ def config_problems(cfg: Config) -> list[str]:
         )
     problems += tower_problems(cfg.funnel.tower, "funnel.tower")
     problems += bottom_problems(cfg.funnel.bottom)
+    if cfg.optim.sparse_embeddings and cfg.funnel.loss_weighting.method == "gradnorm":
+        problems.append("optim.sparse_embeddings: gradnorm needs dense gradients of the shared tables; "
+                        "turn one of them off.")
+    if cfg.optim.sparse_embeddings and cfg.trainer.kwargs.get("gradient_clip_val"):
+        problems.append("optim.sparse_embeddings: steps its optimisers by hand, which Lightning's "
+                        "gradient_clip_val does not support; remove one of them.")
     problems += _bias_tower_problems(cfg, stages)
     for i, s in enumerate(stages):
         if s.tower is not None:

@@ -21,6 +21,8 @@ class FunnelLightningModule(pl.LightningModule):
         self.model = model
         self.optim = optim
         self.names = model.graph.names
+        # sparse embeddings: two optimisers (SparseAdam, Adam) stepped by hand
+        self.automatic_optimization = not optim.sparse_embeddings
         self.val_metrics = FunnelMetrics(model.graph, with_truth=with_truth, free=free)
         self.test_metrics = FunnelMetrics(model.graph, with_truth=with_truth, free=free)
 
@@ -34,6 +36,13 @@ class FunnelLightningModule(pl.LightningModule):
         self.log("train/loss", loss.total, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         terms = {**loss.parts, **loss.extra}
         self.log_dict({f"train/loss/{k}": v.detach() for k, v in terms.items()}, on_epoch=True, batch_size=bs)
+        if not self.automatic_optimization:
+            optimizers = self.optimizers()
+            for opt in optimizers:
+                opt.zero_grad()
+            self.manual_backward(loss.total)
+            optimizers[0].step()  # through Lightning: counts one global step per batch
+            optimizers[1].optimizer.step()  # the raw torch optimiser: no second count
         gates = getattr(self.model.net.bottom, "gates", None)  # MMoE/PLE: mean gate weight per expert
         if gates:
             self.log_dict({f"gate/{s}/{i}": w[i] for s, w in gates.items() for i in range(len(w))},
@@ -76,9 +85,16 @@ class FunnelLightningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         o = self.optim
         params = self.model.parameters()
+        if o.sparse_embeddings:
+            tables = [m for m in self.model.modules() if isinstance(m, torch.nn.Embedding)]
+            for m in tables:
+                m.sparse = True
+            sparse_ids = {id(m.weight) for m in tables}
+            dense = [p for p in params if id(p) not in sparse_ids]
+            return [torch.optim.SparseAdam([m.weight for m in tables], lr=o.lr), torch.optim.Adam(dense, lr=o.lr)]
         if o.name == "adam":
             return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
         if o.name == "adamw":
