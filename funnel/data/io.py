@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from typing import Self
 from pathlib import Path
 
 import pandas as pd
@@ -145,7 +146,7 @@ class TableWriter:
         elif self.rows == 0 and not self.parquet:
             self.path.write_text("")
 
-    def __enter__(self) -> TableWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
