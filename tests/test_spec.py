@@ -67,7 +67,7 @@ def test_unknown_trainer_key_suggests_max_epochs():
 
 def test_unknown_nested_key_lists_allowed_keys():
     msg = problems_of(raw(optim={"lrate": 0.1}))
-    assert "optim.lrate: unknown key." in msg and "Allowed keys: name, lr, weight_decay, momentum." in msg
+    assert "optim.lrate: unknown key." in msg and "Allowed keys: name, lr, weight_decay, momentum, sparse_embeddings." in msg
 
 
 def test_wrong_type_names_the_key_and_the_value():
