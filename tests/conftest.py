@@ -32,6 +32,20 @@ TINY_FEATURES = [
 TINY_TRAINER = {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_data_cache(tmp_path_factory):
+    """Tests never write funnel's data cache into the home folder."""
+    import os
+
+    old = os.environ.get("FUNNEL_CACHE_DIR")
+    os.environ["FUNNEL_CACHE_DIR"] = str(tmp_path_factory.mktemp("funnel-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FUNNEL_CACHE_DIR", None)
+    else:
+        os.environ["FUNNEL_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """`funnel.cli.main` reconfigures the root logger; undo it after every test."""

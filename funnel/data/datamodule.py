@@ -6,6 +6,8 @@ import logging
 
 import pytorch_lightning as pl
 
+from funnel.data import cache
+from funnel.data.cache import cache_key
 from funnel.data.featurizer import Featurizer
 from funnel.data.loader import BatchLoader
 from funnel.data.sources import load_frames
@@ -25,9 +27,17 @@ class FunnelDataModule(pl.LightningDataModule):
         self.tables: dict[str, EncodedTable] = {}
 
     def prepare(self) -> None:
-        """Read, fit (train only) and encode once; later calls are free."""
+        """Read, fit (train only) and encode once; later calls are free. File data is cached
+        on disk (see funnel/data/cache.py), so a second run on the same files skips parsing."""
         if self.tables:
             return
+        key = cache_key(self.cfg) if self.cfg.data.cache and not self.featurizer.fitted else None
+        if key is not None:
+            hit = cache.load(self.cfg, self.graph, key)
+            if hit is not None:
+                self.featurizer, self.tables = hit
+                log.info("data cache hit %s: %s", key, {k: len(t) for k, t in self.tables.items()})
+                return
         frames = load_frames(self.cfg)
         if not self.featurizer.fitted:
             self.featurizer.fit(frames["train"])
@@ -35,6 +45,8 @@ class FunnelDataModule(pl.LightningDataModule):
             self.tables[split] = self.featurizer.encode(df, split)
             log.info("%s: %d rows encoded (%.1f MB)", split, len(self.tables[split]), self.tables[split].nbytes() / 1e6)
         del frames
+        if key is not None:
+            cache.save(self.cfg, key, self.featurizer, self.tables)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()

@@ -39,6 +39,11 @@ class DataSpec:
     eval_batch_size: int = 16384  # evaluation has no backward pass, so larger batches are cheap
     label_conflicts: Literal["drop", "zero", "error"] = "drop"
     csv: CsvSpec = field(default_factory=CsvSpec)
+    # file data: keep the fitted encoders and encoded tensors on disk, keyed by the files
+    # (path, size, mtime) and everything that shapes the encoding, so a second fit on the
+    # same data skips parsing. Folder: cache_dir, else $FUNNEL_CACHE_DIR, else ~/.cache/funnel
+    cache: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
