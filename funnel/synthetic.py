@@ -34,7 +34,8 @@ _DEFAULT_RATES = (0.08, 0.15, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5)
 _LATENT_DIM = 8
 _ZIPF_OFFSET = 10.0
 _SHARED = 0.5  # share of each item vector's variance common to all stages
-_HISTORY_EFFECT = 2.5  # click logit per unit share of the history in the candidate's category
+_HISTORY_EFFECT = 4.0  # click logit per unit share of the history in the candidate's category
+_HISTORY_STEER = 0.4  # with a history: share of impressions showing an item of a favourite category
 _HISTORY_FOCUS = 0.7
 _POSITION_EFFECT = 1.0  # first-stage logit falls by this times log(position)  # share of history items drawn from the user's two favourite categories
 # ESM² data: logit shifts of the last stage through the branch (y3) and around it (y4); most
@@ -179,6 +180,12 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     u = rng.choice(spec.n_users, size=n, p=_zipf_weights(spec.n_users, spec.zipf, rng))
     i = rng.choice(spec.n_items, size=n, p=_zipf_weights(spec.n_items, spec.zipf, rng))
     item_cat = rng.integers(spec.n_categories, size=spec.n_items)
+    if spec.history_len:  # own stream: the other columns do not move
+        side = np.random.default_rng([spec.seed, 3])
+        favourite = side.integers(spec.n_categories, size=(spec.n_users, 2))[u]  # (N, 2) per row's user
+        steer = side.random(n) < _HISTORY_STEER  # the recommender shows items of a favourite category
+        fav_items = _items_in(side, np.take_along_axis(favourite, side.integers(2, size=(n, 1)), 1)[:, 0], item_cat)
+        i = np.where(steer, fav_items, i)
     device = rng.choice(spec.n_devices, size=n, p=rng.dirichlet(np.full(spec.n_devices, 2.0)))
     traffic = 1 + 0.6 * np.sin(2 * np.pi * (np.arange(24) - 14) / 24)
     hour = rng.choice(24, size=n, p=traffic / traffic.sum())
@@ -226,7 +233,7 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
 
     match = np.zeros(n)
     if spec.history_len:
-        history, match = _history(spec, u, item_cat, item_cat[i])
+        history, match = _history(side, spec, favourite, item_cat, item_cat[i])
         match = match - match.mean()
 
     labels, truth = {}, {}
@@ -364,20 +371,24 @@ def _positions(spec: SyntheticSpec, relevance: np.ndarray) -> np.ndarray:
     return 1 + (rank * spec.positions) // len(relevance)
 
 
-def _history(spec: SyntheticSpec, u: np.ndarray, item_cat: np.ndarray, target_cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _items_in(rng: np.random.Generator, cats: np.ndarray, item_cat: np.ndarray) -> np.ndarray:
+    """One uniformly drawn item of each given category (any item for a category without items)."""
+    n_items, n_cats = len(item_cat), int(item_cat.max()) + 1
+    by_cat = np.argsort(item_cat, kind="stable")  # item ids grouped by category
+    count = np.bincount(item_cat, minlength=max(n_cats, int(cats.max()) + 1))
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    pick = start[cats] + (rng.random(cats.shape) * np.maximum(count[cats], 1)).astype(np.int64)
+    return np.where(count[cats] == 0, rng.integers(n_items, size=cats.shape), by_cat[np.minimum(pick, n_items - 1)])
+
+
+def _history(rng: np.random.Generator, spec: SyntheticSpec, favourite: np.ndarray, item_cat: np.ndarray,
+             target_cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row: "|"-joined recent items, and the share of them in the candidate's category."""
-    rng = np.random.default_rng([spec.seed, 3])  # own stream: other columns do not move
-    n, width = len(u), spec.history_len
-    favourite = rng.integers(spec.n_categories, size=(spec.n_users, 2))[u]  # (N, 2)
+    n, width = len(favourite), spec.history_len
     cats = np.where(rng.random((n, width)) < _HISTORY_FOCUS,
                     np.take_along_axis(favourite, rng.integers(2, size=(n, width)), 1),
                     rng.integers(spec.n_categories, size=(n, width)))
-    by_cat = np.argsort(item_cat, kind="stable")  # item ids grouped by category
-    start = np.searchsorted(item_cat[by_cat], np.arange(spec.n_categories))
-    count = np.bincount(item_cat, minlength=spec.n_categories)
-    empty = count[cats] == 0  # a category without items: any item instead
-    pick = start[cats] + (rng.random((n, width)) * np.maximum(count[cats], 1)).astype(np.int64)
-    items = np.where(empty, rng.integers(spec.n_items, size=(n, width)), by_cat[np.minimum(pick, spec.n_items - 1)])
+    items = _items_in(rng, cats, item_cat)
     length = rng.integers(0, width + 1, size=n)
     real = np.arange(width)[None, :] < length[:, None]  # (N, L) the first `length` slots are used
     same = (item_cat[items] == target_cat[:, None]) & real

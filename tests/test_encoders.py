@@ -340,3 +340,21 @@ def test_featurizer_refuses_conflicts_under_error():
     fz = Featurizer(cfg, build_graph(cfg)).fit(CONFLICT)
     with pytest.raises(DataError, match="valid: 1 label conflicts"):
         fz.encode(CONFLICT, "valid")
+
+
+def test_integer_fast_path_gives_the_ids_of_the_string_path():
+    from funnel.data.encoders import CategoricalEncoder
+    from funnel.spec.schema import FeatureSpec
+
+    spec = FeatureSpec(name="x", kind="categorical")
+    ints = pd.Series([5, 7, 7, 12, 5, 7, 3])
+    fast = CategoricalEncoder(spec).fit(ints)
+    slow = CategoricalEncoder(spec).fit(ints.astype(str))
+    assert fast.vocab == slow.vocab == ["7", "5", "12", "3"]  # by frequency, ties by value as text
+    probe = pd.Series([12, 3, 99, 7])
+    for col in (probe, probe.astype(float), probe.astype(str)):
+        assert fast.encode(col).tolist() == slow.encode(col).tolist() == [3, 4, 0, 1]
+    with_nan = pd.Series([12.0, None, 7.0])
+    assert fast.encode(with_nan).tolist() == [3, 0, 1]  # missing is the unknown id
+    odd = CategoricalEncoder(spec).fit(pd.Series(["012", "12", "a"]))
+    assert odd.encode(pd.Series([12])).tolist() == [odd.vocab.index("12") + 1]  # "012" is not 12

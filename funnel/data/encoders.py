@@ -28,10 +28,25 @@ def as_tokens(col: pd.Series) -> pd.Series:
     return out.astype(object)
 
 
+def int_values(col: pd.Series) -> np.ndarray | None:
+    """The column as int64 when it is integer-coded without missing values (12 and 12.0
+    alike), else None. Such columns skip the string conversion of `as_tokens`: same ids, faster."""
+    if pd.api.types.is_bool_dtype(col) or col.isna().any():
+        return None
+    if pd.api.types.is_integer_dtype(col):
+        return col.to_numpy(np.int64)
+    if pd.api.types.is_float_dtype(col):
+        vals = col.to_numpy(np.float64)
+        if np.all(np.mod(vals, 1) == 0) and np.all(np.abs(vals) < 2**53):
+            return vals.astype(np.int64)
+    return None
+
+
 @dataclass
 class CategoricalEncoder:
     spec: FeatureSpec
     vocab: list[str] = field(default_factory=list)
+    _lookup: dict[str, pd.Index] = field(default_factory=dict, repr=False, compare=False)  # built lazily
 
     @property
     def cardinality(self) -> int:
@@ -40,20 +55,47 @@ class CategoricalEncoder:
 
     def fit(self, col: pd.Series) -> CategoricalEncoder:
         if self.spec.hash_buckets is None:
-            counts = as_tokens(col).value_counts(sort=False)
-            counts = counts[counts >= self.spec.min_count]
-            # frequency order, ties by value: deterministic and frequent ids are small
-            order = sorted(zip(counts.index.tolist(), counts.tolist()), key=lambda t: (-t[1], t[0]))
-            self.vocab = [str(v) for v, _ in order]
+            ints = int_values(col)
+            if ints is not None:
+                values, counts = np.unique(ints, return_counts=True)
+                tokens = values.astype(str)
+            else:
+                vc = as_tokens(col).value_counts(sort=False)
+                tokens, counts = np.asarray(vc.index, dtype=str), vc.to_numpy()
+            keep = counts >= self.spec.min_count
+            tokens, counts = tokens[keep], counts[keep]
+            # frequency order, ties by value (as strings): deterministic and frequent ids are small
+            self.vocab = tokens[np.lexsort((tokens, -counts))].tolist()
+            self._lookup.clear()
         return self
+
+    def _index(self, kind: str) -> pd.Index | None:
+        """The vocabulary as a pandas Index of strings ("str") or of ints ("int", None when a
+        token is not the plain text of an int, e.g. "012" or "a")."""
+        if kind not in self._lookup:
+            if kind == "str":
+                self._lookup[kind] = pd.Index(self.vocab, dtype=object)
+            else:
+                tokens = np.asarray(self.vocab, dtype=str)
+                try:
+                    ints = tokens.astype(np.int64)
+                except (ValueError, OverflowError):
+                    ints = None
+                self._lookup[kind] = pd.Index(ints) if ints is not None and (ints.astype(str) == tokens).all() else None
+        return self._lookup[kind]
 
     def encode_tokens(self, tokens: pd.Series) -> np.ndarray:
         if self.spec.hash_buckets is not None:
             hashed = pd.util.hash_pandas_object(tokens, index=False).to_numpy()
             return (hashed % np.uint64(self.spec.hash_buckets)).astype(np.int64) + 1
-        return pd.Index(self.vocab).get_indexer(tokens).astype(np.int64) + 1  # -1 (unseen) -> 0
+        return self._index("str").get_indexer(tokens).astype(np.int64) + 1  # -1 (unseen) -> 0
 
     def encode(self, col: pd.Series) -> np.ndarray:
+        if self.spec.hash_buckets is None and len(self.vocab):
+            ints = int_values(col)
+            index = self._index("int") if ints is not None else None
+            if index is not None:
+                return index.get_indexer(ints).astype(np.int64) + 1
         return self.encode_tokens(as_tokens(col))
 
     def state(self) -> dict[str, Any]:
