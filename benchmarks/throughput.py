@@ -10,6 +10,8 @@ one epoch over ``--rows`` generated rows (seeded), all data in memory. Three con
   Only the training batches are timed (first batch start to last batch end).
 - ``plain``: the same network and loss written as a bare loop over the same tensors
   (shuffled index gathers, forward, BCE on pCTR and pCTCVR, backward, Adam step).
+- ``funnel_sparse``: the same with ``optim.sparse_embeddings: true`` (sparse gradients for
+  the embedding tables, lazy SparseAdam on them, Adam on the rest).
 - ``rechub``: torch-rechub's ESMM with its own DataGenerator and MTLTrainer (one
   ``train_one_epoch``), when ``torch_rechub`` is importable (``pip install torch-rechub``
   next to torch 2.13.0); skipped otherwise.
@@ -58,7 +60,7 @@ def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(cols | {"click": click.astype(np.int64), "conversion": conv.astype(np.int64)})
 
 
-def funnel_config(towers: list[int], batch_size: int, lr: float):
+def funnel_config(towers: list[int], batch_size: int, lr: float, sparse: bool = False):
     from funnel.spec import config_from_dict
 
     return config_from_dict({
@@ -66,7 +68,7 @@ def funnel_config(towers: list[int], batch_size: int, lr: float):
         "features": [{"name": f"c{f}", "kind": "categorical"} for f in range(N_FIELDS)],
         "funnel": {"model": "esmm", "embed_dim": EMBED, "tower": {"type": "mlp", "hidden": towers},
                    "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
-        "optim": {"name": "adam", "lr": lr},
+        "optim": {"name": "adam", "lr": lr, "sparse_embeddings": sparse},
     })
 
 
@@ -81,7 +83,7 @@ class EpochTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def run_funnel(cfg, graph, featurizer, tables, seed: int) -> float:
+def run_funnel(cfg, graph, featurizer, tables, seed: int, limit: int | None = None) -> float:
     from pytorch_lightning.loggers import CSVLogger
 
     from funnel.data.datamodule import FunnelDataModule
@@ -96,9 +98,10 @@ def run_funnel(cfg, graph, featurizer, tables, seed: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp, name="logs"), callbacks=[timer],
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0)
+                             num_sanity_val_steps=0, limit_train_batches=limit or 1.0)
         trainer.fit(module, datamodule=dm)
-    return len(tables["train"]) / (timer.end - timer.start)
+    rows = min(len(tables["train"]), limit * cfg.data.batch_size) if limit else len(tables["train"])
+    return rows / (timer.end - timer.start)
 
 
 class PlainESMM(nn.Module):
@@ -123,12 +126,12 @@ class PlainESMM(nn.Module):
 
 
 def run_plain(cat: torch.Tensor, labels: torch.Tensor, vocab: list[int], towers: list[int], batch_size: int,
-              lr: float, seed: int) -> float:
+              lr: float, seed: int, limit: int | None = None) -> float:
     torch.manual_seed(seed)
     model = PlainESMM(vocab, towers)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    n = len(cat)
-    order = torch.randperm(n)
+    n = min(len(cat), limit * batch_size) if limit else len(cat)
+    order = torch.randperm(len(cat))[:n]
     start = time.perf_counter()
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
@@ -177,7 +180,9 @@ def main() -> None:
     ap.add_argument("--towers", default="360,200,80", help="hidden sizes of each tower, comma-separated")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma-separated contenders to skip: funnel,plain,rechub")
+    ap.add_argument("--skip", default="", help="comma-separated contenders to skip: funnel,funnel_sparse,plain,rechub")
+    ap.add_argument("--limit-batches", type=int, default=None,
+                    help="time only this many training batches (for 10M-row memory runs); rechub is skipped")
     args = ap.parse_args()
     towers = [int(t) for t in args.towers.split(",")]
     skip = set(filter(None, args.skip.split(",")))
@@ -203,13 +208,17 @@ def main() -> None:
     print(f"{args.rows:,} rows generated in {gen_s:.1f}s, encoded in {encode_s:.1f}s; train {len(train):,} rows, "
           f"batch {args.batch_size}, towers {towers}, {torch.get_num_threads()} threads", flush=True)
 
-    results: dict[str, list[float]] = {"funnel": [], "plain": [], "rechub": []}
+    results: dict[str, list[float]] = {"funnel": [], "funnel_sparse": [], "plain": [], "rechub": []}
+    sparse_cfg = funnel_config(towers, args.batch_size, args.lr, sparse=True)
     for rep in range(args.repeats):
         if "funnel" not in skip:
-            results["funnel"].append(run_funnel(cfg, graph, featurizer, tables, rep))
+            results["funnel"].append(run_funnel(cfg, graph, featurizer, tables, rep, args.limit_batches))
+        if "funnel_sparse" not in skip:
+            results["funnel_sparse"].append(run_funnel(sparse_cfg, graph, featurizer, tables, rep, args.limit_batches))
         if "plain" not in skip:
-            results["plain"].append(run_plain(train.cat, train.labels.float(), vocab, towers, args.batch_size, args.lr, rep))
-        if "rechub" not in skip:
+            results["plain"].append(run_plain(train.cat, train.labels.float(), vocab, towers, args.batch_size, args.lr, rep,
+                                              args.limit_batches))
+        if "rechub" not in skip and not args.limit_batches:
             raw_vocab = [int(df[f"c{f}"].max()) + 1 for f in range(N_FIELDS)]  # rechub reads the raw ids
             r = run_rechub(df.iloc[n_valid:].reset_index(drop=True), raw_vocab, towers, args.batch_size, args.lr, rep)
             if r is not None:
@@ -223,12 +232,16 @@ def main() -> None:
         "ratio_vs_plain": round(med["funnel"] / med["plain"], 3) if med["funnel"] and med["plain"] else None,
         "rechub_samples_per_s": med["rechub"],
         "ratio_vs_rechub": round(med["funnel"] / med["rechub"], 3) if med["funnel"] and med["rechub"] else None,
+        "funnel_sparse_samples_per_s": med["funnel_sparse"],
+        "sparse_ratio_vs_plain": round(med["funnel_sparse"] / med["plain"], 3) if med["funnel_sparse"] and med["plain"] else None,
+        "sparse_ratio_vs_rechub": round(med["funnel_sparse"] / med["rechub"], 3) if med["funnel_sparse"] and med["rechub"] else None,
         "peak_rss_mb": round(peak_rss_mb()),
         "rss_after_encoding_mb": round(rss_data),
         "encoded_train_mb": round(train.nbytes() / 2**20, 1),
         "encode_s": round(encode_s, 2),
         "rows": args.rows,
         "batch_size": args.batch_size,
+        "limit_batches": args.limit_batches,
         "towers": towers,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),

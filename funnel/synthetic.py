@@ -74,8 +74,9 @@ class SyntheticSpec:
     # rises with the share of the history in the candidate item's category (DIN's signal)
     history_len: int = 0
     # > 0: a `position` column (1..positions, where the item was displayed). A ranker puts
-    # relevant items on top, and the first stage's logit falls by log(position) · 1.0; the
-    # truth gains true_p_<first>_free and cf_<first>_free: the same impression at position 1
+    # relevant items and favoured categories on top, and the first stage's logit falls by
+    # log(position) · 1.0; the truth gains true_p_<first>_free and cf_<first>_free: the same
+    # impression at position 1
     positions: int = 0
     # ESM²: the last stage follows the third-to-last and is reached through both outcomes of
     # the second-to-last (e.g. click -> cart -> buy with buy `after: click, via: cart`), each
@@ -269,7 +270,7 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
             logit = stage_logit(k)
             free = logit  # position-free relevance (the same row shown at position 1)
             if k == 0 and spec.positions:
-                position = _positions(spec, logit)
+                position = _positions(spec, logit, item_cat[i])
                 logit = logit - _POSITION_EFFECT * np.log(position)
             # Weight by the parent's path probability: the expected parent-positive population.
             shift = _calibrate_intercept(logit, parent_path, rate)
@@ -363,10 +364,14 @@ def _oracle_metrics(df: pd.DataFrame, stages: Sequence[str]) -> dict[str, dict[s
     return metrics
 
 
-def _positions(spec: SyntheticSpec, relevance: np.ndarray) -> np.ndarray:
-    """A noisy ranker: more relevant rows land nearer the top (1 = top), every slot equally often."""
+def _positions(spec: SyntheticSpec, relevance: np.ndarray, category: np.ndarray) -> np.ndarray:
+    """Display slots (1 = top, every slot equally often) from a ranker that mixes relevance
+    with a placement rule: some item categories are shown lower whatever their relevance
+    (sponsored slots, merchandising). A model that ignores position mistakes that rule for
+    low appeal of those categories; a position-aware one need not."""
     rng = np.random.default_rng([spec.seed, 4])
-    score = relevance + rng.normal(0, relevance.std() + 1e-12, len(relevance))  # as good as a coin half the time
+    placement = rng.normal(0, 1.0, spec.n_categories)
+    score = 0.5 * _standardise(relevance) - placement[category] + rng.normal(0, 1.0, len(relevance))
     rank = np.argsort(np.argsort(-score, kind="stable"), kind="stable")  # 0 = best
     return 1 + (rank * spec.positions) // len(relevance)
 

@@ -109,7 +109,7 @@ def test_bottom_with_private_embeddings_is_refused(frame):
 # ---- position-bias shallow tower -----------------------------------------------------------------
 
 def test_bias_logit_is_added_in_training_and_dropped_in_eval(frame):
-    m, batch = build(frame, bias_tower={"features": ["position"]})
+    m, batch = build(frame, bias_tower={"features": ["position"], "feature_dropout": 0.0})
     assert "m_position" not in m.net.embeddings.tables  # bias features feed the shallow tower only
     assert m.net.embeddings.shape.field_dims.keys() == {"user_id", "item_id"}
     m.train()
@@ -119,6 +119,21 @@ def test_bias_logit_is_added_in_training_and_dropped_in_eval(frame):
     without, _ = m.net.edge_logits(batch)
     torch.testing.assert_close(with_bias["click"], without["click"] + bias)
     torch.testing.assert_close(with_bias["conversion"], without["conversion"])  # other stages untouched
+
+
+def test_bias_feature_dropout_replaces_ids_with_the_unknown_id_in_training_only(frame):
+    m, batch = build(frame, bias_tower={"features": ["position"], "feature_dropout": 0.5})
+    unknown = {"cat": torch.zeros_like(batch["cat"])}  # every id 0
+    m.train()
+    torch.manual_seed(0)
+    dropped = m.net.bias(batch)
+    m.eval()
+    kept, zero = m.net.bias(batch), m.net.bias(unknown)
+    as_unknown = torch.isclose(dropped, zero) & ~torch.isclose(kept, zero)
+    as_kept = torch.isclose(dropped, kept)
+    assert (as_unknown | as_kept).all()
+    assert 0.3 < as_unknown.float().mean() < 0.7  # about half of the rows lost their position
+    assert torch.equal(m.net.bias(batch), kept)  # no dropout in eval
 
 
 def test_bias_tower_can_be_kept_at_inference(frame):

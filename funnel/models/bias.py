@@ -20,7 +20,7 @@ from funnel.models.towers.mlp import mlp_layers
 
 class BiasTower(nn.Module):
     def __init__(self, layout: dict[str, Any], features: Sequence[str], hidden: Sequence[int] = (16,),
-                 keep_at_inference: bool = False, init_std: float = 0.05):
+                 keep_at_inference: bool = False, feature_dropout: float = 0.0, init_std: float = 0.05):
         super().__init__()
         by_name = {f["name"]: f for f in layout["fields"]}
         self.columns = [(module_key(name), by_name[name]["column"]) for name in features]
@@ -34,10 +34,14 @@ class BiasTower(nn.Module):
         layers, out = mlp_layers(width, hidden)
         self.net = nn.Sequential(layers, nn.Linear(out, 1))
         self.keep_at_inference = keep_at_inference
+        self.feature_dropout = feature_dropout
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         cat = batch["cat"]
-        x = torch.cat([self.tables[key](cat[:, col]) for key, col in self.columns], 1)
+        ids = [cat[:, col] for _, col in self.columns]
+        if self.training and self.feature_dropout > 0:  # id 0 is the unknown id
+            ids = [i.masked_fill(torch.rand(i.shape, device=i.device) < self.feature_dropout, 0) for i in ids]
+        x = torch.cat([self.tables[key](i) for (key, _), i in zip(self.columns, ids, strict=True)], 1)
         return self.net(x).squeeze(-1)  # (B,) logit
 
     def active(self, training: bool) -> bool:

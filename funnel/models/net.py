@@ -90,7 +90,7 @@ class FunnelNet(nn.Module):
         self.bias_stage = None
         if bias is not None:
             self.bias_stage = bias.stage or graph.names[0]
-            self.bias = BiasTower(layout, bias.features, bias.hidden, bias.keep_at_inference)
+            self.bias = BiasTower(layout, bias.features, bias.hidden, bias.keep_at_inference, bias.feature_dropout)
         tower_spec = {s.name: s.tower or spec.tower for s in spec.stages}
         self.towers = nn.ModuleDict()
         self.heads = nn.ModuleDict()

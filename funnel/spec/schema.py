@@ -212,10 +212,16 @@ class BiasTowerSpec:
     stage: str | None = None  # None: the first stage
     hidden: tuple[int, ...] = (16,)
     keep_at_inference: bool = False
+    # in training, each bias feature's id is replaced by the unknown id with this
+    # probability (the YouTube paper drops 10% of positions), so the stage tower does not
+    # leave everything that correlates with position to the bias tower
+    feature_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.features:
             raise ValueError("features must list at least one bias-only feature, e.g. [position]")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout must lie in [0, 1), got {self.feature_dropout}")
 
 
 @dataclass(frozen=True)
