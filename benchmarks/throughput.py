@@ -83,7 +83,8 @@ class EpochTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def run_funnel(cfg, graph, featurizer, tables, seed: int, limit: int | None = None) -> float:
+def run_funnel(cfg, graph, featurizer, tables, seed: int, limit: int | None = None, precision: str = "32-true",
+               accelerator: str = "cpu") -> float:
     from pytorch_lightning.loggers import CSVLogger
 
     from funnel.data.datamodule import FunnelDataModule
@@ -98,7 +99,8 @@ def run_funnel(cfg, graph, featurizer, tables, seed: int, limit: int | None = No
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp, name="logs"), callbacks=[timer],
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, limit_train_batches=limit or 1.0)
+                             num_sanity_val_steps=0, limit_train_batches=limit or 1.0, precision=precision,
+                             accelerator=accelerator, devices=1)
         trainer.fit(module, datamodule=dm)
     rows = min(len(tables["train"]), limit * cfg.data.batch_size) if limit else len(tables["train"])
     return rows / (timer.end - timer.start)
@@ -126,23 +128,29 @@ class PlainESMM(nn.Module):
 
 
 def run_plain(cat: torch.Tensor, labels: torch.Tensor, vocab: list[int], towers: list[int], batch_size: int,
-              lr: float, seed: int, limit: int | None = None) -> float:
+              lr: float, seed: int, limit: int | None = None, precision: str = "32-true", device: str = "cpu") -> float:
     torch.manual_seed(seed)
-    model = PlainESMM(vocab, towers)
+    model = PlainESMM(vocab, towers).to(device)
+    cat, labels = cat.to(device), labels.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     n = min(len(cat), limit * batch_size) if limit else len(cat)
-    order = torch.randperm(len(cat))[:n]
+    order = torch.randperm(len(cat), device=device)[:n]
     start = time.perf_counter()
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
         x, y = cat[idx], labels[idx]
-        ctr_logit, cvr_logit = model(x)
+        with autocast:
+            ctr_logit, cvr_logit = model(x)
+        ctr_logit, cvr_logit = ctr_logit.float(), cvr_logit.float()
         p_ctr, p_ctcvr = torch.sigmoid(ctr_logit), torch.sigmoid(ctr_logit) * torch.sigmoid(cvr_logit)
         loss = (nn.functional.binary_cross_entropy(p_ctr, y[:, 0])
                 + nn.functional.binary_cross_entropy(p_ctcvr.clamp(1e-7, 1 - 1e-7), y[:, 1]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
 
 
@@ -183,6 +191,9 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated contenders to skip: funnel,funnel_sparse,plain,rechub")
     ap.add_argument("--limit-batches", type=int, default=None,
                     help="time only this many training batches (for 10M-row memory runs); rechub is skipped")
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                    help="bf16-mixed: bfloat16 autocast for funnel (Lightning precision) and the plain loop")
+    ap.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU (rechub skipped)")
     args = ap.parse_args()
     towers = [int(t) for t in args.towers.split(",")]
     skip = set(filter(None, args.skip.split(",")))
@@ -212,13 +223,15 @@ def main() -> None:
     sparse_cfg = funnel_config(towers, args.batch_size, args.lr, sparse=True)
     for rep in range(args.repeats):
         if "funnel" not in skip:
-            results["funnel"].append(run_funnel(cfg, graph, featurizer, tables, rep, args.limit_batches))
-        if "funnel_sparse" not in skip:
-            results["funnel_sparse"].append(run_funnel(sparse_cfg, graph, featurizer, tables, rep, args.limit_batches))
+            results["funnel"].append(run_funnel(cfg, graph, featurizer, tables, rep, args.limit_batches, args.precision,
+                                                args.accelerator))
+        if "funnel_sparse" not in skip and args.accelerator == "cpu":
+            results["funnel_sparse"].append(run_funnel(sparse_cfg, graph, featurizer, tables, rep, args.limit_batches,
+                                                       args.precision))
         if "plain" not in skip:
             results["plain"].append(run_plain(train.cat, train.labels.float(), vocab, towers, args.batch_size, args.lr, rep,
-                                              args.limit_batches))
-        if "rechub" not in skip and not args.limit_batches:
+                                              args.limit_batches, args.precision, args.accelerator))
+        if "rechub" not in skip and not args.limit_batches and args.accelerator == "cpu" and args.precision == "32-true":
             raw_vocab = [int(df[f"c{f}"].max()) + 1 for f in range(N_FIELDS)]  # rechub reads the raw ids
             r = run_rechub(df.iloc[n_valid:].reset_index(drop=True), raw_vocab, towers, args.batch_size, args.lr, rep)
             if r is not None:
@@ -242,6 +255,8 @@ def main() -> None:
         "rows": args.rows,
         "batch_size": args.batch_size,
         "limit_batches": args.limit_batches,
+        "precision": args.precision,
+        "accelerator": args.accelerator,
         "towers": towers,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),

@@ -111,3 +111,46 @@ def test_gradnorm_is_a_plain_weighted_sum_without_gradients():
     with torch.no_grad():
         total = w({"click": torch.tensor(0.5), "conversion": torch.tensor(0.25)})
     assert total.item() == pytest.approx(0.5 + 2 * 0.25)
+
+
+def test_epoch_losses_are_the_batch_weighted_means_of_the_step_losses(tmp_path):
+    """Per-term losses are summed in the step and logged once per epoch (one self.log per step)."""
+    import csv
+
+    from funnel.training.fit import fit_config
+
+    cfg = config_from_dict({
+        "run_dir": str(tmp_path / "run"),
+        "data": {"synthetic": {"rows": 3000, "seed": 0}, "batch_size": 700},  # 2400 rows: 700, 700, 700, 300
+        "features": [{"name": "user_id", "kind": "categorical"}],
+        "funnel": {"embed_dim": 4, "tower": {"hidden": [8]},
+                   "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
+        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1},
+    })
+    run = fit_config(cfg)
+    with open(run / "logs" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    steps = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    (epoch,) = [r for r in rows if r.get("train/loss_epoch")]
+    assert len(steps) == 4
+    want = (700 * sum(steps[:3]) + 300 * steps[3]) / 2400
+    assert float(epoch["train/loss_epoch"]) == pytest.approx(want, rel=1e-5)
+    assert float(epoch["train/loss/click"]) + float(epoch["train/loss/conversion"]) == pytest.approx(want, rel=1e-5)
+
+
+def test_fused_adam_takes_the_same_steps_as_the_default_adam():
+    from funnel.training.module import _fused
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Flatten(), torch.nn.Linear(12, 1))
+    b = __import__("copy").deepcopy(a)
+    fused, plain = _fused(torch.optim.Adam, a.parameters(), lr=0.01), torch.optim.Adam(b.parameters(), lr=0.01)
+    assert fused.defaults["fused"] is True
+    x = torch.randint(0, 50, (32, 3))
+    for _ in range(5):
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
