@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep", default="", help="comma-separated input columns to copy into the output")
     pr.add_argument("--chunk-rows", type=int, default=262_144,
                     help="rows read, scored and written at a time (memory stays flat for any file size)")
+    pr.add_argument("--bf16", action="store_true",
+                    help="run the towers under bfloat16 autocast (faster on CPUs with AVX512-BF16; ~3 significant digits)")
 
     c = sub.add_parser("check", help="validate the config and the data without training")
     c.add_argument("config")
@@ -118,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         keep = [c.strip() for c in args.keep.split(",") if c.strip()]
         if args.chunk_rows < 1:
             raise UserError(f"--chunk-rows must be >= 1, got {args.chunk_rows}.")
-        print(f"predictions: {predict_run(args.run_dir, args.data, args.out, keep, args.chunk_rows)}")
+        print(f"predictions: {predict_run(args.run_dir, args.data, args.out, keep, args.chunk_rows, args.bf16)}")
         return 0
     if args.command == "check":
         from funnel.check import check

@@ -25,13 +25,17 @@ from funnel.training.module import truth_of
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def score(model: FunnelModel, table: EncodedTable, batch_size: int):
-    """Yield (batch, log_reach (B, S), log_cond (B, S), edge logits) over the table, in row order."""
+@torch.inference_mode()
+def score(model: FunnelModel, table: EncodedTable, batch_size: int, bf16: bool = False):
+    """Yield (batch, log_reach (B, S), log_cond (B, S), edge logits) over the table, in row order.
+    ``bf16``: the towers run under bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX);
+    the funnel composition and the outputs stay float32."""
     model.eval()
     names = model.graph.names
     for batch in BatchLoader(table, batch_size):
-        out = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = model.net.edge_logits(batch)
+        out = model.net.compose({k: v.float() for k, v in logits.items()})
         yield (batch, *out.log_stacked(names), out.logits)
 
 
@@ -45,7 +49,7 @@ def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16
     return values
 
 
-def predict_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16384) -> pd.DataFrame:
+def predict_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16384, bf16: bool = False) -> pd.DataFrame:
     """p_<stage> (path) and p_<stage>_cond (given `after`) for every stage; for a stage
     reached through branches also p_<stage>_via_<branch>_cond and p_<stage>_via_not_<branch>_cond,
     the probability of the stage given each branch (ESM²'s y3 and y4)."""
@@ -55,7 +59,7 @@ def predict_table(model: FunnelModel, table: EncodedTable, batch_size: int = 163
         for s in graph.stages for e in graph.branch_edges(s.name)
     }
     reach, cond, branch = [], [], {c: [] for c in branch_cols}
-    for _, log_reach, log_cond, logits in score(model, table, batch_size):
+    for _, log_reach, log_cond, logits in score(model, table, batch_size, bf16):
         reach.append(log_reach.exp())
         cond.append(log_cond.exp())
         for col, tower in branch_cols.items():
@@ -83,7 +87,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None =
 
 
 def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: list[str] | None = None,
-                chunk_rows: int = 262_144) -> Path:
+                chunk_rows: int = 262_144, bf16: bool = False) -> Path:
     """Score ``data`` chunk by chunk (reading only the feature and ``keep`` columns) and append
     each chunk's predictions to ``out``, so memory stays flat for files larger than memory."""
     cfg, _, featurizer, model = load_run(run_dir)
@@ -98,7 +102,7 @@ def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: li
     with TableWriter(out) as writer:
         for k, df in enumerate(iter_table(data, cfg.data.csv, wanted, chunk_rows)):
             table = featurizer.encode(df, f"{data} (chunk {k})", labels=False)
-            pred = predict_table(model, table, cfg.data.eval_batch_size)
+            pred = predict_table(model, table, cfg.data.eval_batch_size, bf16)
             if keep:
                 pred = pd.concat([df[keep].reset_index(drop=True), pred], axis=1)
             writer.write(pred)

@@ -386,3 +386,11 @@ def test_an_unwritable_output_path_exits_2_without_traceback(tmp_path, capsys):
     assert main(["synth", str(blocker / "out"), "--rows", "100"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_predict_bf16_stays_close_to_float32(fitted, predictions, tmp_path, capsys):
+    out = tmp_path / "bf16.csv"
+    assert main(["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(out), "--bf16"]) == 0
+    bf16 = pd.read_csv(out)
+    diff = (bf16[["p_click", "p_conversion"]] - predictions[["p_click", "p_conversion"]]).abs().to_numpy()
+    assert diff.max() < 0.02 and np.all(bf16["p_conversion"] <= bf16["p_click"])

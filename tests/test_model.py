@@ -207,3 +207,18 @@ def test_sparse_embeddings_train_with_sparse_adam_and_match_dense_adam(tmp_path)
     assert ckpt["global_step"] == 2 * -(-16000 // 1024)  # one step per batch, not one per optimiser
     with pytest.raises(ConfigError, match="sparse_embeddings cannot apply weight_decay"):
         config_from_dict(RAW | {"optim": {"sparse_embeddings": True, "weight_decay": 0.01}})
+
+
+def test_bf16_mixed_training_stays_within_noise_of_float32(tmp_path):
+    import json
+
+    from funnel.training.fit import fit
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    common = ["data.synthetic.rows=20000", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+              "trainer.early_stopping=null", "trainer.log_every_n_steps=5"]
+    f32 = fit(root / "configs/esmm.yaml", [*common, f"run_dir={tmp_path / 'f32'}"])
+    bf16 = fit(root / "configs/esmm.yaml", [*common, "trainer.precision=bf16-mixed", f"run_dir={tmp_path / 'bf16'}"])
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (f32, bf16))
+    for key in ("auc/click", "auc/conversion", "calib/click"):
+        assert abs(a[key] - b[key]) < 0.03, (key, a[key], b[key])

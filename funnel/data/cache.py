@@ -48,6 +48,8 @@ def cache_key(cfg: Config) -> str | None:
         path = getattr(d, split)
         if path:
             p = resolve_path(path)
+            if not p.is_file():
+                return None  # reading the data reports the missing file with its fix
             st = p.stat()
             files[split] = [str(p.resolve()), st.st_size, st.st_mtime_ns]
     shape = {

@@ -137,9 +137,13 @@ class FunnelNet(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
         logits, inputs = self.edge_logits(batch)
-        out = compose_direct(self.graph, logits) if self.direct else compose(self.graph, logits)
+        out = self.compose(logits)
         out.inputs = inputs
         return out
+
+    def compose(self, logits: dict[str, Tensor]) -> FunnelOutput:
+        """Funnel probabilities from edge logits, the way this network is configured."""
+        return compose_direct(self.graph, logits) if self.direct else compose(self.graph, logits)
 
 
 def compose(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:
