@@ -89,8 +89,11 @@ def phase(args: argparse.Namespace) -> None:
         rows = 0
     else:
         predict_run(raw["run_dir"], args.data, args.out)
-        rows = len(pd.read_parquet(args.out, columns=["p_click"])) if args.out.endswith(".parquet") else \
-            sum(1 for _ in open(args.out)) - 1
+        if args.out.endswith(".parquet"):
+            rows = len(pd.read_parquet(args.out, columns=["p_click"]))
+        else:
+            with open(args.out) as fh:
+                rows = sum(1 for _ in fh) - 1
     seconds = time.perf_counter() - start
     print(json.dumps({"phase": args.phase, "rows": rows, "seconds": round(seconds, 2),
                       "rows_per_s": round(rows / seconds) if rows else None,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic, TypeVar
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 from funnel.errors import UserError, did_you_mean
 
@@ -42,3 +43,17 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+
+def argument_problems(cls: type, kwargs: Mapping[str, Any], leading: int, path: str, what: str) -> list[str]:
+    """YAML arguments that ``cls.__init__`` does not take, each with a did-you-mean and the
+    list of what it does take. ``leading``: parameters the framework passes itself (self,
+    shape, ...). A constructor with ``**kwargs`` takes anything."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[leading:]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    return [
+        f"{path}.{key}: {what} has no argument {key!r}.{did_you_mean(key, names)} Its arguments: {', '.join(names) or 'none'}."
+        for key in kwargs if key not in names
+    ]

@@ -188,37 +188,39 @@ def test_sequence_feature_shares_the_item_table_and_pools_only_real_items():
     assert touched[ids[2][ids[2] > 0]].all()  # the history's items receive gradient
 
 
-def test_sparse_embeddings_train_with_sparse_adam_and_match_dense_adam(tmp_path):
-    """optim.sparse_embeddings: lazy SparseAdam on the tables, Adam on the rest; one global step
-    per batch; the metrics of a short run stay within noise of dense Adam."""
+def short_fit(run_dir, *overrides: str):
+    """2 epochs of configs/esmm.yaml on 20k generated rows; returns (run dir, test metrics)."""
     import json
+    from pathlib import Path
 
     from funnel.training.fit import fit
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    common = ["data.synthetic.rows=20000", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
-              "trainer.early_stopping=null", "trainer.log_every_n_steps=5"]
-    dense = fit(root / "configs/esmm.yaml", [*common, f"run_dir={tmp_path / 'dense'}"])
-    sparse = fit(root / "configs/esmm.yaml", [*common, "optim.sparse_embeddings=true", f"run_dir={tmp_path / 'sparse'}"])
-    a, b = (json.loads((r / "metrics.json").read_text()) for r in (dense, sparse))
+    root = Path(__file__).resolve().parents[1]
+    run = fit(root / "configs/esmm.yaml", ["data.synthetic.rows=20000", "trainer.max_epochs=2",
+                                           "trainer.enable_progress_bar=false", "trainer.early_stopping=null",
+                                           "trainer.log_every_n_steps=5", *overrides, f"run_dir={run_dir}"])
+    return run, json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def float32_run(tmp_path_factory):
+    """The dense-Adam float32 baseline both speed options are compared with (fitted once)."""
+    return short_fit(tmp_path_factory.mktemp("f32") / "run")[1]
+
+
+def test_sparse_embeddings_train_with_sparse_adam_and_match_dense_adam(tmp_path, float32_run):
+    """optim.sparse_embeddings: lazy SparseAdam on the tables, Adam on the rest; one global step
+    per batch; the metrics of a short run stay within noise of dense Adam."""
+    sparse, b = short_fit(tmp_path / "sparse", "optim.sparse_embeddings=true")
     for key in ("auc/click", "auc/conversion"):
-        assert abs(a[key] - b[key]) < 0.03, (key, a[key], b[key])
+        assert abs(float32_run[key] - b[key]) < 0.03, (key, float32_run[key], b[key])
     ckpt = torch.load(sparse / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 * -(-16000 // 1024)  # one step per batch, not one per optimiser
     with pytest.raises(ConfigError, match="sparse_embeddings cannot apply weight_decay"):
         config_from_dict(RAW | {"optim": {"sparse_embeddings": True, "weight_decay": 0.01}})
 
 
-def test_bf16_mixed_training_stays_within_noise_of_float32(tmp_path):
-    import json
-
-    from funnel.training.fit import fit
-
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    common = ["data.synthetic.rows=20000", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
-              "trainer.early_stopping=null", "trainer.log_every_n_steps=5"]
-    f32 = fit(root / "configs/esmm.yaml", [*common, f"run_dir={tmp_path / 'f32'}"])
-    bf16 = fit(root / "configs/esmm.yaml", [*common, "trainer.precision=bf16-mixed", f"run_dir={tmp_path / 'bf16'}"])
-    a, b = (json.loads((r / "metrics.json").read_text()) for r in (f32, bf16))
+def test_bf16_mixed_training_stays_within_noise_of_float32(tmp_path, float32_run):
+    _, b = short_fit(tmp_path / "bf16", "trainer.precision=bf16-mixed")
     for key in ("auc/click", "auc/conversion", "calib/click"):
-        assert abs(a[key] - b[key]) < 0.03, (key, a[key], b[key])
+        assert abs(float32_run[key] - b[key]) < 0.03, (key, float32_run[key], b[key])

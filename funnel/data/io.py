@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import Self
 from pathlib import Path
+from typing import Any, Self
 
 import pandas as pd
 
@@ -43,57 +43,67 @@ def _require_pyarrow(path: Path) -> None:
         ) from None
 
 
-def read_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+def _existing(path: str | Path) -> Path:
+    """The resolved path of an existing file, else a DataError that says where to look."""
     path = resolve_path(str(path))
     if not path.is_file():
         hint = f" (set {DATA_ENV} to the folder that holds the shared datasets)" if "shared" in str(path) else ""
         raise DataError(f"data file {str(path)!r} does not exist{hint}.")
+    return path
+
+
+def _read_csv(path: Path, csv: CsvSpec | None, **kwargs: Any) -> Any:
+    """``pd.read_csv`` with the options of ``data.csv`` (a frame, or a reader with ``chunksize``)."""
+    csv = csv or CsvSpec()
+    return pd.read_csv(
+        path,
+        sep=csv.sep,
+        header=0 if csv.header else None,
+        names=list(csv.names) if csv.names else None,
+        skipinitialspace=csv.skipinitialspace,
+        na_values=list(csv.na_values) or None,
+        comment=csv.comment,
+        low_memory=False,
+        **kwargs,
+    )
+
+
+def _csv_error(path: Path, exc: Exception) -> DataError:
+    return DataError(f"{path}: cannot be read as CSV ({exc}). Check data.csv (sep, header, names).")
+
+
+CSV_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError)
+
+
+def read_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    path = _existing(path)
     if path.suffix.lower() in PARQUET_EXT:
         _require_pyarrow(path)
         return pd.read_parquet(path, columns=columns)
-    csv = csv or CsvSpec()
     try:
-        return pd.read_csv(
-            path,
-            sep=csv.sep,
-            header=0 if csv.header else None,
-            names=list(csv.names) if csv.names else None,
-            skipinitialspace=csv.skipinitialspace,
-            na_values=list(csv.na_values) or None,
-            usecols=columns,
-            comment=csv.comment,
-            low_memory=False,
-        )
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: cannot be read as CSV ({exc}). Check data.csv (sep, header, names).") from None
+        return _read_csv(path, csv, usecols=columns)
+    except CSV_ERRORS as exc:
+        raise _csv_error(path, exc) from None
 
 
 def table_columns(path: str | Path, csv: CsvSpec | None = None) -> list[str]:
     """The column names of a CSV or Parquet file, without reading its rows."""
-    path = resolve_path(str(path))
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist.")
+    path = _existing(path)
     if path.suffix.lower() in PARQUET_EXT:
         _require_pyarrow(path)
         import pyarrow.parquet as pq
 
         return list(pq.ParquetFile(path).schema_arrow.names)
-    csv = csv or CsvSpec()
-    if csv.names:
-        return list(csv.names)
     try:
-        return [str(c) for c in pd.read_csv(path, sep=csv.sep, nrows=0, skipinitialspace=csv.skipinitialspace,
-                                            comment=csv.comment).columns]
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: cannot be read as CSV ({exc}). Check data.csv (sep, header, names).") from None
+        return [str(c) for c in _read_csv(path, csv, nrows=0).columns]
+    except CSV_ERRORS as exc:
+        raise _csv_error(path, exc) from None
 
 
 def iter_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None,
                chunk_rows: int = 262_144) -> Iterator[pd.DataFrame]:
     """The table in chunks of at most ``chunk_rows`` rows, so memory stays flat for any file size."""
-    path = resolve_path(str(path))
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist.")
+    path = _existing(path)
     if path.suffix.lower() in PARQUET_EXT:
         _require_pyarrow(path)
         import pyarrow.parquet as pq
@@ -101,17 +111,11 @@ def iter_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] 
         for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
             yield batch.to_pandas()
         return
-    csv = csv or CsvSpec()
     try:
-        reader = pd.read_csv(
-            path, sep=csv.sep, header=0 if csv.header else None, names=list(csv.names) if csv.names else None,
-            skipinitialspace=csv.skipinitialspace, na_values=list(csv.na_values) or None, usecols=columns,
-            comment=csv.comment, chunksize=chunk_rows, low_memory=False,
-        )
-        with reader:
+        with _read_csv(path, csv, usecols=columns, chunksize=chunk_rows) as reader:
             yield from reader
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: cannot be read as CSV ({exc}). Check data.csv (sep, header, names).") from None
+    except CSV_ERRORS as exc:
+        raise _csv_error(path, exc) from None
 
 
 class TableWriter:

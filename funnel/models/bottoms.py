@@ -16,16 +16,15 @@ training can log them.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from funnel.errors import ConfigError, did_you_mean
+from funnel.errors import ConfigError
 from funnel.models.inputs import InputShape, TowerInput
 from funnel.models.towers.mlp import mlp_layers
-from funnel.registry import Registry
+from funnel.registry import Registry, argument_problems
 from funnel.spec.schema import TowerSpec
 
 BOTTOMS: Registry[type[nn.Module]] = Registry("bottom", "funnel.bottom.type")
@@ -150,13 +149,7 @@ def bottom_problems(spec: TowerSpec | None, path: str = "funnel.bottom") -> list
         return []
     if spec.type not in BOTTOMS:
         return [BOTTOMS.unknown(spec.type) + " Or `none` for no shared bottom."]
-    params = list(inspect.signature(BOTTOMS.get(spec.type).__init__).parameters.values())[3:]
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return [
-        f"{path}.{key}: bottom {spec.type!r} has no argument {key!r}.{did_you_mean(key, names)} "
-        f"Its arguments: {', '.join(names)}."
-        for key in spec.kwargs if key not in names
-    ]
+    return argument_problems(BOTTOMS.get(spec.type), spec.kwargs, 3, path, f"bottom {spec.type!r}")
 
 
 def build_bottom(spec: TowerSpec | None, shape: InputShape, stages: Sequence[str]) -> nn.Module | None:

@@ -11,13 +11,11 @@ Built-ins: ``mlp``, ``deepfm``, ``dcn``, ``field_sum``, ``din`` (one file each).
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 
-from funnel.errors import ConfigError, did_you_mean
+from funnel.errors import ConfigError
 from funnel.models.inputs import InputShape
-from funnel.registry import Registry
+from funnel.registry import Registry, argument_problems
 from funnel.spec.schema import TowerSpec
 
 TOWERS: Registry[type[nn.Module]] = Registry("tower", "funnel.tower.type")
@@ -28,17 +26,7 @@ def tower_problems(spec: TowerSpec, path: str) -> list[str]:
     """Check a tower spec against the registered constructor's signature."""
     if spec.type not in TOWERS:
         return [TOWERS.unknown(spec.type).replace(TOWERS.yaml_key, f"{path}.type", 1)]
-    params = list(inspect.signature(TOWERS.get(spec.type).__init__).parameters.values())[2:]
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
-    problems = []
-    for key in spec.kwargs:
-        if key not in names and not takes_any:
-            problems.append(
-                f"{path}.{key}: tower {spec.type!r} has no argument {key!r}.{did_you_mean(key, names)} "
-                f"Its arguments: {', '.join(names) or 'none'}."
-            )
-    return problems
+    return argument_problems(TOWERS.get(spec.type), spec.kwargs, 2, path, f"tower {spec.type!r}")
 
 
 def build_tower(spec: TowerSpec, shape: InputShape, path: str) -> nn.Module:
