@@ -11,7 +11,8 @@ Measured, each in a fresh subprocess so that peak RSS belongs to one phase:
 - ``cached``: the same call again, served from the on-disk cache (no parsing);
 - ``predict``: ``funnel predict`` on the whole file (chunks of 262,144 rows) with a model
   of the throughput benchmark's shape (towers [360, 200, 80], embedding 18), trained for a
-  handful of steps: the speed does not depend on the weights.
+  handful of steps: the speed does not depend on the weights. Timed from loading the run
+  to the last row written; ``predict_bf16`` is the same with ``--bf16``.
 
 The last line printed is one JSON object.
 
@@ -88,7 +89,7 @@ def phase(args: argparse.Namespace) -> None:
         fit_config(cfg)
         rows = 0
     else:
-        predict_run(raw["run_dir"], args.data, args.out)
+        predict_run(raw["run_dir"], args.data, args.out, bf16=args.bf16)
         if args.out.endswith(".parquet"):
             rows = len(pd.read_parquet(args.out, columns=["p_click"]))
         else:
@@ -100,8 +101,8 @@ def phase(args: argparse.Namespace) -> None:
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **extra}))
 
 
-def run_phase(name: str, cfg_path: Path, **extra: str) -> dict:
-    cmd = [sys.executable, __file__, "--phase", name, "--config", str(cfg_path)]
+def run_phase(name: str, cfg_path: Path, *flags: str, **extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--phase", name, "--config", str(cfg_path), *flags]
     for k, v in extra.items():
         cmd += [f"--{k}", v]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
         phase(args)
@@ -137,6 +139,7 @@ def main() -> None:
         cached = run_phase("cached", cfg_path)
         run_phase("fit", cfg_path)
         predict = run_phase("predict", cfg_path, data=str(data), out=str(tmp / f"pred.{args.format}"))
+        bf16 = run_phase("predict", cfg_path, "--bf16", data=str(data), out=str(tmp / f"pred_bf16.{args.format}"))
     print(json.dumps({
         "rows": args.rows, "format": args.format, "file_mb": round(size_mb),
         "encode_rows_per_s": encode["rows_per_s"], "encode_s": encode["seconds"], "encode_peak_rss_mb": encode["peak_rss_mb"],
@@ -144,6 +147,8 @@ def main() -> None:
         "cached_s": cached["seconds"], "cached_peak_rss_mb": cached["peak_rss_mb"],
         "predict_rows_per_s": predict["rows_per_s"], "predict_s": predict["seconds"],
         "predict_peak_rss_mb": predict["peak_rss_mb"],
+        "predict_bf16_rows_per_s": bf16["rows_per_s"], "predict_bf16_s": bf16["seconds"],
+        "predict_bf16_peak_rss_mb": bf16["peak_rss_mb"],
     }))
 
 

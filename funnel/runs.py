@@ -92,14 +92,26 @@ def load_run(run_dir: str | Path) -> tuple[Config, FunnelGraph, Featurizer, Funn
     ckpt = run_dir / BEST
     if not ckpt.is_file():
         raise UserError(f"{run_dir}: no checkpoint at {BEST}. Did `funnel fit` finish? Train again to create it.")
-    model = create_model(graph, cfg.funnel, featurizer.layout())
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: only the model's weights are read, not the optimiser state beside them
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # a corrupt or foreign file: say so instead of a traceback
         raise UserError(f"{ckpt}: cannot be loaded as a checkpoint ({exc}).") from None
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{ckpt}: does not match the run's config (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    model = _model_with(weights, lambda: create_model(graph, cfg.funnel, featurizer.layout()), ckpt)
     model.eval()
     return cfg, graph, featurizer, model
+
+
+def _model_with(weights: dict[str, torch.Tensor], build: Any, ckpt: Path) -> FunnelModel:
+    """The model holding ``weights``. It is built on the meta device first, so that its large
+    embedding tables are not randomly initialised only to be overwritten; a model with state
+    outside its state dict (a non-persistent buffer) is built again the ordinary way."""
+    with torch.device("meta"):
+        model = build()
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if missing or unexpected:
+        raise UserError(f"{ckpt}: does not match the run's config (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = build()
+        model.load_state_dict(weights)
+    return model

@@ -394,3 +394,27 @@ def test_predict_bf16_stays_close_to_float32(fitted, predictions, tmp_path, caps
     bf16 = pd.read_csv(out)
     diff = (bf16[["p_click", "p_conversion"]] - predictions[["p_click", "p_conversion"]]).abs().to_numpy()
     assert diff.max() < 0.02 and np.all(bf16["p_conversion"] <= bf16["p_click"])
+
+
+def test_a_loaded_run_holds_the_checkpoint_weights_and_no_meta_tensors(fitted):
+    import torch
+
+    from funnel.runs import BEST, _model_with, load_run
+
+    _, _, _, model = load_run(fitted.run)
+    state = torch.load(fitted.run / BEST, map_location="cpu", weights_only=True)["state_dict"]
+    loaded = model.state_dict()
+    assert loaded.keys() == {k.removeprefix("model.") for k in state if k.startswith("model.")}
+    for key, value in loaded.items():
+        assert not value.is_meta
+        torch.testing.assert_close(value, state[f"model.{key}"], rtol=0, atol=0)
+
+    class WithScratch(torch.nn.Module):  # state outside the state dict: rebuilt the ordinary way
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+            self.register_buffer("scratch", torch.ones(2), persistent=False)
+
+    weights = {"lin.weight": torch.tensor([[1.0, 2.0]]), "lin.bias": torch.tensor([3.0])}
+    rebuilt = _model_with(weights, WithScratch, fitted.run / BEST)
+    assert rebuilt.scratch.tolist() == [1.0, 1.0] and rebuilt.lin.weight.tolist() == [[1.0, 2.0]]

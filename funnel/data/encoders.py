@@ -76,12 +76,13 @@ class CategoricalEncoder:
             if kind == "str":
                 self._lookup[kind] = pd.Index(self.vocab, dtype=object)
             else:
-                tokens = np.asarray(self.vocab, dtype=str)
                 try:
-                    ints = tokens.astype(np.int64)
+                    ints = list(map(int, self.vocab))
+                    # canonical only: int() also takes " 12", "012" and "1_000", which stay distinct tokens
+                    index = pd.Index(np.array(ints, dtype=np.int64)) if list(map(str, ints)) == self.vocab else None
                 except (ValueError, OverflowError):
-                    ints = None
-                self._lookup[kind] = pd.Index(ints) if ints is not None and (ints.astype(str) == tokens).all() else None
+                    index = None
+                self._lookup[kind] = index
         return self._lookup[kind]
 
     def encode_tokens(self, tokens: pd.Series) -> np.ndarray:

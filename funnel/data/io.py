@@ -140,9 +140,26 @@ class TableWriter:
                 self._writer = pq.ParquetWriter(self.path, table.schema)
             self._writer.write_table(table)
         else:
-            df.to_csv(self.path, index=False, mode="w" if self.rows == 0 else "a", header=self.rows == 0,
-                      float_format="%.7g")
+            self._write_csv(df)
         self.rows += len(df)
+
+    def _write_csv(self, df: pd.DataFrame) -> None:
+        """pyarrow's CSV writer when it is installed (about 10x faster than pandas: it matters for
+        `funnel predict`), else pandas. Floats are written with the fewest digits that read back
+        to the same float32/float64 value."""
+        first = self.rows == 0
+        try:
+            import pyarrow as pa
+            import pyarrow.csv as pa_csv
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+        except (ImportError, ValueError, TypeError):  # no pyarrow, or a column arrow cannot type
+            df.to_csv(self.path, index=False, mode="w" if first else "a", header=first)
+            return
+        with open(self.path, "wb" if first else "ab") as fh:
+            if first:  # pandas writes the header: arrow would quote every name
+                fh.write(pd.DataFrame(columns=df.columns).to_csv(index=False).encode())
+            pa_csv.write_csv(table, fh, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
 
     def close(self) -> None:
         if self._writer is not None:
