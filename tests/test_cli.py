@@ -234,7 +234,8 @@ def test_predict_streams_in_chunks_with_the_same_output(fitted, predictions, tmp
         src = tmp_path / "test.parquet"
         pd.read_csv(fitted.data / "test.csv").to_parquet(src, index=False)
     out = tmp_path / f"chunked{suffix}"
-    args = ["predict", str(fitted.run), "--data", str(src), "--out", str(out), "--keep", "user_id", "--chunk-rows", "37"]
+    args = ["predict", str(fitted.run), "--data", str(src), "--out", str(out), "--keep", "user_id", "--chunk-rows", "37",
+            "--batch-size", "16"]
     assert main(args) == 0
     chunked = pd.read_parquet(out) if suffix == ".parquet" else pd.read_csv(out)
     assert len(chunked) == 300  # 9 chunks of 37 rows and one of 4
@@ -253,6 +254,10 @@ def test_predict_names_missing_feature_columns_before_reading_rows(fitted, tmp_p
     assert main(["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv"),
                  "--chunk-rows", "0"]) == 2
     assert "--chunk-rows must be >= 1" in capsys.readouterr().err
+    assert main(["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv"),
+                 "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_predict_needs_no_label_columns(fitted, tmp_path, capsys):

@@ -193,6 +193,27 @@ def test_every_tower_in_every_model_reaches_the_shared_embeddings(frames, name, 
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("funnel", sorted(FUNNELS))
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_every_tower_in_every_model_scores_in_bf16_close_to_float32(frames, name, funnel):
+    """`funnel predict --bf16`: dense layers cast to bfloat16 once, the rest under autocast."""
+    from funnel.inference import dense_layers_to_bf16, predict_table
+
+    raw = {"data": {"train": "unused.csv"}, "features": FEATURES,
+           "funnel": copy.deepcopy(FUNNELS[funnel]) | {"embed_dim": 4, "tower": {"type": name, **ARGS[name]}}}
+    cfg = config_from_dict(raw)
+    graph = build_graph(cfg)
+    frame = frames["branch" if funnel == "esm2" else "chain"]
+    fz = Featurizer(cfg, graph).fit(frame)
+    torch.manual_seed(0)
+    model = create_model(graph, cfg.funnel, fz.layout())
+    table = fz.encode(frame.head(256), "train", labels=False)
+    exact = predict_table(model, table, 100)
+    fast = predict_table(dense_layers_to_bf16(copy.deepcopy(model)), table, 100, bf16=True)
+    assert list(fast.columns) == list(exact.columns) and fast.notna().all().all()
+    assert (fast - exact).abs().max().max() < 0.02
+
+
 # ---- plug-ins -------------------------------------------------------------------------------------
 
 PLUGIN = textwrap.dedent('''
