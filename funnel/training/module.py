@@ -8,11 +8,7 @@ from torch import Tensor
 
 from funnel.models.registry import FunnelModel
 from funnel.spec.schema import OptimSpec
-from funnel.training.metrics import FunnelMetrics
-
-
-def truth_of(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k.split("/", 1)[1]: v for k, v in batch.items() if k.startswith("truth/")}
+from funnel.training.metrics import FunnelMetrics, truth_of
 
 
 class FunnelLightningModule(pl.LightningModule):
