@@ -11,7 +11,7 @@ one epoch over ``--rows`` generated rows (seeded), all data in memory. Three con
 - ``plain``: the same network and loss written as a bare loop over the same tensors
   (shuffled index gathers, forward, BCE on pCTR and pCTCVR, backward, Adam step).
 - ``funnel_sparse``: the same with ``optim.sparse_embeddings: true`` (sparse gradients for
-  the embedding tables, lazy SparseAdam on them, Adam on the rest).
+  the embedding tables, funnel's LazyAdam on them, Adam on the rest).
 - ``rechub``: torch-rechub's ESMM with its own DataGenerator and MTLTrainer (one
   ``train_one_epoch``), when ``torch_rechub`` is importable (``pip install torch-rechub``
   next to torch 2.13.0); skipped otherwise.

@@ -208,8 +208,8 @@ def float32_run(tmp_path_factory):
     return short_fit(tmp_path_factory.mktemp("f32") / "run")[1]
 
 
-def test_sparse_embeddings_train_with_sparse_adam_and_match_dense_adam(tmp_path, float32_run):
-    """optim.sparse_embeddings: lazy SparseAdam on the tables, Adam on the rest; one global step
+def test_sparse_embeddings_train_with_lazy_adam_and_match_dense_adam(tmp_path, float32_run):
+    """optim.sparse_embeddings: LazyAdam on the tables, Adam on the rest; one global step
     per batch; the metrics of a short run stay within noise of dense Adam."""
     sparse, b = short_fit(tmp_path / "sparse", "optim.sparse_embeddings=true")
     for key in ("auc/click", "auc/conversion"):

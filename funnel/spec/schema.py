@@ -268,18 +268,18 @@ class OptimSpec:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.0  # sgd only
-    # adam only: embedding tables get sparse gradients and torch's lazy SparseAdam (only the
-    # rows a batch touches are updated, moments included); the rest keeps Adam. Faster with
-    # large vocabularies; not bit-identical to dense Adam (lazy moments)
+    # adam only: embedding tables get sparse gradients and lazy Adam (funnel's LazyAdam, the
+    # arithmetic of torch's SparseAdam: only the rows a batch touches are updated, moments
+    # included); the rest keeps Adam. Not bit-identical to dense Adam (lazy moments)
     sparse_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if self.sparse_embeddings and self.name != "adam":
-            raise ValueError(f"sparse_embeddings works with name: adam (SparseAdam + Adam), not {self.name!r}")
+            raise ValueError(f"sparse_embeddings works with name: adam (lazy Adam + Adam), not {self.name!r}")
         if self.sparse_embeddings and self.weight_decay:
-            raise ValueError("sparse_embeddings cannot apply weight_decay (SparseAdam has none); set it to 0")
+            raise ValueError("sparse_embeddings cannot apply weight_decay (lazy Adam has none); set it to 0")
 
 
 TRAINER_OWN_KEYS = ("monitor", "mode", "early_stopping", "save_top_k")

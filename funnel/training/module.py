@@ -8,6 +8,7 @@ from torch import Tensor
 
 from funnel.models.registry import FunnelModel
 from funnel.spec.schema import OptimSpec
+from funnel.training.lazy_adam import LazyAdam
 from funnel.training.metrics import FunnelMetrics, truth_of
 
 
@@ -17,7 +18,7 @@ class FunnelLightningModule(pl.LightningModule):
         self.model = model
         self.optim = optim
         self.names = model.graph.names
-        # sparse embeddings: two optimisers (SparseAdam, Adam) stepped by hand
+        # sparse embeddings: two optimisers (LazyAdam, Adam) stepped by hand
         self.automatic_optimization = not optim.sparse_embeddings
         self._epoch_keys: list[str] = []
         self._epoch_sum: Tensor | None = None
@@ -106,7 +107,7 @@ class FunnelLightningModule(pl.LightningModule):
                 m.sparse = True
             sparse_ids = {id(m.weight) for m in tables}
             dense = [p for p in params if id(p) not in sparse_ids]
-            return [torch.optim.SparseAdam([m.weight for m in tables], lr=o.lr), _fused(torch.optim.Adam, dense, lr=o.lr)]
+            return [LazyAdam([m.weight for m in tables], lr=o.lr), _fused(torch.optim.Adam, dense, lr=o.lr)]
         # fused: one kernel over all parameters instead of a Python loop of small ops (same
         # arithmetic; CPU and CUDA both have it)
         if o.name == "adam":

@@ -1,0 +1,121 @@
+"""How the embedding tables are stored and updated, measured on the throughput workload.
+
+The speed issue asks to consider a single fused embedding table with offsets and sparse
+gradients with a matching optimiser. This script measures those choices in a bare training
+loop (no Lightning; only funnel's LazyAdam), so that only the table layout and the update differ:
+
+- ``tables``: one ``nn.Embedding`` per field (funnel's layout), dense gradients, fused Adam;
+- ``tables_sparse_adam``: the same tables with sparse gradients and ``torch.optim.SparseAdam``
+  (what ``optim.sparse_embeddings: true`` used before LazyAdam);
+- ``tables_lazy_adam``: the same with ``funnel.training.lazy_adam.LazyAdam`` (SparseAdam's
+  arithmetic as row gathers and one ``index_add_`` per table; what
+  ``optim.sparse_embeddings: true`` uses now);
+- ``fused``: one table for all fields, ids shifted by per-field offsets, dense fused Adam;
+- ``fused_lazy_adam``: the fused table with the row-wise lazy Adam.
+
+ESMM shape of the issue: 20 fields with vocabularies 10 .. 100,000 (log-spaced), embedding
+18, towers [360, 200, 80]. Each variant runs ``--steps`` steps (the first 20 untimed), the
+variants interleaved ``--repeats`` times. The last line printed is one JSON object.
+
+    python benchmarks/embedding_update.py --batch-size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from funnel.training.lazy_adam import LazyAdam
+
+FIELDS, EMBED, TOWERS = 20, 18, (360, 200, 80)
+VARIANTS = ("tables", "tables_sparse_adam", "tables_lazy_adam", "fused", "fused_lazy_adam")
+
+
+class Net(nn.Module):
+    def __init__(self, vocab: np.ndarray, fused: bool, sparse: bool):
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.emb = nn.Embedding(int(vocab.sum()), EMBED, sparse=sparse)
+            self.register_buffer("offsets", torch.tensor(np.concatenate([[0], np.cumsum(vocab)[:-1]])))
+        else:
+            self.emb = nn.ModuleList(nn.Embedding(int(v), EMBED, sparse=sparse) for v in vocab)
+        for p in self.emb.parameters():
+            nn.init.normal_(p, std=0.05)
+
+        def tower() -> nn.Sequential:
+            layers, width = [], FIELDS * EMBED
+            for h in TOWERS:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                width = h
+            return nn.Sequential(*layers, nn.Linear(width, 1))
+
+        self.ctr, self.cvr = tower(), tower()
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            flat = self.emb(ids + self.offsets).flatten(1)
+        else:
+            flat = torch.cat([e(ids[:, i]) for i, e in enumerate(self.emb)], 1)
+        return self.ctr(flat).squeeze(1), self.cvr(flat).squeeze(1)
+
+
+def run(variant: str, ids: torch.Tensor, labels: torch.Tensor, vocab: np.ndarray, batch: int, steps: int) -> float:
+    torch.manual_seed(0)
+    sparse = variant.endswith(("sparse_adam", "lazy_adam"))
+    net = Net(vocab, fused=variant.startswith("fused"), sparse=sparse)
+    tables = list(net.emb.parameters())
+    dense = [p for n, p in net.named_parameters() if not n.startswith("emb")]
+    if not sparse:
+        optimisers = [torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)]
+    elif variant.endswith("sparse_adam"):
+        optimisers = [torch.optim.Adam(dense, lr=1e-3, fused=True), torch.optim.SparseAdam(tables, lr=1e-3)]
+    else:
+        optimisers = [torch.optim.Adam(dense, lr=1e-3, fused=True), LazyAdam(tables, lr=1e-3)]
+    order = torch.randperm(len(ids))
+    start = 0.0
+    for step in range(steps):
+        if step == 20:
+            start = time.perf_counter()
+        rows = order[(step * batch) % (len(ids) - batch):][:batch]
+        ctr, cvr = net(ids[rows])
+        y = labels[rows]
+        p_ctr = torch.sigmoid(ctr)
+        loss = nn.functional.binary_cross_entropy_with_logits(ctr, y[:, 0]) + nn.functional.binary_cross_entropy(
+            p_ctr * torch.sigmoid(cvr), y[:, 1])
+        for opt in optimisers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in optimisers:
+            opt.step()
+    return (steps - 20) * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    vocab = np.geomspace(10, 100_000, FIELDS).astype(np.int64)
+    ids = torch.tensor(np.stack([np.minimum((v * rng.random(args.rows) ** 2).astype(np.int64), v - 1) for v in vocab], 1))
+    labels = torch.tensor(rng.random((args.rows, 2)) < 0.1, dtype=torch.float32)
+    runs: dict[str, list[int]] = {v: [] for v in VARIANTS}
+    for r in range(args.repeats):
+        for variant in VARIANTS:
+            runs[variant].append(round(run(variant, ids, labels, vocab, args.batch_size, args.steps)))
+        print(f"run {r + 1}: " + ", ".join(f"{v} {runs[v][-1]:,}/s" for v in VARIANTS), flush=True)
+    print(json.dumps({"batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                      "median_samples_per_s": {v: statistics.median(runs[v]) for v in VARIANTS}, "runs": runs}))
+
+
+if __name__ == "__main__":
+    main()
