@@ -90,7 +90,7 @@ def test_bottoms_train_inside_funnel_models(frame, kind, model):
     loss = m.loss(m(batch), batch["labels"])
     loss.total.backward()
     assert torch.isfinite(loss.total)
-    assert m.net.embeddings.tables["m_user_id"].weight.grad.abs().sum() > 0
+    assert m.net.embeddings.table_grad("user_id").abs().sum() > 0
 
 
 def test_bottom_problems_are_reported_at_validation():
@@ -110,7 +110,7 @@ def test_bottom_with_private_embeddings_is_refused(frame):
 
 def test_bias_logit_is_added_in_training_and_dropped_in_eval(frame):
     m, batch = build(frame, bias_tower={"features": ["position"], "feature_dropout": 0.0})
-    assert "m_position" not in m.net.embeddings.tables  # bias features feed the shallow tower only
+    assert "position" not in m.net.embeddings.table_names  # bias features feed the shallow tower only
     assert m.net.embeddings.shape.field_dims.keys() == {"user_id", "item_id"}
     m.train()
     with_bias, _ = m.net.edge_logits(batch)

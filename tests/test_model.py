@@ -15,6 +15,7 @@ from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
 from funnel.inference import predict_table
 from funnel.models import MODELS, create_model
+from funnel.models.embedding import SharedEmbeddings
 from funnel.models.inputs import InputShape
 from funnel.models.net import compose
 from funnel.models.towers import build_tower
@@ -124,13 +125,14 @@ def test_model_probabilities_multiply_along_the_path(frame):
 def test_esmm_shares_embeddings_and_every_tower_reaches_them(frame):
     model, table = build(frame, "esmm")
     batch = take(table.tensors(), slice(0, 64))
-    tables = list(model.net.embeddings.tables.values())
-    assert len(tables) == 3  # user_id, item_id, device: one table each, used by every tower
+    emb = model.net.embeddings
+    assert emb.table_names == ("user_id", "item_id", "device")  # one table each, used by every tower
     for stage in ("click", "buy"):  # the first tower and a conditional one
         model.zero_grad()
         model(batch).logits[stage].sum().backward()
-        for emb in tables:
-            assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0, stage
+        for name in emb.table_names:
+            grad = emb.table_grad(name)
+            assert grad is not None and grad.abs().sum() > 0, (stage, name)
 
 
 def test_esmm_loss_trains_every_tower_and_the_shared_tables(frame):
@@ -170,21 +172,21 @@ def test_sequence_feature_shares_the_item_table_and_pools_only_real_items():
     feat = Featurizer(cfg, graph).fit(df)
     table = feat.encode(df, "train")
     model = create_model(graph, cfg.funnel, feat.layout())
-    tables = model.net.embeddings.tables
-    assert len(tables) == 1  # history reuses item_id's table
+    emb = model.net.embeddings
+    assert emb.table_names == ("item_id",)  # history reuses item_id's table
     ids = table.seq["history"]
     assert ids[1].tolist() == [0, 0, 0]  # empty history: all padding
 
     x = model.net.embeddings(table.tensors())
     assert x.flat.shape == (3, 8)  # item (4) + pooled history (4)
     assert torch.equal(x.fields["history"][1], torch.zeros(4))  # nothing to pool
-    weight = next(iter(tables.values())).weight
+    weight = emb.table_weight("item_id")
     row0 = weight[ids[0][ids[0] > 0]].mean(0)
     assert torch.allclose(x.fields["history"][0], row0)  # mean over the real items only
 
     out = model(table.tensors())
     model.loss(out, table.labels).total.backward()
-    touched = weight.grad.abs().sum(1) > 0
+    touched = emb.table_grad("item_id").abs().sum(1) > 0
     assert touched[ids[2][ids[2] > 0]].all()  # the history's items receive gradient
 
 
@@ -224,3 +226,24 @@ def test_bf16_mixed_training_stays_within_noise_of_float32(tmp_path, float32_run
     _, b = short_fit(tmp_path / "bf16", "trainer.precision=bf16-mixed")
     for key in ("auc/click", "auc/conversion", "calib/click"):
         assert abs(float32_run[key] - b[key]) < 0.03, (key, float32_run[key], b[key])
+
+
+@pytest.mark.parametrize("name", ["esmm", "esmm_ns"])
+def test_a_model_saved_with_one_table_per_feature_loads_into_the_fused_tables(frame, name):
+    """Runs trained before the fused tables (keys ``...tables.m_<feature>.weight``) still load."""
+    model, table = build(frame, name)
+    batch = take(table.tensors(), slice(0, 32))
+    model.eval()
+    expected = model(batch).log_reach["buy"]
+    old_state = {k: v for k, v in model.state_dict().items() if ".fused." not in k}
+    for path, emb in model.named_modules():
+        if isinstance(emb, SharedEmbeddings):  # ESMM-NS has one per tower
+            for t in emb.table_names:
+                old_state[f"{path}.tables.m_{t}.weight"] = emb.table_weight(t).detach().clone()
+    fresh, _ = build(frame, name)
+    torch.manual_seed(1)
+    for p in fresh.parameters():
+        torch.nn.init.normal_(p)
+    fresh.load_state_dict(old_state)
+    fresh.eval()
+    torch.testing.assert_close(fresh(batch).log_reach["buy"], expected)

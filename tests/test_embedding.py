@@ -1,0 +1,78 @@
+"""The fused embedding tables: one weight per embedding width, each table a block of rows."""
+
+from __future__ import annotations
+
+import torch
+
+from funnel.models.embedding import SharedEmbeddings
+
+LAYOUT = {
+    "tables": {"u": (5, 3), "d": (4, 2), "i": (7, 3), "pos": (3, 3)},
+    "fields": [
+        {"name": "u", "kind": "categorical", "table": "u", "column": 0, "dim": 3},
+        {"name": "d", "kind": "categorical", "table": "d", "column": 1, "dim": 2},  # another width
+        {"name": "i", "kind": "categorical", "table": "i", "column": 2, "dim": 3},
+        {"name": "i2", "kind": "categorical", "table": "i", "column": 3, "dim": 3},  # share_with: i
+        {"name": "pos", "kind": "categorical", "table": "pos", "column": 4, "dim": 3},  # excluded
+        {"name": "hist", "kind": "sequence", "table": "i", "dim": 3, "pooling": "sum"},
+    ],
+    "numeric_dim": 2,
+}
+
+
+def batch() -> dict[str, torch.Tensor]:
+    return {
+        "cat": torch.tensor([[1, 0, 6, 2, 1], [4, 3, 1, 1, 2]]),
+        "seq/hist": torch.tensor([[0, 2, 5], [0, 0, 0]]),
+        "num": torch.tensor([[0.5, -1.0], [2.0, 0.0]]),
+    }
+
+
+def test_tables_of_one_width_share_a_fused_weight_in_layout_order():
+    emb = SharedEmbeddings(LAYOUT, exclude=frozenset({"pos"}))
+    assert emb.table_names == ("u", "d", "i")  # pos is the bias tower's
+    assert emb.slots == {"u": ("d3", 0, 5), "d": ("d2", 0, 4), "i": ("d3", 5, 7)}
+    assert emb.fused["d3"].weight.shape == (12, 3) and emb.fused["d2"].weight.shape == (4, 2)
+    assert torch.equal(emb.table_weight("i"), emb.fused["d3"].weight[5:12])
+
+
+def test_each_field_gets_its_own_tables_rows_and_flat_keeps_the_feature_order():
+    emb = SharedEmbeddings(LAYOUT, exclude=frozenset({"pos"}))
+    b = batch()
+    x = emb(b)
+    w = {name: emb.table_weight(name).detach() for name in emb.table_names}
+    torch.testing.assert_close(x.fields["u"], w["u"][[1, 4]])
+    torch.testing.assert_close(x.fields["d"], w["d"][[0, 3]])
+    torch.testing.assert_close(x.fields["i"], w["i"][[6, 1]])
+    torch.testing.assert_close(x.fields["i2"], w["i"][[2, 1]])  # the shared table, not a copy
+    torch.testing.assert_close(x.fields["hist"], torch.stack([w["i"][2] + w["i"][5], torch.zeros(3)]))
+    expected = torch.cat([x.fields[n] for n in ("u", "d", "i", "i2", "hist")] + [b["num"]], 1)
+    torch.testing.assert_close(x.flat, expected)
+    assert x.flat.shape == (2, emb.shape.flat_dim) == (2, 3 + 2 + 3 + 3 + 3 + 2)
+
+
+def test_one_width_gives_the_same_flat_as_the_per_field_concatenation():
+    layout = {"tables": {"a": (4, 2), "b": (6, 2)}, "numeric_dim": 1,
+              "fields": [{"name": "a", "kind": "categorical", "table": "a", "column": 0, "dim": 2},
+                         {"name": "b", "kind": "categorical", "table": "b", "column": 1, "dim": 2}]}
+    emb = SharedEmbeddings(layout)
+    b = {"cat": torch.tensor([[3, 5], [0, 1]]), "num": torch.tensor([[1.0], [2.0]])}
+    x = emb(b)
+    wa, wb = emb.table_weight("a").detach(), emb.table_weight("b").detach()
+    torch.testing.assert_close(x.flat, torch.cat([wa[[3, 0]], wb[[5, 1]], b["num"]], 1))
+
+
+def test_gradients_reach_only_the_rows_looked_up():
+    emb = SharedEmbeddings(LAYOUT, exclude=frozenset({"pos"}))
+    emb(batch()).flat.sum().backward()
+    touched = emb.table_grad("i").abs().sum(1) > 0
+    assert touched.tolist() == [False, True, True, False, False, True, True]  # 6, 1, 2, 1 and history 2, 5
+    assert (emb.table_grad("u").abs().sum(1) > 0).tolist() == [False, True, False, False, True]
+
+
+def test_a_checkpoint_with_one_table_per_feature_still_loads():
+    emb = SharedEmbeddings(LAYOUT, exclude=frozenset({"pos"}))
+    old = {f"tables.m_{name}.weight": torch.randn(emb.table_weight(name).shape) for name in emb.table_names}
+    emb.load_state_dict(dict(old))
+    for name in emb.table_names:
+        torch.testing.assert_close(emb.table_weight(name).detach(), old[f"tables.m_{name}.weight"], rtol=0, atol=0)
