@@ -96,6 +96,8 @@ def load_run(run_dir: str | Path) -> tuple[Config, FunnelGraph, Featurizer, Funn
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # a corrupt or foreign file: say so instead of a traceback
         raise UserError(f"{ckpt}: cannot be loaded as a checkpoint ({exc}).") from None
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise UserError(f"{ckpt}: is not a funnel checkpoint (no state_dict). Train again with `funnel fit`.")
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     model = _model_with(weights, lambda: create_model(graph, cfg.funnel, featurizer.layout()), ckpt)
     model.eval()
@@ -108,7 +110,10 @@ def _model_with(weights: dict[str, torch.Tensor], build: Any, ckpt: Path) -> Fun
     outside its state dict (a non-persistent buffer) is built again the ordinary way."""
     with torch.device("meta"):
         model = build()
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of another shape: the encoders or config were changed
+        raise UserError(f"{ckpt}: does not match the run's encoders and config ({str(exc).splitlines()[-1].strip()}).") from None
     if missing or unexpected:
         raise UserError(f"{ckpt}: does not match the run's config (missing {missing[:3]}, unexpected {unexpected[:3]}).")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):

@@ -167,3 +167,15 @@ def test_position_free_auc_is_logged_for_the_first_stage(frame):
     assert torch.equal(table.truth["free"][:, 0], torch.tensor(frame["cf_click_free"].to_numpy(), dtype=torch.float32))
     values = evaluate_table(model, table, 128)
     assert 0 <= values["auc_free/click"] <= 1 and "auc_free/conversion" not in values
+
+
+@pytest.mark.parametrize("kind", ["shared_bottom", "mmoe", "ple"])
+def test_bottoms_score_in_bf16_close_to_float32(frame, kind):
+    from funnel.data.table import EncodedTable
+    from funnel.inference import dense_layers_to_bf16, predict_table
+
+    m, batch = build(frame, model="aitm", bottom={"type": kind})
+    table = EncodedTable(cat=batch["cat"], num=batch["num"])
+    exact = predict_table(m, table, 16)
+    fast = predict_table(dense_layers_to_bf16(copy.deepcopy(m)), table, 16, bf16=True)
+    assert fast.notna().all().all() and (fast - exact).abs().max().max() < 0.02

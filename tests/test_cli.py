@@ -372,6 +372,30 @@ def test_run_without_its_checkpoint_exits_2(fitted, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.parametrize("damage", ["garbage", "foreign", "reshaped"])
+def test_a_corrupt_foreign_or_mismatched_checkpoint_exits_2(fitted, tmp_path, capsys, damage):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted.run, run)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    if damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint")
+        expected = "cannot be loaded as a checkpoint"
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(2)}, ckpt)
+        expected = "is not a funnel checkpoint"
+    else:  # a table of another size, as if the encoders had been refitted
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        key = next(k for k in state["state_dict"] if ".fused." in k)
+        state["state_dict"][key] = torch.zeros(3, 3)
+        torch.save(state, ckpt)
+        expected = "does not match the run's encoders and config"
+    assert main(["predict", str(run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv")]) == 2
+    assert_user_error(capsys, expected)
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_keep_of_a_missing_column_exits_2(fitted, tmp_path, capsys):
     args = ["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv"),
             "--keep", "user_id,nope"]
