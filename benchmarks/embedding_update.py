@@ -2,7 +2,8 @@
 
 The speed issue asks to consider a single fused embedding table with offsets and sparse
 gradients with a matching optimiser. This script measures those choices in a bare training
-loop (no Lightning; only funnel's LazyAdam), so that only the table layout and the update differ:
+loop (no Lightning; funnel's LazyAdam and lookup only), so that only the table layout and the
+update differ:
 
 - ``tables``: one ``nn.Embedding`` per field (funnel's layout), dense gradients, fused Adam;
 - ``tables_sparse_adam``: the same tables with sparse gradients and ``torch.optim.SparseAdam``
@@ -11,7 +12,9 @@ loop (no Lightning; only funnel's LazyAdam), so that only the table layout and t
   arithmetic as row gathers and one ``index_add_`` per table; what
   ``optim.sparse_embeddings: true`` uses now);
 - ``fused``: one table for all fields, ids shifted by per-field offsets, dense fused Adam;
-- ``fused_lazy_adam``: the fused table with the row-wise lazy Adam.
+- ``fused_lazy_adam``: the fused table with LazyAdam;
+- ``funnel_lookup`` and ``funnel_lookup_lazy_adam``: the fused table looked up with
+  ``funnel.models.embedding.lookup`` (its backward is one ``index_add_``), as funnel does.
 
 ESMM shape of the issue: 20 fields with vocabularies 10 .. 100,000 (log-spaced), embedding
 18, towers [360, 200, 80]. Each variant runs ``--steps`` steps (the first 20 untimed), the
@@ -31,16 +34,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from funnel.models.embedding import lookup
 from funnel.training.lazy_adam import LazyAdam
 
 FIELDS, EMBED, TOWERS = 20, 18, (360, 200, 80)
-VARIANTS = ("tables", "tables_sparse_adam", "tables_lazy_adam", "fused", "fused_lazy_adam")
+VARIANTS = ("tables", "tables_sparse_adam", "tables_lazy_adam", "fused", "fused_lazy_adam", "funnel_lookup",
+            "funnel_lookup_lazy_adam")
 
 
 class Net(nn.Module):
-    def __init__(self, vocab: np.ndarray, fused: bool, sparse: bool):
+    def __init__(self, vocab: np.ndarray, fused: bool, sparse: bool, funnel_lookup: bool = False):
         super().__init__()
-        self.fused = fused
+        self.fused, self.funnel_lookup = fused, funnel_lookup
         if fused:
             self.emb = nn.Embedding(int(vocab.sum()), EMBED, sparse=sparse)
             self.register_buffer("offsets", torch.tensor(np.concatenate([[0], np.cumsum(vocab)[:-1]])))
@@ -59,7 +64,9 @@ class Net(nn.Module):
         self.ctr, self.cvr = tower(), tower()
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
+        if self.funnel_lookup:
+            flat = lookup(self.emb, ids + self.offsets).flatten(1)
+        elif self.fused:
             flat = self.emb(ids + self.offsets).flatten(1)
         else:
             flat = torch.cat([e(ids[:, i]) for i, e in enumerate(self.emb)], 1)
@@ -69,7 +76,7 @@ class Net(nn.Module):
 def run(variant: str, ids: torch.Tensor, labels: torch.Tensor, vocab: np.ndarray, batch: int, steps: int) -> float:
     torch.manual_seed(0)
     sparse = variant.endswith(("sparse_adam", "lazy_adam"))
-    net = Net(vocab, fused=variant.startswith("fused"), sparse=sparse)
+    net = Net(vocab, fused=variant.startswith(("fused", "funnel")), sparse=sparse, funnel_lookup=variant.startswith("funnel"))
     tables = list(net.emb.parameters())
     dense = [p for n, p in net.named_parameters() if not n.startswith("emb")]
     if not sparse:

@@ -358,3 +358,10 @@ def test_integer_fast_path_gives_the_ids_of_the_string_path():
     assert fast.encode(with_nan).tolist() == [3, 0, 1]  # missing is the unknown id
     odd = CategoricalEncoder(spec).fit(pd.Series(["012", "12", "a"]))
     assert odd.encode(pd.Series([12])).tolist() == [odd.vocab.index("12") + 1]  # "012" is not 12
+    # an integer column's vocabulary is known to be canonical, and says so in its saved state
+    assert fast.int_vocab and not slow.int_vocab and not odd.int_vocab
+    assert fast.state() == {"vocab": ["7", "5", "12", "3"], "int_vocab": True}
+    restored = CategoricalEncoder(spec, **fast.state())
+    assert restored.encode(probe).tolist() == [3, 4, 0, 1]
+    legacy = CategoricalEncoder(spec, vocab=fast.vocab)  # saved before int_vocab existed: checked instead
+    assert legacy.encode(probe).tolist() == [3, 4, 0, 1]

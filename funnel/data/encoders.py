@@ -46,6 +46,7 @@ def int_values(col: pd.Series) -> np.ndarray | None:
 class CategoricalEncoder:
     spec: FeatureSpec
     vocab: list[str] = field(default_factory=list)
+    int_vocab: bool = False  # every token is the plain text of an int64 (fitted on an integer column)
     _lookup: dict[str, pd.Index] = field(default_factory=dict, repr=False, compare=False)  # built lazily
 
     @property
@@ -56,6 +57,7 @@ class CategoricalEncoder:
     def fit(self, col: pd.Series) -> CategoricalEncoder:
         if self.spec.hash_buckets is None:
             ints = int_values(col)
+            self.int_vocab = ints is not None
             if ints is not None:
                 values, counts = np.unique(ints, return_counts=True)
                 tokens = values.astype(str)
@@ -78,8 +80,10 @@ class CategoricalEncoder:
             else:
                 try:
                     ints = list(map(int, self.vocab))
-                    # canonical only: int() also takes " 12", "012" and "1_000", which stay distinct tokens
-                    index = pd.Index(np.array(ints, dtype=np.int64)) if list(map(str, ints)) == self.vocab else None
+                    # canonical only: int() also takes " 12", "012" and "1_000", which stay distinct
+                    # tokens (a vocabulary fitted on an integer column is canonical: no check needed)
+                    canonical = self.int_vocab or list(map(str, ints)) == self.vocab
+                    index = pd.Index(np.array(ints, dtype=np.int64)) if canonical else None
                 except (ValueError, OverflowError):
                     index = None
                 self._lookup[kind] = index
@@ -100,7 +104,7 @@ class CategoricalEncoder:
         return self.encode_tokens(as_tokens(col))
 
     def state(self) -> dict[str, Any]:
-        return {"vocab": self.vocab}
+        return {"vocab": self.vocab, "int_vocab": self.int_vocab}
 
 
 @dataclass
