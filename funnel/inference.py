@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from funnel.data.io import TableWriter, iter_table, read_table, table_columns
+from funnel.data.io import TableWriter, iter_table, prefetched, read_table, table_columns
 from funnel.data.loader import BatchLoader
 from funnel.data.table import EncodedTable
 from funnel.errors import UserError
@@ -115,7 +115,7 @@ def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: li
     wanted = list(dict.fromkeys([*featurizer.feature_columns(), *keep]))
     start, rows = time.perf_counter(), 0
     with TableWriter(out) as writer:
-        for k, df in enumerate(iter_table(data, cfg.data.csv, wanted, chunk_rows)):
+        for k, df in enumerate(prefetched(iter_table(data, cfg.data.csv, wanted, chunk_rows))):
             table = featurizer.encode(df, f"{data} (chunk {k})", labels=False)
             pred = predict_table(model, table, batch_size, bf16)
             if keep:

@@ -65,3 +65,39 @@ def test_an_empty_prediction_leaves_an_empty_file(tmp_path):
     with TableWriter(path):
         pass
     assert path.read_text() == ""
+
+
+def test_prefetched_keeps_the_order_and_reads_one_chunk_ahead():
+    import threading
+
+    from funnel.data.io import prefetched
+
+    reads: list[int] = []
+
+    def source():
+        for k in range(5):
+            reads.append(k)
+            yield k
+
+    seen = []
+    for item in prefetched(source()):
+        seen.append(item)
+        assert len(reads) <= item + 2  # never more than one chunk ahead
+    assert seen == [0, 1, 2, 3, 4]
+    assert list(prefetched(iter([]))) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("funnel-read")]  # the reader is gone
+
+
+def test_prefetched_raises_the_readers_error_in_the_caller():
+    from funnel.data.io import prefetched
+    from funnel.errors import DataError
+
+    def source():
+        yield 1
+        raise DataError("bad row 7")
+
+    got = []
+    with pytest.raises(DataError, match="bad row 7"):
+        for item in prefetched(source()):
+            got.append(item)
+    assert got == [1]
