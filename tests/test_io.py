@@ -96,8 +96,7 @@ def test_prefetched_raises_the_readers_error_in_the_caller():
         yield 1
         raise DataError("bad row 7")
 
-    got = []
+    got = prefetched(source())
+    assert next(got) == 1
     with pytest.raises(DataError, match="bad row 7"):
-        for item in prefetched(source()):
-            got.append(item)
-    assert got == [1]
+        next(got)
