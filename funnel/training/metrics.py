@@ -32,6 +32,7 @@ def truth_of(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The generator's true probabilities of a batch (``truth/<kind>`` keys), by kind."""
     return {k.split("/", 1)[1]: v for k, v in batch.items() if k.startswith("truth/")}
 
+
 # View: (pred, target, mask) from the batch's predictions, labels and truth.
 View = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor, Tensor | None]]
 
