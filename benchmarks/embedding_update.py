@@ -32,12 +32,13 @@ import time
 
 import numpy as np
 import torch
+from throughput import EMBED, N_FIELDS, mlp_tower  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 from funnel.models.embedding import lookup
 from funnel.training.lazy_adam import LazyAdam
 
-FIELDS, EMBED, TOWERS = 20, 18, (360, 200, 80)
+FIELDS, TOWERS = N_FIELDS, [360, 200, 80]
 VARIANTS = ("tables", "tables_sparse_adam", "tables_lazy_adam", "fused", "fused_lazy_adam", "funnel_lookup",
             "funnel_lookup_lazy_adam")
 
@@ -54,14 +55,7 @@ class Net(nn.Module):
         for p in self.emb.parameters():
             nn.init.normal_(p, std=0.05)
 
-        def tower() -> nn.Sequential:
-            layers, width = [], FIELDS * EMBED
-            for h in TOWERS:
-                layers += [nn.Linear(width, h), nn.ReLU()]
-                width = h
-            return nn.Sequential(*layers, nn.Linear(width, 1))
-
-        self.ctr, self.cvr = tower(), tower()
+        self.ctr, self.cvr = mlp_tower(FIELDS * EMBED, TOWERS), mlp_tower(FIELDS * EMBED, TOWERS)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.funnel_lookup:

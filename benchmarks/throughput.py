@@ -106,6 +106,15 @@ def run_funnel(cfg, graph, featurizer, tables, seed: int, limit: int | None = No
     return rows / (timer.end - timer.start)
 
 
+def mlp_tower(width: int, hidden: list[int]) -> nn.Sequential:
+    """Linear + ReLU per hidden size, then a Linear to one logit: the towers of the hand loops."""
+    layers = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
 class PlainESMM(nn.Module):
     def __init__(self, vocab: list[int], towers: list[int]):
         super().__init__()
@@ -113,14 +122,7 @@ class PlainESMM(nn.Module):
         for t in self.tables:
             nn.init.normal_(t.weight, std=0.05)
 
-        def tower() -> nn.Sequential:
-            layers, width = [], EMBED * len(vocab)
-            for h in towers:
-                layers += [nn.Linear(width, h), nn.ReLU()]
-                width = h
-            return nn.Sequential(*layers, nn.Linear(width, 1))
-
-        self.ctr, self.cvr = tower(), tower()
+        self.ctr, self.cvr = mlp_tower(EMBED * len(vocab), towers), mlp_tower(EMBED * len(vocab), towers)
 
     def forward(self, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([t(cat[:, f]) for f, t in enumerate(self.tables)], 1)

@@ -170,9 +170,8 @@ def frames():
     return {"chain": generate(SyntheticSpec(**common)), "branch": generate(SyntheticSpec(**common, branch=True))}
 
 
-@pytest.mark.parametrize("funnel", sorted(FUNNELS))
-@pytest.mark.parametrize("name", sorted(ARGS))
-def test_every_tower_in_every_model_reaches_the_shared_embeddings(frames, name, funnel):
+def tower_model(frames, name: str, funnel: str):
+    """Tower ``name`` in funnel ``funnel``, untrained (seed 0), with its featurizer and frame."""
     raw = {"data": {"train": "unused.csv"}, "features": FEATURES,
            "funnel": copy.deepcopy(FUNNELS[funnel]) | {"embed_dim": 4, "tower": {"type": name, **ARGS[name]}}}
     cfg = config_from_dict(raw)
@@ -180,7 +179,14 @@ def test_every_tower_in_every_model_reaches_the_shared_embeddings(frames, name, 
     frame = frames["branch" if funnel == "esm2" else "chain"]
     fz = Featurizer(cfg, graph).fit(frame)
     torch.manual_seed(0)
-    model = create_model(graph, cfg.funnel, fz.layout())
+    return create_model(graph, cfg.funnel, fz.layout()), fz, frame
+
+
+@pytest.mark.parametrize("funnel", sorted(FUNNELS))
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_every_tower_in_every_model_reaches_the_shared_embeddings(frames, name, funnel):
+    model, fz, frame = tower_model(frames, name, funnel)
+    graph = model.graph
     batch = take(fz.encode(frame, "train").tensors(), slice(0, 64))
     out = model(batch)
     for stage in graph.names:
@@ -198,14 +204,7 @@ def test_every_tower_in_every_model_scores_in_bf16_close_to_float32(frames, name
     """`funnel predict --bf16`: dense layers cast to bfloat16 once, the rest under autocast."""
     from funnel.inference import dense_layers_to_bf16, predict_table
 
-    raw = {"data": {"train": "unused.csv"}, "features": FEATURES,
-           "funnel": copy.deepcopy(FUNNELS[funnel]) | {"embed_dim": 4, "tower": {"type": name, **ARGS[name]}}}
-    cfg = config_from_dict(raw)
-    graph = build_graph(cfg)
-    frame = frames["branch" if funnel == "esm2" else "chain"]
-    fz = Featurizer(cfg, graph).fit(frame)
-    torch.manual_seed(0)
-    model = create_model(graph, cfg.funnel, fz.layout())
+    model, fz, frame = tower_model(frames, name, funnel)
     table = fz.encode(frame.head(256), "train", labels=False)
     exact = predict_table(model, table, 100)
     fast = predict_table(dense_layers_to_bf16(copy.deepcopy(model)), table, 100, bf16=True)
