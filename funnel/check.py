@@ -6,27 +6,32 @@ from typing import Any
 
 import numpy as np
 
+from funnel.data.degenerate import check_degenerate, monitor_undefined
+from funnel.data.encoders import NumericEncoder
 from funnel.data.featurizer import Featurizer
 from funnel.data.labels import conflict_counts, encode_label
 from funnel.data.sources import load_frames
 from funnel.errors import DataError
 from funnel.runs import build_graph
 from funnel.spec import load_config
+from funnel.training.trainer_args import raise_trainer_problems, trainer_data_problems
 
 
 def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Return a report of the data per split; raises UserError listing every problem."""
     cfg, _ = load_config(config_path, overrides)
+    raise_trainer_problems(cfg)  # as `fit` does, before any data is read
     graph = build_graph(cfg)
     frames = load_frames(cfg)
     featurizer = Featurizer(cfg, graph)
     problems: list[str] = []
-    report: dict[str, Any] = {"config": str(config_path), "stages": graph.names, "splits": {}}
+    report: dict[str, Any] = {"config": str(config_path), "stages": graph.names, "splits": {}, "numeric": {}}
     stages = {s.name: s for s in cfg.funnel.stages}
     for split, df in frames.items():
         try:
             featurizer.check_columns(df, split, labels=True)
             y = np.stack([encode_label(df[stages[n].label_column], stages[n]) for n in graph.names], axis=1)
+            gaps = {f.name: NumericEncoder(f).gaps(df[f.source]) for f in cfg.features if f.kind == "numeric"}
         except DataError as exc:
             problems += exc.problems
             continue
@@ -36,16 +41,28 @@ def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict
             "positives": {n: int(y[:, j].sum()) for j, n in enumerate(graph.names)},
             "conflicts": conflicts,
         }
+        # numeric features with missing / non-finite values (inf, or overflowing float32 after the transform)
+        report["numeric"][split] = {
+            "missing": {name: m for name, (m, _) in gaps.items() if m},
+            "nonfinite": {name: k for name, (_, k) in gaps.items() if k},
+        }
         if cfg.data.label_conflicts == "error" and sum(conflicts.values()):
             problems.append(
                 f"{split}: {sum(conflicts.values())} label conflicts under data.label_conflicts: error "
                 f"({conflicts}); set it to drop or zero."
             )
     if not problems:
-        try:  # encoders fit and every split encodes (types, missing values, log1p domain)
+        try:  # encoders fit, every split encodes (types, missing values, log1p domain) and can train
             featurizer.fit(frames["train"])
-            for split, df in frames.items():
-                featurizer.encode(df, split, labels=cfg.data.label_conflicts != "error")
+            # with labels: under label_conflicts: error no split reaching this point has a conflict
+            tables = {split: featurizer.encode(df, split) for split, df in frames.items()}
+            check_degenerate(tables, graph, cfg)
+            problems += trainer_data_problems(cfg, len(tables["train"]))
+            monitor = cfg.trainer.monitor or f"val/auc/{graph.names[-1]}"
+            undefined = monitor_undefined(tables["valid"], graph, monitor)
+            if undefined:
+                report["warnings"] = [(f"trainer.monitor {monitor} is undefined on the valid split ({undefined}); "
+                                       "fit will monitor val/loss (mode min) instead.")]
         except DataError as exc:
             problems += exc.problems
     if problems:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from funnel.errors import UserError
 log = logging.getLogger("funnel")
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,14 +24,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     f = sub.add_parser("fit", help="train a model from a YAML config; prints the run directory last")
-    f.add_argument("config")
+    f.add_argument("config", nargs="?", help="the YAML config (not with --resume)")
     f.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values, e.g. optim.lr=0.01")
     f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    f.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoints/last.ckpt, in its own directory")
+    _trust_flag(f)
 
     e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint on a data file, as JSON")
     e.add_argument("run_dir")
     e.add_argument("--data", required=True)
-    e.add_argument("--out")
+    e.add_argument("--out", help="also write the metrics to this .json file")
+    _trust_flag(e)
 
     pr = sub.add_parser("predict", help="write p_<stage> and p_<stage>_cond for every input row")
     pr.add_argument("run_dir")
@@ -42,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="rows per forward pass (default 4096: the fastest measured on CPU; larger on a GPU)")
     pr.add_argument("--bf16", action="store_true",
                     help="run the towers in bfloat16 (faster on CPUs with AVX512-BF16 or AMX; ~3 significant digits)")
+    _trust_flag(pr)
 
     c = sub.add_parser("check", help="validate the config and the data without training")
     c.add_argument("config")
@@ -61,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", nargs="+", default=["click", "conversion"])
     s.add_argument("--bias-share", type=float, default=None, help="share of items whose later stages run against click")
     return p
+
+
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-plugins", action="store_true",
+                   help="import the plugin modules the run's config.yaml lists (this runs their code)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +101,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001  (not the user's input: say so, then show where it happened)
+        print("funnel: internal error. This is a bug in funnel, not in your input; please report it with "
+              "the command and the traceback below.", file=sys.stderr)
+        traceback.print_exc()
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "fit":
+        if args.resume:
+            if args.config or args.overrides or args.print_config:
+                raise UserError("fit --resume RUN_DIR takes no config, overrides or --print-config: the run "
+                                "continues with the config saved in RUN_DIR/config.yaml.")
+            from funnel.training.fit import resume
+
+            return _report_run(resume(args.resume, args.trust_plugins))
+        if not args.config:
+            raise UserError("fit: give a config file (funnel fit configs/esmm.yaml) or --resume RUN_DIR.")
         if args.print_config:
             import yaml
 
@@ -105,16 +131,11 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         from funnel.training.fit import fit
 
-        run_dir = fit(args.config, args.overrides)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        summary = {k: v for k, v in metrics.items() if k.startswith(("auc", "oracle_auc", "calib"))}
-        print(json.dumps({"split": metrics["split"], **summary}, indent=1))
-        print(f"run directory: {run_dir}")
-        return 0
+        return _report_run(fit(args.config, args.overrides))
     if args.command == "evaluate":
         from funnel.inference import evaluate_run
 
-        print(json.dumps(evaluate_run(args.run_dir, args.data, args.out), indent=1))
+        print(json.dumps(evaluate_run(args.run_dir, args.data, args.out, args.trust_plugins), indent=1))
         return 0
     if args.command == "predict":
         from funnel.inference import predict_run
@@ -123,14 +144,18 @@ def _run(args: argparse.Namespace) -> int:
         for flag, value in (("--chunk-rows", args.chunk_rows), ("--batch-size", args.batch_size)):
             if value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}.")
-        out = predict_run(args.run_dir, args.data, args.out, keep, args.chunk_rows, args.bf16, args.batch_size)
+        out = predict_run(args.run_dir, args.data, args.out, keep, args.chunk_rows, args.bf16, args.batch_size,
+                          args.trust_plugins)
         print(f"predictions: {out}")
         return 0
     if args.command == "check":
         from funnel.check import check
 
-        print(json.dumps(check(args.config, args.overrides), indent=1))
-        print("config and data OK")
+        report = check(args.config, args.overrides)
+        print(json.dumps(report, indent=1))
+        for warning in report.get("warnings", []):
+            log.warning(warning)
+        print("config and data OK" if not report.get("warnings") else "config and data OK, with the warnings above")
         return 0
     if args.command == "compare":
         from funnel.compare import compare
@@ -155,3 +180,11 @@ def _run(args: argparse.Namespace) -> int:
             print(p)
         return 0
     raise AssertionError(args.command)
+
+
+def _report_run(run_dir: Path) -> int:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    summary = {k: v for k, v in metrics.items() if k.startswith(("auc", "oracle_auc", "calib"))}
+    print(json.dumps({"split": metrics["split"], **summary}, indent=1))
+    print(f"run directory: {run_dir}")
+    return 0

@@ -13,12 +13,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from funnel.data.io import TableWriter, iter_table, prefetched, read_table, table_columns
+from funnel.atomic import same_file, write_text
+from funnel.data.io import TableWriter, iter_table, output_format, prefetched, read_table, resolve_path, table_columns
 from funnel.data.loader import BatchLoader
 from funnel.data.table import EncodedTable
 from funnel.errors import UserError
+from funnel.graph import FunnelGraph
 from funnel.models.registry import FunnelModel
-from funnel.runs import load_run
+from funnel.runs import BEST, CONFIG, ENCODERS, MANIFEST, METRICS, METRICS_VALID, load_run
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,20 @@ def dense_layers_to_bf16(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _branch_columns(graph: FunnelGraph) -> dict[str, str]:
+    """p_<stage>_via_<branch>_cond column -> the tower that gives it."""
+    return {
+        f"p_{s.name}_via_{'not_' if e.negated else ''}{e.source}_cond": e.tower
+        for s in graph.stages for e in graph.branch_edges(s.name)
+    }
+
+
+def prediction_columns(graph: FunnelGraph) -> list[str]:
+    """The columns `funnel predict` writes, in order."""
+    cols = [c for name in graph.names for c in (f"p_{name}", f"p_{name}_cond")]
+    return cols + list(_branch_columns(graph))
+
+
 def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16384) -> dict[str, Any]:
     # imported here: torchmetrics costs `funnel predict` 0.7 s of start-up and predict needs none of it
     from funnel.training.metrics import FunnelMetrics, free_stages, truth_of
@@ -65,10 +81,7 @@ def predict_table(model: FunnelModel, table: EncodedTable, batch_size: int = 163
     reached through branches also p_<stage>_via_<branch>_cond and p_<stage>_via_not_<branch>_cond,
     the probability of the stage given each branch (ESM²'s y3 and y4)."""
     graph = model.graph
-    branch_cols = {
-        f"p_{s.name}_via_{'not_' if e.negated else ''}{e.source}_cond": e.tower
-        for s in graph.stages for e in graph.branch_edges(s.name)
-    }
+    branch_cols = _branch_columns(graph)
     reach, cond, branch = [], [], {c: [] for c in branch_cols}
     for _, log_reach, log_cond, logits in score(model, table, batch_size, bf16):
         reach.append(log_reach.exp())
@@ -87,23 +100,43 @@ def predict_table(model: FunnelModel, table: EncodedTable, batch_size: int = 163
     return pd.DataFrame(cols)
 
 
-def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    cfg, _, featurizer, model = load_run(run_dir)
+def _refuse_inputs(out: str | Path, inputs: list[Path], flag: str = "--out") -> None:
+    """An output that would replace an input (the data, a file of the run) is refused."""
+    for path in inputs:
+        if path.exists() and Path(out).exists() and same_file(out, path):
+            raise UserError(f"{flag}: {str(out)!r} is the input {str(path)!r}; writing it would destroy it "
+                            "while it is read. Choose another output path.")
+
+
+def _run_files(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    return [run_dir / name for name in (CONFIG, ENCODERS, BEST, METRICS, METRICS_VALID, MANIFEST)]
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
+                 trust_plugins: bool = False) -> dict[str, Any]:
+    if out is not None:
+        if Path(out).suffix.lower() != ".json":
+            raise UserError(f"--out: {str(out)!r} must be a .json file (evaluate writes the metrics as JSON).")
+        _refuse_inputs(out, [resolve_path(str(data)), *_run_files(run_dir)])
+    cfg, _, featurizer, model = load_run(run_dir, trust_plugins)
     table = featurizer.encode(read_table(data, cfg.data.csv), str(data), labels=True)
     result = evaluate_table(model, table, cfg.data.eval_batch_size)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        write_text(out, json.dumps(result, indent=1))
     return result
 
 
 def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: list[str] | None = None,
-                chunk_rows: int = 262_144, bf16: bool = False, batch_size: int = 4096) -> Path:
+                chunk_rows: int = 262_144, bf16: bool = False, batch_size: int = 4096,
+                trust_plugins: bool = False) -> Path:
     """Score ``data`` chunk by chunk (reading only the feature and ``keep`` columns) and append
     each chunk's predictions to ``out``, so memory stays flat for files larger than memory.
     ``batch_size`` rows go through each forward pass: 4096 keeps the activations in the CPU's
     caches (measured faster than 16384 in float32 and bfloat16)."""
-    cfg, _, featurizer, model = load_run(run_dir)
+    output_format(out)
+    _refuse_inputs(out, [resolve_path(str(data)), *_run_files(run_dir)])
+    cfg, graph, featurizer, model = load_run(run_dir, trust_plugins)
     if bf16:
         dense_layers_to_bf16(model)
     keep = keep or []
@@ -111,6 +144,12 @@ def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: li
     missing = [c for c in keep if c not in header]
     if missing:
         raise UserError(f"--keep: column(s) {', '.join(missing)} not in {data}.")
+    clash = sorted(set(keep) & set(prediction_columns(graph)))
+    if clash:
+        raise UserError(f"--keep: column(s) {', '.join(clash)} have the names of prediction columns; "
+                        "rename them in the input or leave them out of --keep.")
+    if len(set(keep)) < len(keep):
+        raise UserError(f"--keep: a column is listed twice ({','.join(keep)}).")
     featurizer.check_columns(pd.DataFrame(columns=header), str(data), labels=False)
     wanted = list(dict.fromkeys([*featurizer.feature_columns(), *keep]))
     start, rows = time.perf_counter(), 0

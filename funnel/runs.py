@@ -12,41 +12,29 @@
 from __future__ import annotations
 
 import dataclasses
-import time
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from funnel.atomic import write_text
 from funnel.data.featurizer import Featurizer
 from funnel.errors import UserError
 from funnel.graph import FunnelGraph
 from funnel.models.registry import FunnelModel, create_model
-from funnel.spec import Config, load_config
+from funnel.spec import Config, config_from_dict
+from funnel.spec.loader import read_yaml
 from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec, TowerSpec, TrainerSpec
 
 CONFIG = "config.yaml"
+MANIFEST = "run.json"
+LAST = "checkpoints/last.ckpt"
 ENCODERS = "encoders.json"
 BEST = "checkpoints/best.ckpt"
 METRICS = "metrics.json"
 METRICS_VALID = "metrics_valid.json"
-
-
-def run_dir_path(cfg: Config, config_path: str | Path) -> Path:
-    """Where this run will write; refuses a non-empty folder so no earlier run is overwritten."""
-    if cfg.run_dir:
-        path = Path(cfg.run_dir)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UserError(
-                f"run_dir: {str(path)!r} already exists and is not empty; funnel never overwrites a run. "
-                "Choose a new run_dir, or leave it out for runs/<config stem>/<timestamp>."
-            )
-        return path
-    path = Path("runs") / Path(config_path).stem / time.strftime("%Y%m%d-%H%M%S")
-    while path.exists():  # two runs in the same second
-        path = path.with_name(path.name + "-1")
-    return path
 
 
 def config_to_raw(cfg: Config) -> dict[str, Any]:
@@ -74,27 +62,66 @@ def config_to_raw(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, run_dir: Path) -> None:
-    (run_dir / CONFIG).write_text(yaml.safe_dump(config_to_raw(cfg), sort_keys=False))
+    write_text(run_dir / CONFIG, yaml.safe_dump(config_to_raw(cfg), sort_keys=False))
 
 
 def build_graph(cfg: Config) -> FunnelGraph:
     return FunnelGraph.from_stages(cfg.funnel.stages)
 
 
-def load_run(run_dir: str | Path) -> tuple[Config, FunnelGraph, Featurizer, FunnelModel]:
-    """Rebuild the model of a run from its config, encoders and best checkpoint."""
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The run's ``run.json`` (status, times, epochs), or {} for a run written before it existed."""
+    try:
+        data = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_manifest(run_dir: Path, **fields: Any) -> None:
+    """Update ``run.json`` with ``fields`` (atomically)."""
+    write_text(run_dir / MANIFEST, json.dumps({**read_manifest(run_dir), **fields}, indent=1) + "\n")
+
+
+def load_config_of_run(run_dir: str | Path, trust_plugins: bool = False) -> Config:
+    """The resolved config of a run. Its ``plugins:`` are imported only with ``trust_plugins``:
+    importing a module runs its code, and a run directory may come from anywhere."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise UserError(f"{str(run_dir)!r} is not a funnel run directory (no {CONFIG}). Pass the folder `funnel fit` printed.")
-    cfg, _ = load_config(run_dir / CONFIG)
+    raw = read_yaml(run_dir / CONFIG)
+    plugins = raw.get("plugins") or []
+    if plugins and not trust_plugins:
+        raise UserError(
+            f"{run_dir / CONFIG}: the run needs the plugin module(s) {', '.join(map(str, plugins))} (they register its "
+            "towers or models). Importing a module runs its code, so funnel imports a run directory's plugins only "
+            "when you pass --trust-plugins. Pass it if you trust this run directory."
+        )
+    return config_from_dict(raw)
+
+
+def interrupted_hint(run_dir: Path) -> str:
+    """A sentence saying how to continue an interrupted run ('' when there is nothing to resume)."""
+    if (run_dir / BEST).is_file() or not (run_dir / LAST).is_file():
+        return ""
+    epoch = read_manifest(run_dir).get("epochs_done")
+    done = f" after {epoch} epoch(s)" if epoch is not None else ""
+    return f" The run was interrupted{done}; continue it with `funnel fit --resume {run_dir}`."
+
+
+def load_run(run_dir: str | Path, trust_plugins: bool = False) -> tuple[Config, FunnelGraph, Featurizer, FunnelModel]:
+    """Rebuild the model of a run from its config, encoders and best checkpoint."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / BEST
+    if (run_dir / CONFIG).is_file() and not ckpt.is_file():
+        hint = interrupted_hint(run_dir) or " Did `funnel fit` finish? Train again to create it."
+        raise UserError(f"{run_dir}: no checkpoint at {BEST}.{hint}")
+    cfg = load_config_of_run(run_dir, trust_plugins)
     graph = build_graph(cfg)
     featurizer = Featurizer.load(run_dir / ENCODERS, cfg, graph)
-    ckpt = run_dir / BEST
-    if not ckpt.is_file():
-        raise UserError(f"{run_dir}: no checkpoint at {BEST}. Did `funnel fit` finish? Train again to create it.")
     try:  # memory-mapped: only the model's weights are read, not the optimiser state beside them
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a corrupt or foreign file: say so instead of a traceback
+    except Exception as exc:  # noqa: BLE001  (a corrupt or foreign file: say so instead of a traceback)
         raise UserError(f"{ckpt}: cannot be loaded as a checkpoint ({exc}).") from None
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise UserError(f"{ckpt}: is not a funnel checkpoint (no state_dict). Train again with `funnel fit`.")

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from funnel.atomic import atomic_path, write_text
+from funnel.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MAX_STAGES = 8
@@ -319,17 +322,24 @@ def split_frames(df: pd.DataFrame, spec: SyntheticSpec) -> dict[str, pd.DataFram
     return {name: df.iloc[np.sort(idx)].reset_index(drop=True) for name, idx in parts.items()}
 
 
+SYNTH_FILES = ("train.csv", "valid.csv", "test.csv", "truth.json")
+
+
 def write(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Path]:
     """Write train/valid/test CSVs and ``truth.json``; return their paths keyed train/valid/test/truth."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    taken = [str(out / n) for n in SYNTH_FILES if (out / n).exists()]
+    if taken:
+        raise UserError(f"{', '.join(taken)} already exist(s); funnel synth never overwrites files. "
+                        "Choose a new folder, or delete them first.")
     start = time.perf_counter()
     frames = split_frames(generate(spec), spec)
     paths: dict[str, Path] = {}
     for name, frame in frames.items():
         paths[name] = out / f"{name}.csv"
         # 8 significant digits keep cents on prices and make the files about half as large.
-        frame.to_csv(paths[name], index=False, float_format="%.8g")
+        with atomic_path(paths[name]) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.8g")
     truth = {
         "spec": dataclasses.asdict(spec) | {"target_rates": list(spec.target_rates)},
         "rows": {name: len(frame) for name, frame in frames.items()},
@@ -337,7 +347,7 @@ def write(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Path]:
         "oracle_test": _oracle_metrics(frames["test"], spec.stages),
     }
     paths["truth"] = out / "truth.json"
-    paths["truth"].write_text(json.dumps(truth, indent=2) + "\n")
+    write_text(paths["truth"], json.dumps(truth, indent=2) + "\n")
     log.info("wrote %d rows to %s in %.1fs", spec.rows, out, time.perf_counter() - start)
     return paths
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
-from funnel.data import cache, sources
+from funnel.data import cache, datamodule, sources
 from funnel.data.datamodule import FunnelDataModule
 from funnel.runs import build_graph
 from funnel.spec import config_from_dict
@@ -40,19 +45,19 @@ def test_second_prepare_on_the_same_files_skips_parsing(base_config, tmp_path, m
     assert second.featurizer.layout() == first.featurizer.layout()
 
 
-def test_a_changed_file_or_encoding_is_a_miss(base_config, synth_dir, tmp_path):
-    base_config["data"]["cache_dir"] = str(tmp_path / "c")
-    cfg = config_from_dict(base_config)
-    key = cache.cache_key(cfg)
+def test_the_key_follows_the_bytes_and_the_encoding_not_the_path_or_mtime(base_config, synth_dir, tmp_path):
+    key = cache.cache_key(config_from_dict(base_config))
     base_config["features"][0]["min_count"] = 3
     assert cache.cache_key(config_from_dict(base_config)) != key  # encoding changed
+    base_config["features"][0].pop("min_count")
     copy = tmp_path / "train.csv"
     copy.write_bytes((synth_dir / "train.csv").read_bytes())
-    base_config["features"][0].pop("min_count")
     base_config["data"]["train"] = str(copy)
-    key2 = cache.cache_key(config_from_dict(base_config))
+    assert cache.cache_key(config_from_dict(base_config)) == key  # same bytes elsewhere
     os.utime(copy, ns=(1, 1))
-    assert cache.cache_key(config_from_dict(base_config)) != key2  # same path, new mtime
+    assert cache.cache_key(config_from_dict(base_config)) == key  # touched, same bytes
+    copy.write_bytes(copy.read_bytes() + b"\n")
+    assert cache.cache_key(config_from_dict(base_config)) != key  # bytes changed
 
 
 def test_a_damaged_entry_is_a_miss_not_a_failure(base_config, tmp_path, caplog):
@@ -85,3 +90,170 @@ def test_a_failing_cache_write_only_warns(base_config, tmp_path, caplog, monkeyp
     assert prepared(base_config).tables["train"].cat.shape[0] > 0
     assert "could not write the data cache" in caplog.text
     assert not list((tmp_path / "c").iterdir())  # neither an entry nor a half-written temporary folder
+
+
+def only_entry(root) -> Path:
+    (entry,) = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return entry
+
+
+def count_frame_reads(monkeypatch) -> list[int]:
+    calls = []
+    real = datamodule.load_frames
+    monkeypatch.setattr(datamodule, "load_frames", lambda cfg: calls.append(1) or real(cfg))
+    return calls
+
+
+def test_a_valid_entry_hits_without_reading_the_frames(base_config, tmp_path, monkeypatch, caplog):
+    base_config["data"]["cache_dir"] = str(tmp_path / "c")
+    first = prepared(base_config)
+
+    def no_reading(cfg):
+        raise AssertionError("the frames were read again")
+
+    monkeypatch.setattr(datamodule, "load_frames", no_reading)
+    second = prepared(base_config)
+    assert same_tables(first, second)
+    assert sorted(second.tables) == ["test", "train", "valid"]
+    assert "cache entry" not in caplog.text
+
+
+def test_a_same_size_edit_with_the_old_mtime_is_a_miss_that_reads_the_new_bytes(base_config, synth_dir, tmp_path):
+    base_config["data"]["cache_dir"] = str(tmp_path / "c")
+    train = tmp_path / "train.csv"
+    train.write_bytes((synth_dir / "train.csv").read_bytes())
+    base_config["data"]["train"] = str(train)
+    first = prepared(base_config)
+    before = train.stat()
+    header, row, rest = train.read_bytes().split(b"\n", 2)
+    columns, fields = header.split(b","), row.split(b",")
+    click, conversion = columns.index(b"click"), columns.index(b"conversion")
+    assert (fields[click], fields[conversion]) == (b"0", b"0")
+    fields[click] = b"1"  # the first row becomes a click: same size, new bytes
+    train.write_bytes(b"\n".join([header, b",".join(fields), rest]))
+    os.utime(train, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (train.stat().st_size, train.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    second = prepared(base_config)
+    assert first.tables["train"].labels[0, 0].item() == 0.0
+    assert second.tables["train"].labels[0, 0].item() == 1.0
+    assert second.tables["train"].labels[:, 0].sum().item() == first.tables["train"].labels[:, 0].sum().item() + 1
+    assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 2  # a new entry
+
+
+def test_an_edited_tensor_file_is_detected_warned_and_replaced(base_config, tmp_path, monkeypatch, caplog):
+    base_config["data"]["cache_dir"] = str(tmp_path / "c")
+    first = prepared(base_config)
+    entry = only_entry(tmp_path / "c")
+    original = (entry / "train.pt").read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, one byte of the tensor data changed
+    (entry / "train.pt").write_bytes(bytes(flipped))
+
+    reads = count_frame_reads(monkeypatch)
+    second = prepared(base_config)
+    assert reads == [1]
+    assert f"ignoring the damaged cache entry {entry} (train.pt does not match its checksum)" in caplog.text
+    assert same_tables(first, second)
+    assert (entry / "train.pt").read_bytes() == original  # rebuilt in place
+    assert cache.problem(entry, entry.name, ["train", "valid", "test"]) is None
+    assert prepared(base_config) and reads == [1]  # and the rebuilt entry hits
+
+
+def _inject_test_split(entry: Path) -> None:
+    shutil.copy(entry / "valid.pt", entry / "test.pt")
+
+
+def _inject_test_split_into_the_manifest_too(entry: Path) -> None:
+    _inject_test_split(entry)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"]["test.pt"] = manifest["files"]["valid.pt"]  # a consistent checksum
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rekey_manifest(entry: Path) -> None:
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps(manifest | {"key": "0" * 24}))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        pytest.param(_inject_test_split, "files not in manifest.json: ['test.pt'], missing: []", id="injected-test.pt"),
+        pytest.param(
+            _inject_test_split_into_the_manifest_too,
+            "it holds ['encoders.json', 'test.pt', 'train.pt', 'valid.pt'], "
+            "the config needs ['encoders.json', 'train.pt', 'valid.pt']",
+            id="split-the-config-lacks",
+        ),
+        pytest.param(lambda e: (e / "manifest.json").unlink(), "no manifest.json", id="missing-manifest"),
+        pytest.param(lambda e: (e / "manifest.json").write_text("{"), "unreadable manifest.json", id="broken-manifest"),
+        pytest.param(_rekey_manifest, "manifest.json belongs to another entry", id="manifest-of-another-key"),
+        pytest.param(lambda e: (e / "valid.pt").unlink(), "missing: ['valid.pt']", id="missing-split"),
+    ],
+)
+def test_an_entry_its_manifest_does_not_vouch_for_is_a_miss_and_is_rebuilt(
+    tamper, reason, base_config, tmp_path, monkeypatch, caplog
+):
+    base_config["data"].pop("test")
+    base_config["data"]["cache_dir"] = str(tmp_path / "c")
+    first = prepared(base_config)
+    entry = only_entry(tmp_path / "c")
+    tamper(entry)
+
+    reads = count_frame_reads(monkeypatch)
+    second = prepared(base_config)
+    assert reads == [1]
+    assert f"ignoring the damaged cache entry {entry} (" in caplog.text
+    assert reason in caplog.text
+    assert sorted(second.tables) == ["train", "valid"]
+    assert same_tables(first, second)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [entry.name]  # nothing aside, no temporary folder
+    assert sorted(p.name for p in entry.iterdir()) == ["encoders.json", "manifest.json", "train.pt", "valid.pt"]
+
+
+def test_save_replaces_a_damaged_entry_but_keeps_a_valid_one(base_config, tmp_path, caplog):
+    base_config["data"]["cache_dir"] = str(tmp_path / "c")
+    cfg = config_from_dict(base_config)
+    first = prepared(base_config)
+    entry = only_entry(tmp_path / "c")
+    kept = (entry / "manifest.json").stat().st_ino
+    cache.save(cfg, entry.name, first.featurizer, first.tables)  # another process got there first
+    assert (entry / "manifest.json").stat().st_ino == kept
+    assert "cache entry" not in caplog.text
+
+    (entry / "manifest.json").unlink()
+    cache.save(cfg, entry.name, first.featurizer, first.tables)
+    assert f"replacing the damaged cache entry {entry} (no manifest.json)" in caplog.text
+    assert cache.problem(entry, entry.name, ["train", "valid", "test"]) is None
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [entry.name]
+
+
+def test_stale_temporary_folders_are_removed_and_fresh_ones_kept(base_config, tmp_path):
+    root = tmp_path / "c"
+    base_config["data"]["cache_dir"] = str(root)
+    two_hours_ago = time.time() - 2 * 3600
+
+    def folder(name: str, *, old_folder: bool, old_file: bool) -> Path:
+        path = root / name
+        path.mkdir(parents=True)
+        (path / "train.pt").write_bytes(b"partial")
+        if old_file:
+            os.utime(path / "train.pt", (two_hours_ago, two_hours_ago))
+        if old_folder:
+            os.utime(path, (two_hours_ago, two_hours_ago))
+        return path
+
+    killed = folder(f".{'a' * 24}-killed", old_folder=True, old_file=True)
+    writing = folder(f".{'b' * 24}-writing", old_folder=False, old_file=False)
+    busy = folder(f".{'c' * 24}-busy", old_folder=True, old_file=False)  # a large file still being written
+    not_ours = folder(".keep-old", old_folder=True, old_file=True)  # not named like save()'s folders
+
+    prepared(base_config)  # a miss: load() and save() both sweep
+    assert not killed.exists()
+    assert writing.is_dir() and busy.is_dir() and not_ours.is_dir()
+
+    killed_later = folder(f".{'d' * 24}-killed", old_folder=True, old_file=True)
+    prepared(base_config)  # a hit sweeps too
+    assert not killed_later.exists()
+    assert writing.is_dir() and busy.is_dir() and not_ours.is_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -158,6 +159,110 @@ def test_log1p_of_negative_values_is_a_data_error():
         NumericEncoder(num(transform="log1p")).fit(pd.Series([1.0, -2.0]))
 
 
+
+# ---- numeric: non-finite values -------------------------------------------------------------------------------
+# inf, -inf and values beyond sqrt(float32 max) ~ 1.84e19 after the transform count like missing values.
+
+
+def test_non_finite_values_are_counted_after_the_transform():
+    raw = pd.Series([1.8e19, 1.9e19, -1.9e19, np.inf, -np.inf, np.nan, 1e308, 0.0])
+    # non-finite: 1.9e19, -1.9e19, inf, -inf and 1e308; 1.8e19 and 0 are fine
+    assert NumericEncoder(num(transform="none")).gaps(raw) == (1, 5)
+    assert NumericEncoder(num()).gaps(raw) == (1, 5)
+    # log1p: 1.8e19, 1.9e19 and 1e308 become 44.3, 44.4 and 709.2, inf stays inf (-1.9e19 is negative: dropped)
+    assert NumericEncoder(num(transform="log1p")).gaps(raw.drop(2)) == (1, 2)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, 1e308, 1e20])
+def test_fill_treats_a_non_finite_train_value_like_a_missing_one(bad):
+    enc = NumericEncoder(num()).fit(pd.Series([1.0, bad, 3.0, bad]))
+    assert (enc.mean, enc.std, enc.flag) == (2.0, 1.0, True)  # from 1 and 3 only
+    out = enc.encode(pd.Series([bad, 3.0, np.nan, 0.0]))
+    np.testing.assert_allclose(out, [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [-2.0, 0.0]])
+
+
+def test_log1p_keeps_huge_finite_values_and_fills_infinite_ones():
+    e = math.e
+    enc = NumericEncoder(num(transform="log1p")).fit(pd.Series([e - 1, np.inf, e**3 - 1, -np.inf]))
+    # -inf is non-finite, not a negative value; log1p gives 1 and 3: mean 2, std 1
+    assert (enc.mean, enc.std, enc.flag) == (pytest.approx(2.0), pytest.approx(1.0), True)
+    out = enc.encode(pd.Series([1e308, 1e20, np.inf, -np.inf]))
+    log_1e308, log_1e20 = 308 * math.log(10), 20 * math.log(10)  # log1p(x) = log(x) at these sizes
+    np.testing.assert_allclose(out[:, 0], [log_1e308 - 2, log_1e20 - 2, 0.0, 0.0], rtol=1e-5, atol=1e-6)
+    assert out[:, 1].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_transform_none_fills_non_finite_values_with_the_raw_mean():
+    enc = NumericEncoder(num(transform="none")).fit(pd.Series([1.0, 1e20, 5.0]))
+    assert enc.mean == 3.0 and enc.flag
+    np.testing.assert_allclose(enc.encode(pd.Series([1e20, 7.0])), [[3.0, 1.0], [7.0, 0.0]])
+
+
+def test_fitted_statistics_are_always_finite():
+    many = NumericEncoder(num()).fit(pd.Series([1e308] * 5 + [1.0, 3.0]))  # 1e308 squared overflows float64 too
+    assert (many.mean, many.std) == (2.0, 1.0)
+    only = NumericEncoder(num()).fit(pd.Series([np.inf, -np.inf, 1e30]))  # nothing usable: the defaults
+    assert (only.mean, only.std, only.flag) == (0.0, 1.0, True)
+    near = NumericEncoder(num()).fit(pd.Series([1.8e19, -1.8e19]))  # the largest accepted values
+    assert math.isfinite(near.mean) and math.isfinite(near.std) and near.std > 0
+    assert np.isfinite(near.encode(pd.Series([1.8e19, np.inf]))).all()
+
+
+def test_missing_error_policy_names_the_non_finite_count_and_an_example():
+    spec = num(name="price", column="price_raw", missing="error")
+    with pytest.raises(DataError) as err:
+        NumericEncoder(spec).fit(pd.Series([1.0, np.inf, 2.0, -np.inf]))
+    msg = str(err.value)
+    assert "train: column 'price_raw' has 2 non-finite values (e.g. inf" in msg
+    assert "set `missing: fill` on feature 'price'" in msg
+
+
+def test_missing_error_policy_refuses_non_finite_values_at_encode_time():
+    enc = NumericEncoder(num(missing="error")).fit(pd.Series([1.0, 2.0]))
+    with pytest.raises(DataError, match=r"valid: column 'x' has 1 non-finite values \(e.g. 1e\+20"):
+        enc.encode(pd.Series([1.0, 1e20]), "valid")
+
+
+def test_missing_error_policy_reports_missing_and_non_finite_values_together():
+    with pytest.raises(DataError) as err:
+        NumericEncoder(num(missing="error")).fit(pd.Series([np.nan, np.inf, 1.0]))
+    assert len(err.value.problems) == 2
+    assert "1 missing values" in err.value.problems[0] and "1 non-finite values" in err.value.problems[1]
+
+
+def test_non_finite_values_at_predict_time_are_filled_and_warned(caplog):
+    enc = NumericEncoder(num()).fit(pd.Series([1.0, 3.0]))
+    assert not enc.flag
+    with caplog.at_level(logging.WARNING, logger="funnel.data.encoders"):
+        out = enc.encode(pd.Series([np.inf, 3.0, -np.inf]), "predict.csv")
+    np.testing.assert_allclose(out, [[0.0], [1.0], [0.0]])  # the train mean, standardised
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "predict.csv: column 'x'" in record.getMessage() and "2 non-finite values" in record.getMessage()
+
+
+def test_finite_values_at_encode_time_log_no_warning(caplog):
+    enc = NumericEncoder(num()).fit(pd.Series([1.0, 3.0]))
+    with caplog.at_level(logging.WARNING, logger="funnel.data.encoders"):
+        enc.encode(pd.Series([np.nan, 2.0]), "valid")
+    assert caplog.records == []
+
+
+def test_fit_logs_the_missing_and_non_finite_counts(caplog):
+    with caplog.at_level(logging.INFO, logger="funnel.data.encoders"):
+        NumericEncoder(num(name="age")).fit(pd.Series([1.0, np.nan, np.inf, 1e20, 3.0]))
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    assert "column 'age'" in record.getMessage() and "1 missing and 2 non-finite" in record.getMessage()
+
+
+def test_featurizer_encodes_an_infinite_train_value_as_a_flagged_mean():
+    cfg = make_cfg([{"name": "price", "kind": "numeric"}])
+    df = pd.DataFrame({"price": [1.0, np.inf, 3.0], "click": [1, 0, 0]})
+    table = Featurizer(cfg, build_graph(cfg)).fit(df).encode(df, "train")
+    assert table.num.tolist() == [[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+
+
 # ---- sequences -------------------------------------------------------------------------------------------
 
 
@@ -256,6 +361,35 @@ def test_positive_values_mark_label_one():
     stage = StageSpec(name="income", label="income_50k", positive=("50000+.",))
     col = pd.Series(["- 50000.", "50000+.", " 50000+. ", "other"])
     assert encode_label(col, stage).tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+
+@pytest.mark.parametrize(
+    "col",
+    [pd.Series([1, 0, 1]), pd.Series([1.0, 0.0, 1.0]), pd.Series(["1", "0", " 1 "]), pd.Series(["1.0", "0.0", "1"]),
+     pd.Series([1, "0", "1.0"], dtype=object), pd.Series([True, False, True])],
+)
+def test_numeric_positive_values_match_numerically(col):
+    stage = StageSpec(name="click", positive=("1",))  # `positive: [1]` in the YAML
+    assert encode_label(col, stage).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_numeric_and_text_positive_values_mix():
+    stage = StageSpec(name="reply", positive=("1", "yes", "2.5"))
+    col = pd.Series(["yes", "1.0", "no", " yes ", "2.50", "0", "1.5", "Yes"])
+    assert encode_label(col, stage).tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_non_finite_positive_values_compare_as_text():
+    stage = StageSpec(name="x", positive=("inf",))
+    assert encode_label(pd.Series(["inf", "1e400", "Infinity"]), stage).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_featurizer_reads_a_float_written_label_with_an_integer_positive():
+    cfg = make_cfg([{"name": "u", "kind": "categorical"}], [{"name": "click", "positive": [1]}])
+    df = pd.DataFrame({"u": ["a", "b", "c"], "click": [1.0, 0.0, 1.0]})
+    table = Featurizer(cfg, build_graph(cfg)).fit(df).encode(df, "train")
+    assert table.labels[:, 0].tolist() == [1.0, 0.0, 1.0]
 
 
 def test_numeric_zero_one_and_boolean_labels_are_accepted():

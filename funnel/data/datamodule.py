@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 
 from funnel.data import cache
 from funnel.data.cache import cache_key
+from funnel.data.degenerate import check_degenerate
 from funnel.data.featurizer import Featurizer
 from funnel.data.loader import BatchLoader
 from funnel.data.sources import load_frames
@@ -37,6 +38,7 @@ class FunnelDataModule(pl.LightningDataModule):
             if hit is not None:
                 self.featurizer, self.tables = hit
                 log.info("data cache hit %s: %s", key, {k: len(t) for k, t in self.tables.items()})
+                check_degenerate(self.tables, self.graph, self.cfg)
                 return
         frames = load_frames(self.cfg)
         if not self.featurizer.fitted:
@@ -45,6 +47,7 @@ class FunnelDataModule(pl.LightningDataModule):
             self.tables[split] = self.featurizer.encode(df, split)
             log.info("%s: %d rows encoded (%.1f MB)", split, len(self.tables[split]), self.tables[split].nbytes() / 1e6)
         del frames
+        check_degenerate(self.tables, self.graph, self.cfg)  # before the cache: never store unusable data
         if key is not None:
             cache.save(self.cfg, key, self.featurizer, self.tables)
 
@@ -58,8 +61,12 @@ class FunnelDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> BatchLoader:
         rank, world = self._rank()
         return BatchLoader(
-            self.tables["train"], self.cfg.data.batch_size, shuffle=True, seed=self.cfg.seed, rank=rank, world_size=world
+            self.tables["train"], self.cfg.data.batch_size, shuffle=True, seed=self.cfg.seed, rank=rank,
+            world_size=world, epoch_of=self._epoch,
         )
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def val_dataloader(self) -> BatchLoader:
         return BatchLoader(self.tables["valid"], self.cfg.data.eval_batch_size)

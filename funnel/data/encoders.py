@@ -6,6 +6,7 @@ unknown, rare and padding values, so an unseen category at predict time is harml
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,8 @@ import pandas as pd
 
 from funnel.errors import DataError
 from funnel.spec.schema import FeatureSpec
+
+log = logging.getLogger(__name__)
 
 MISSING_TOKEN = "<NA>"
 
@@ -147,12 +150,23 @@ class SequenceEncoder:
         return self.ids.state() if self.spec.share_with is None else {}
 
 
+# A value whose square overflows float32 (|x| > ~1.84e19) poisons the float32 model as surely as inf.
+FLOAT32_SAFE = float(np.sqrt(np.finfo(np.float32).max))
+
+
 @dataclass
 class NumericEncoder:
+    """Standardised numbers; missing and non-finite values follow the feature's ``missing`` policy.
+
+    A value is *non-finite* when it is inf / -inf or, after the transform, beyond ±FLOAT32_SAFE
+    (log1p(1e308) = 709 is fine, a raw 1e20 is not). ``missing: fill`` treats such values exactly
+    like missing ones: the train mean, and 1 in the missing-flag column.
+    """
+
     spec: FeatureSpec
     mean: float = 0.0
     std: float = 1.0
-    flag: bool = False  # add a 0/1 "was missing" column (training data had missing values)
+    flag: bool = False  # add a 0/1 "was missing" column (training data had missing or non-finite values)
 
     @property
     def width(self) -> int:
@@ -167,41 +181,79 @@ class NumericEncoder:
                 f"column {self.spec.source!r} (numeric feature {self.spec.name!r}) holds non-numeric values "
                 f"({examples}); declare it `kind: categorical` or clean the column."
             )
-        values = numeric.to_numpy(dtype=np.float64)
+        values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
         if self.spec.transform == "log1p":
-            neg = values < 0
+            finite = np.isfinite(values)  # inf and -inf stay as they are: non-finite, not negative
+            neg = finite & (values < 0)
             if neg.any():
                 raise DataError(
                     f"column {self.spec.source!r}: transform log1p needs values >= 0, found {values[neg][0]}; "
                     "use `transform: standardize`."
                 )
-            values = np.log1p(values)
+            values = values.copy()
+            values[finite] = np.log1p(values[finite])
         return values
+
+    @staticmethod
+    def _gaps(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masks of missing (NaN) and non-finite (inf, or beyond ±FLOAT32_SAFE) transformed values."""
+        missing = np.isnan(values)
+        return missing, ~missing & ~(np.abs(values) <= FLOAT32_SAFE)
+
+    def gaps(self, col: pd.Series) -> tuple[int, int]:
+        """(missing, non-finite) counts of a column; needs no fitting (for `funnel check`)."""
+        missing, nonfinite = self._gaps(self._values(col))
+        return int(missing.sum()), int(nonfinite.sum())
+
+    def _refuse(self, col: pd.Series, missing: np.ndarray, nonfinite: np.ndarray, where: str) -> None:
+        """Under ``missing: error``, a DataError for every kind of gap found."""
+        if self.spec.missing != "error" or not (missing.any() or nonfinite.any()):
+            return
+        fix = (f"set `missing: fill` on feature {self.spec.name!r} to fill them with the train mean "
+               "(and flag them), or clean the data.")
+        problems = []
+        if missing.any():
+            problems.append(f"{where}: column {self.spec.source!r} has {int(missing.sum())} missing values; {fix}")
+        if nonfinite.any():
+            example = col.iloc[int(np.flatnonzero(nonfinite)[0])]
+            example = example.item() if isinstance(example, np.generic) else example  # inf, not np.float64(inf)
+            problems.append(
+                f"{where}: column {self.spec.source!r} has {int(nonfinite.sum())} non-finite values (e.g. {example!r}: "
+                f"inf, or beyond ±{FLOAT32_SAFE:.3g} after `transform: {self.spec.transform}`, which overflows "
+                f"float32); {fix}"
+            )
+        raise DataError(problems)
 
     def fit(self, col: pd.Series) -> NumericEncoder:
         values = self._values(col)
-        missing = np.isnan(values)
-        if missing.any() and self.spec.missing == "error":
-            raise DataError(
-                f"column {self.spec.source!r} has {int(missing.sum())} missing values; set `missing: fill` on "
-                f"feature {self.spec.name!r} to fill them (and flag them), or clean the data."
-            )
-        present = values[~missing]
+        missing, nonfinite = self._gaps(values)
+        self._refuse(col, missing, nonfinite, "train")
+        gap = missing | nonfinite
+        present = values[~gap]
         if len(present):  # the mean also fills missing values when transform is none
-            self.mean = float(present.mean())
-            self.std = float(present.std()) or 1.0
-        self.flag = bool(missing.any())
+            mean, std = float(present.mean()), float(present.std())
+            self.mean = mean if np.isfinite(mean) else 0.0  # finite by construction; never let NaN reach a model
+            self.std = std if np.isfinite(std) and std > 0 else 1.0
+        self.flag = bool(gap.any())
+        if self.flag:
+            log.info("train: column %r (feature %r): %d missing and %d non-finite values, filled with the mean "
+                     "%.6g and flagged", self.spec.source, self.spec.name, int(missing.sum()), int(nonfinite.sum()),
+                     self.mean)
         return self
 
-    def encode(self, col: pd.Series) -> np.ndarray:
+    def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
         values = self._values(col)
-        missing = np.isnan(values)
-        if missing.any() and self.spec.missing == "error":
-            raise DataError(f"column {self.spec.source!r} has {int(missing.sum())} missing values (missing: error).")
-        values = np.where(missing, self.mean, values)
+        missing, nonfinite = self._gaps(values)
+        self._refuse(col, missing, nonfinite, where)
+        if nonfinite.any():
+            log.warning("%s: column %r (feature %r): %d non-finite values (inf, or beyond ±%.3g after the transform) "
+                        "filled with the train mean%s", where, self.spec.source, self.spec.name, int(nonfinite.sum()),
+                        FLOAT32_SAFE, " and flagged" if self.flag else "")
+        gap = missing | nonfinite
+        values = np.where(gap, self.mean, values)
         if self.spec.transform != "none":
             values = (values - self.mean) / self.std
-        cols = [values, missing.astype(np.float64)] if self.flag else [values]
+        cols = [values, gap.astype(np.float64)] if self.flag else [values]
         return np.stack(cols, axis=1).astype(np.float32)
 
     def state(self) -> dict[str, Any]:

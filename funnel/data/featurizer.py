@@ -97,7 +97,7 @@ class Featurizer:
         self.check_columns(df, where, labels=labels)
         n = len(df)
         cats = [self.cat[f.name].encode(df[f.source]) for f in self.features if f.kind == "categorical"]
-        nums = [self.num[f.name].encode(df[f.source]) for f in self.features if f.kind == "numeric"]
+        nums = [self.num[f.name].encode(df[f.source], where) for f in self.features if f.kind == "numeric"]
         table = EncodedTable(
             cat=torch.from_numpy(np.stack(cats, axis=1) if cats else np.zeros((n, 0), np.int64)),
             num=torch.from_numpy(np.concatenate(nums, axis=1) if nums else np.zeros((n, 0), np.float32)),

@@ -11,6 +11,7 @@ from typing import Any, Self, TypeVar
 
 import pandas as pd
 
+from funnel.atomic import atomic_path
 from funnel.errors import DataError, UserError
 from funnel.spec.schema import CsvSpec
 
@@ -77,11 +78,25 @@ def _csv_error(path: Path, exc: Exception) -> DataError:
 CSV_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError)
 
 
+def _parquet_error(path: Path, exc: Exception) -> DataError:
+    return DataError(f"{path}: cannot be read as Parquet ({exc}). Is it a complete Parquet file? "
+                     "Write it again, or give a .csv path for CSV data.")
+
+
+def _parquet_errors() -> tuple[type[Exception], ...]:
+    import pyarrow as pa
+
+    return (pa.ArrowException, OSError, ValueError)
+
+
 def read_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None) -> pd.DataFrame:
     path = _existing(path)
     if path.suffix.lower() in PARQUET_EXT:
         _require_pyarrow(path)
-        return pd.read_parquet(path, columns=columns)
+        try:
+            return pd.read_parquet(path, columns=columns)
+        except _parquet_errors() as exc:
+            raise _parquet_error(path, exc) from None
     try:
         return _read_csv(path, csv, usecols=columns)
     except CSV_ERRORS as exc:
@@ -95,7 +110,10 @@ def table_columns(path: str | Path, csv: CsvSpec | None = None) -> list[str]:
         _require_pyarrow(path)
         import pyarrow.parquet as pq
 
-        return list(pq.ParquetFile(path).schema_arrow.names)
+        try:
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        except _parquet_errors() as exc:
+            raise _parquet_error(path, exc) from None
     try:
         return [str(c) for c in _read_csv(path, csv, nrows=0).columns]
     except CSV_ERRORS as exc:
@@ -110,8 +128,11 @@ def iter_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] 
         _require_pyarrow(path)
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
-            yield batch.to_pandas()
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
+                yield batch.to_pandas()
+        except _parquet_errors() as exc:
+            raise _parquet_error(path, exc) from None
         return
     try:
         with _read_csv(path, csv, usecols=columns, chunksize=chunk_rows) as reader:
@@ -133,17 +154,33 @@ def prefetched(chunks: Iterator[T]) -> Iterator[T]:
             yield item
 
 
+TABLE_EXT = (".csv", *PARQUET_EXT)
+
+
+def output_format(path: str | Path, flag: str = "--out") -> str:
+    """"csv" or "parquet" by the extension of an output path; any other extension is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in TABLE_EXT:
+        raise UserError(f"{flag}: {str(path)!r} has the extension {suffix or '(none)'!r}; funnel writes "
+                        f"{', '.join(TABLE_EXT)} (CSV or Parquet). Name the output file with one of them.")
+    return "parquet" if suffix in PARQUET_EXT else "csv"
+
+
 class TableWriter:
-    """Append DataFrames to one CSV or Parquet file (by extension), chunk by chunk."""
+    """Append DataFrames to one CSV or Parquet file (by extension), chunk by chunk.
+
+    The rows go to a temporary file beside ``path``, which replaces ``path`` only when the
+    ``with`` block completes: a failure leaves an earlier file of that name as it was."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.parquet = self.path.suffix.lower() in PARQUET_EXT
-        self.rows = 0
-        self._writer = None
+        self.parquet = output_format(self.path) == "parquet"
         if self.parquet:
             _require_pyarrow(self.path)
+        self.rows = 0
+        self._writer = None
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
 
     def write(self, df: pd.DataFrame) -> None:
         if self.parquet:
@@ -152,7 +189,7 @@ class TableWriter:
 
             table = pa.Table.from_pandas(df, preserve_index=False)
             if self._writer is None:
-                self._writer = pq.ParquetWriter(self.path, table.schema)
+                self._writer = pq.ParquetWriter(self._tmp, table.schema)
             self._writer.write_table(table)
         else:
             self._write_csv(df)
@@ -169,32 +206,35 @@ class TableWriter:
 
             table = pa.Table.from_pandas(df, preserve_index=False)
         except (ImportError, ValueError, TypeError):  # no pyarrow, or a column arrow cannot type
-            df.to_csv(self.path, index=False, mode="w" if first else "a", header=first)
+            df.to_csv(self._tmp, index=False, mode="w" if first else "a", header=first)
             return
-        with open(self.path, "wb" if first else "ab") as fh:
+        with open(self._tmp, "wb" if first else "ab") as fh:
             if first:  # pandas writes the header: arrow would quote every name
                 fh.write(pd.DataFrame(columns=df.columns).to_csv(index=False).encode())
             pa_csv.write_csv(table, fh, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
 
-    def close(self) -> None:
+    def close(self, exc: BaseException | None = None) -> None:
+        """Finish the file and rename it into place; with ``exc``, discard it instead."""
         if self._writer is not None:
             self._writer.close()
-        elif self.rows == 0 and not self.parquet:
-            self.path.write_text("")
+        if exc is None:
+            self._atomic.__exit__(None, None, None)
+        else:
+            self._atomic.__exit__(type(exc), exc, exc.__traceback__)
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        self.close(exc)
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in PARQUET_EXT:
-        _require_pyarrow(path)
-        df.to_parquet(path, index=False)
-    else:
-        df.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        if output_format(path, "output") == "parquet":
+            _require_pyarrow(path)
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
     return path

@@ -27,8 +27,7 @@ def encode_label(col: pd.Series, stage: StageSpec) -> np.ndarray:
             "fill or drop those rows."
         )
     if stage.positive is not None:
-        text = col.astype(str).str.strip()
-        return text.isin([str(p).strip() for p in stage.positive]).to_numpy(dtype=np.float32)
+        return is_positive(col, stage.positive).to_numpy(dtype=np.float32)
     if pd.api.types.is_bool_dtype(col):
         return col.to_numpy(dtype=np.float32)
     numeric = pd.to_numeric(col, errors="coerce")
@@ -40,6 +39,21 @@ def encode_label(col: pd.Series, stage: StageSpec) -> np.ndarray:
             f"list the values that mean 1 with `positive: [...]` on stage {name!r}."
         )
     return numeric.to_numpy(dtype=np.float32)
+
+
+def is_positive(col: pd.Series, positive: tuple[str, ...]) -> pd.Series:
+    """Rows whose label is one of the ``positive`` values: a value that reads as a finite number
+    matches numerically (``1`` matches 1, 1.0, "1", " 1 " and "1.0"), any other as stripped text."""
+    wanted = pd.Series([str(p).strip() for p in positive], dtype=object)
+    as_number = pd.to_numeric(wanted, errors="coerce")  # parsed exactly as the column is below
+    numeric = np.isfinite(as_number.to_numpy(np.float64, na_value=np.nan))
+    hit = pd.Series(False, index=col.index)
+    if numeric.any():
+        values = col.astype(np.float64) if pd.api.types.is_bool_dtype(col) else pd.to_numeric(col, errors="coerce")
+        hit |= values.isin(as_number[numeric].tolist())
+    if not numeric.all():
+        hit |= col.astype(str).str.strip().isin(wanted[~numeric].tolist())
+    return hit
 
 
 def conflict_counts(labels: np.ndarray, graph: FunnelGraph) -> dict[str, int]:

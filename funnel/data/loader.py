@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        epoch_of: Callable[[], int] | None = None,
     ):
         self.tensors = table.tensors()
         self.n = len(table)
@@ -38,6 +39,9 @@ class BatchLoader:
         self.world_size = world_size
         self.drop_last = drop_last
         self.epoch = 0
+        # the epoch to draw the permutation of: the trainer's, so that a resumed run sees the
+        # order the uninterrupted run would have (else the count of iterations so far)
+        self.epoch_of = epoch_of
 
     def _indices(self) -> Tensor | None:
         if not self.shuffle and self.world_size == 1:
@@ -58,6 +62,8 @@ class BatchLoader:
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        if self.epoch_of is not None:
+            self.epoch = self.epoch_of()
         idx = self._indices()
         self.epoch += 1
         rows = self._rows()

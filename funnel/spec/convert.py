@@ -141,3 +141,50 @@ def _nullable(tp: Any) -> bool:
 def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
+
+
+def matches(tp: Any, value: Any) -> bool:
+    """Whether ``value`` (as YAML gives it) already is of type ``tp``, without converting it;
+    for the Lightning Trainer's own type hints, whose values funnel passes on unchanged."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or isinstance(tp, typing.TypeVar):
+        return True
+    if origin in (Union, types.UnionType):
+        return any(matches(a, value) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(matches(args[0] if args else Any, v) for v in value)
+    if origin in (dict, Mapping) or tp is dict:
+        return isinstance(value, Mapping)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # a hint funnel does not know how to check: Lightning will
+
+
+def type_text(tp: Any) -> str:
+    """A type hint in words: 'an integer or null', "one of '16-mixed', 'bf16-mixed'"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        literals = [a for arg in args if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+        others = [type_text(a) for a in args if typing.get_origin(a) is not Literal]
+        parts = ([f"one of {', '.join(map(repr, literals))}"] if literals else []) + others
+        return " or ".join(dict.fromkeys(parts))
+    if origin is Literal:
+        return f"one of {', '.join(map(repr, args))}"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if origin in (list, tuple):
+        return f"a list of {type_text(args[0]) if args else 'values'}"
+    if origin in (dict, Mapping) or tp is dict:
+        return "a mapping"
+    return f"a {getattr(tp, '__name__', str(tp))}"

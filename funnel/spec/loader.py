@@ -86,6 +86,12 @@ def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
                 f"plugins: cannot import {mod!r} ({exc}). Make it importable (pip install -e your package, "
                 "or run from the folder that holds it)."
             ) from None
+        except SyntaxError as exc:
+            raise ConfigError(f"plugins: {mod!r} has a syntax error at {exc.filename}, line {exc.lineno}: "
+                              f"{exc.msg}. Fix the module.") from None
+        except Exception as exc:  # noqa: BLE001  (the plugin's own code failed: the user's, not funnel's)
+            raise ConfigError(f"plugins: importing {mod!r} failed with {type(exc).__name__}: {exc}. "
+                              "Fix the module (run `python -c 'import " + mod + "'` to see where).") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -114,9 +120,9 @@ def _default_synthetic_stages(raw: dict[str, Any]) -> None:
         if all(isinstance(x, str) for x in labels):
             data["synthetic"] = {**synth, "stages": labels}
     synth = data["synthetic"]
-    if isinstance(synth, dict) and "branch" not in synth and isinstance(stages, list):
-        if any(isinstance(s, dict) and s.get("via") for s in stages):  # ESM² funnels get ESM² data
-            data["synthetic"] = {**synth, "branch": True}
+    if (isinstance(synth, dict) and "branch" not in synth and isinstance(stages, list)
+            and any(isinstance(s, dict) and s.get("via") for s in stages)):  # ESM² funnels get ESM² data
+        data["synthetic"] = {**synth, "branch": True}
 
 
 def _parent_first(stages: list[Any]) -> list[Any]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from funnel.errors import did_you_mean
-from funnel.spec.convert import convert, describe
+from funnel.spec.convert import convert, describe, matches, type_text
 from funnel.synthetic import SyntheticSpec
 
 FeatureKind = Literal["categorical", "numeric", "sequence"]
@@ -310,7 +310,10 @@ class TrainerSpec:
         if not isinstance(raw, dict):
             errors.append(f"{path}: expected a mapping of Trainer arguments, got {describe(raw)}.")
             return None
+        import typing
+
         accepted = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+        lightning_hints = typing.get_type_hints(pl.Trainer.__init__)
         own: dict[str, Any] = {}
         passed: dict[str, Any] = {"max_epochs": 1}
         for key, value in raw.items():
@@ -323,7 +326,14 @@ class TrainerSpec:
             elif key == "strategy" and not isinstance(value, str):
                 errors.append(f"{path}.strategy: give a strategy name such as ddp, got {describe(value)}.")
             elif key in accepted:
+                hint = lightning_hints.get(key, Any)
+                if not matches(hint, value):
+                    errors.append(f"{path}.{key}: {describe(value)} is not {type_text(hint)} "
+                                  "(the type lightning.Trainer takes for it).")
                 passed[key] = value
+            elif key in ("ckpt_path", "resume", "resume_from_checkpoint"):
+                errors.append(f"{path}.{key}: funnel continues an interrupted run with "
+                              "`funnel fit --resume RUN_DIR`, not through the config.")
             else:
                 errors.append(
                     f"{path}.{key}: not a Lightning Trainer argument nor a funnel trainer key."

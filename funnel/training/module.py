@@ -98,6 +98,19 @@ class FunnelLightningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What Lightning does not keep but an exact resume needs: the global torch RNG (dropout,
+        feature dropout) and the loss history of a weighting that keeps one (DWA)."""
+        history = getattr(self.model.weighting, "history", None)
+        checkpoint["funnel"] = {"torch_rng": torch.get_rng_state(), "weighting_history": history}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("funnel") or {}
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(state["torch_rng"])
+        if state.get("weighting_history") is not None and hasattr(self.model.weighting, "history"):
+            self.model.weighting.history = [list(h) for h in state["weighting_history"]]
+
     def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         o = self.optim
         params = self.model.parameters()

@@ -1,0 +1,67 @@
+"""Callbacks that stop a training run that cannot end well, with a message that says why.
+
+``DivergenceGuard`` stops at a non-finite training loss, or when the loss, smoothed over steps,
+rises far above the best it reached (Adam with a learning rate of 10 does both).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from funnel.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The training loss became non-finite or exploded: the optimiser settings are to blame."""
+
+
+class DivergenceGuard(pl.Callback):
+    """Raise :class:`TrainingDiverged` when training diverges.
+
+    The loss is smoothed with an exponential moving average (``smoothing`` per step) from the
+    first step on. From step ``warmup`` on, a smoothed loss more than ``factor`` times its lowest
+    value and more than ``margin`` nats above it counts as divergence: far beyond the noise of a
+    healthy run, whose loss falls or stays level."""
+
+    def __init__(self, lr: float, factor: float = 10.0, margin: float = 1.0, smoothing: float = 0.05,
+                 warmup: int = 20):
+        self.lr = lr
+        self.factor, self.margin, self.smoothing, self.warmup = factor, margin, smoothing, warmup
+        self.ema: float | None = None
+        self.best = math.inf
+        self.steps = 0
+
+    def _fail(self, trainer: pl.Trainer, what: str) -> None:
+        lower = f"{self.lr / 10:g}"
+        raise TrainingDiverged(
+            f"training diverged at epoch {trainer.current_epoch}, step {trainer.global_step}: {what}. "
+            f"Lower optim.lr (now {self.lr:g}), for example to {lower}; gradient clipping "
+            "(trainer.gradient_clip_val: 1.0) also helps."
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            best = f" (its smoothed best was {self.best:.4g})" if math.isfinite(self.best) else ""
+            self._fail(trainer, f"the training loss is {value}{best}")
+        self.steps += 1
+        self.ema = value if self.ema is None else (1 - self.smoothing) * self.ema + self.smoothing * value
+        self.best = min(self.best, self.ema)
+        if self.steps < self.warmup:  # judged only once the average has settled
+            return
+        if self.ema > self.factor * self.best and self.ema - self.best > self.margin:
+            self._fail(trainer, f"the smoothed training loss rose from {self.best:.4g} to {self.ema:.4g}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "best": self.best, "steps": self.steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema, self.best, self.steps = state_dict["ema"], state_dict["best"], state_dict["steps"]

@@ -1,0 +1,98 @@
+"""The Lightning Trainer arguments of a config, checked before any data is read.
+
+The spec layer checks each argument's type against ``lightning.Trainer``'s signature. Here the
+Trainer itself is built once with them (it rejects an unknown precision, strategy or an
+accelerator this machine lacks), and the values Lightning only checks inside ``fit()`` are
+checked by hand, so that `funnel check` and `fit` refuse them before the data is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from funnel.errors import ConfigError
+from funnel.spec.schema import Config
+
+# Lightning's own loggers: the probe Trainer must not print its "GPU available" banner
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in LIGHTNING_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _value_problems(kwargs: dict[str, Any]) -> list[str]:
+    """Values of the right type that Lightning accepts when built and rejects in ``fit()``."""
+    problems = []
+    vci = kwargs.get("val_check_interval")
+    if isinstance(vci, float) and not 0.0 < vci <= 1.0:
+        problems.append(f"trainer.val_check_interval: {vci} as a fraction of an epoch must lie in (0, 1]; "
+                        "give an integer to validate every N training batches.")
+    if isinstance(vci, int) and not isinstance(vci, bool) and vci < 1:
+        problems.append(f"trainer.val_check_interval: {vci} batches must be >= 1.")
+    at_least = {"accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "log_every_n_steps": 0,
+                "gradient_clip_val": 0}
+    for key, low in at_least.items():
+        value = kwargs.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (value < low or not math.isfinite(value)):
+            problems.append(f"trainer.{key}: {value} must be >= {low}.")
+    return problems
+
+
+def trainer_problems(cfg: Config) -> list[str]:
+    """Every problem with the Trainer arguments that needs no data."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    kwargs = dict(cfg.trainer.kwargs)
+    problems = _value_problems(kwargs)
+    kwargs.update(logger=False, enable_checkpointing=False, callbacks=None, enable_model_summary=False)
+    try:
+        with quiet_lightning():
+            pl.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as exc:
+        problems.append(f"trainer: Lightning rejects the arguments {cfg.trainer.kwargs}: {exc}")
+    return problems
+
+
+def train_batches(cfg: Config, rows: int) -> int:
+    """Training batches per epoch that Lightning will run (limit_train_batches applied)."""
+    batches = math.ceil(rows / cfg.data.batch_size)
+    limit = cfg.trainer.kwargs.get("limit_train_batches")
+    if isinstance(limit, float):
+        return int(batches * limit)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    return batches
+
+
+def trainer_data_problems(cfg: Config, train_rows: int) -> list[str]:
+    """Problems that depend on the size of the training split."""
+    kwargs = cfg.trainer.kwargs
+    vci = kwargs.get("val_check_interval")
+    batches = train_batches(cfg, train_rows)
+    if (isinstance(vci, int) and not isinstance(vci, bool) and kwargs.get("check_val_every_n_epoch", 1) is not None
+            and vci > batches):
+        return [(f"trainer.val_check_interval: {vci} is more than the {batches} training batches of an epoch "
+                 f"({train_rows} rows, data.batch_size {cfg.data.batch_size}); give at most {batches}, or a "
+                 "fraction such as 0.5.")]
+    return []
+
+
+def raise_trainer_problems(cfg: Config, train_rows: int | None = None) -> None:
+    problems = trainer_problems(cfg) if train_rows is None else trainer_data_problems(cfg, train_rows)
+    if problems:
+        raise ConfigError(problems)
