@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting overrides at the first --flag; take the ones after it too
-    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and getattr(args, "overrides", None) is not None and not any(e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -125,8 +125,10 @@ def _run(args: argparse.Namespace) -> int:
 
             from funnel.runs import config_to_raw
             from funnel.spec import load_config
+            from funnel.training.trainer_args import raise_trainer_problems
 
             cfg, _ = load_config(args.config, args.overrides)
+            raise_trainer_problems(cfg)  # what fit would refuse before reading the data
             print(yaml.safe_dump(config_to_raw(cfg), sort_keys=False), end="")
             return 0
         from funnel.training.fit import fit

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from funnel.atomic import write_text
 from funnel.errors import UserError
 from funnel.spec import load_config
 from funnel.training.fit import fit
@@ -41,17 +43,25 @@ def compare(
     out = Path(out_dir) if out_dir else Path("runs") / "compare" / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {str(out)!r} already exists and is not empty; choose a new folder.")
+    made = not out.exists()
     runs: dict[str, list[dict[str, Any]]] = {}
-    for model in models:
-        for seed in range(seeds):
-            log.info("compare: model %s, seed %d", model, seed)
-            run = fit(config, [*overrides, f"funnel.model={model}", f"seed={seed}", f"run_dir={out / f'{model}-seed{seed}'}"])
-            runs.setdefault(model, []).append(json.loads((run / "metrics.json").read_text()))
+    try:
+        for model in models:
+            for seed in range(seeds):
+                log.info("compare: model %s, seed %d", model, seed)
+                run = fit(config, [*overrides, f"funnel.model={model}", f"seed={seed}",
+                                   f"run_dir={out / f'{model}-seed{seed}'}"])
+                runs.setdefault(model, []).append(json.loads((run / "metrics.json").read_text()))
+    except BaseException:
+        if made and not runs:  # the first run failed on the input: leave no empty comparison behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     stages = [s.name for s in cfg.funnel.stages]
     summary = summarise(runs, stages)
     table = markdown(summary, stages, f"{config}: {', '.join(models)}, {seeds} seed(s), mean ± std on the {next(iter(runs.values()))[0]['split']} split")
-    (out / "compare.json").write_text(json.dumps({"config": str(config), "overrides": list(overrides), "summary": summary, "runs": runs}, indent=1))
-    (out / "compare.md").write_text(table + "\n")
+    write_text(out / "compare.json",
+               json.dumps({"config": str(config), "overrides": list(overrides), "summary": summary, "runs": runs}, indent=1))
+    write_text(out / "compare.md", table + "\n")
     return out, table
 
 

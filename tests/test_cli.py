@@ -126,7 +126,7 @@ def test_fit_refuses_to_overwrite_a_non_empty_run_dir(fitted, capsys):
 def test_bad_trainer_argument_value_exits_2_and_leaves_no_run_dir(fitted, tmp_path, capsys):
     run_dir = tmp_path / "never"
     assert main(["fit", str(fitted.config), "trainer.accelerator=gpux", f"run_dir={run_dir}"]) == 2
-    assert "trainer:" in capsys.readouterr().err
+    assert "trainer.accelerator: 'gpux'" in capsys.readouterr().err
     assert not run_dir.exists()
 
 

@@ -168,15 +168,44 @@ class Featurizer:
             state = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read the encoders {str(path)!r}: {exc}. Is this a funnel run directory?") from None
-        if state.get("format") != FORMAT_VERSION:
-            raise UserError(f"{path}: encoder format {state.get('format')!r} is not supported (expected {FORMAT_VERSION}).")
+        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+            found = state.get("format") if isinstance(state, dict) else None
+            raise UserError(f"{path}: encoder format {found!r} is not supported (expected {FORMAT_VERSION}).")
         self = cls(cfg, graph)
-        for item in state["features"]:
-            errors: list[str] = []
-            spec = build(FeatureSpec, item["spec"], "features", errors)
-            enc = self._encoder(spec)
-            for key, value in item["state"].items():
-                setattr(enc if not isinstance(enc, SequenceEncoder) else enc.ids, key, value)
+        try:
+            seen = set()
+            for item in state["features"]:
+                errors: list[str] = []
+                spec = build(FeatureSpec, item["spec"], "features", errors, hook=False)  # every field is saved
+                if spec is None or errors:
+                    raise ValueError("; ".join(errors) or "a feature spec is malformed")
+                enc = self._encoder(spec)
+                target = enc if not isinstance(enc, SequenceEncoder) else enc.ids
+                for key, value in item["state"].items():
+                    if not hasattr(target, key):
+                        raise ValueError(f"feature {spec.name!r} has an unknown state {key!r}")
+                    setattr(target, key, value)
+                seen.add(spec.name)
+            _check_loaded(self)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"{path}: is damaged or does not belong to this config ({type(exc).__name__}: {exc}). "
+                            "Use the encoders.json `funnel fit` wrote beside this config.yaml.") from None
+        missing = [f.name for f in self.features if f.name not in seen]
+        if missing:
+            raise UserError(f"{path}: has no encoder for feature(s) {', '.join(missing)} of the config; "
+                            "config.yaml and encoders.json come from different runs.")
         self.fitted = True
         return self
 
+
+
+def _check_loaded(featurizer: Featurizer) -> None:
+    """Loaded statistics must be usable: finite numbers, and vocabularies that are lists of strings."""
+    for name, enc in featurizer.num.items():
+        for key in ("mean", "std"):
+            value = getattr(enc, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+                raise ValueError(f"numeric feature {name!r} has {key} {value!r}, not a finite number")
+    for name, enc in [*featurizer.cat.items(), *((n, s.ids) for n, s in featurizer.seq.items())]:
+        if not isinstance(enc.vocab, list) or not all(isinstance(v, str) for v in enc.vocab):
+            raise ValueError(f"feature {name!r} has a vocabulary that is not a list of strings")

@@ -57,14 +57,25 @@ def trainer_problems(cfg: Config) -> list[str]:
     import pytorch_lightning as pl
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    kwargs = dict(cfg.trainer.kwargs)
-    problems = _value_problems(kwargs)
-    kwargs.update(logger=False, enable_checkpointing=False, callbacks=None, enable_model_summary=False)
-    try:
-        with quiet_lightning():
-            pl.Trainer(**kwargs)
-    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as exc:
-        problems.append(f"trainer: Lightning rejects the arguments {cfg.trainer.kwargs}: {exc}")
+    given = dict(cfg.trainer.kwargs)
+    problems = _value_problems(given)
+    fixed = {"logger": False, "enable_checkpointing": False, "callbacks": None, "enable_model_summary": False}
+    rejected = (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError)
+
+    def rejection(kwargs: dict[str, Any]) -> Exception | None:
+        try:
+            with quiet_lightning():
+                pl.Trainer(**{**kwargs, **fixed})
+        except rejected as exc:
+            return exc
+        return None
+
+    exc = rejection(given)
+    if exc is not None:
+        # name the argument(s) without which Lightning accepts the rest
+        culprits = [k for k in given if k not in fixed and rejection({j: v for j, v in given.items() if j != k}) is None]
+        where = ", ".join(f"trainer.{k}: {given[k]!r}" for k in culprits) or f"the arguments {given}"
+        problems.append(f"{where}: Lightning rejects it ({str(exc).strip()})")
     return problems
 
 
