@@ -39,9 +39,10 @@ class DataSpec:
     eval_batch_size: int = 16384  # evaluation has no backward pass, so larger batches are cheap
     label_conflicts: Literal["drop", "zero", "error"] = "drop"
     csv: CsvSpec = field(default_factory=CsvSpec)
-    # file data: keep the fitted encoders and encoded tensors on disk, keyed by the files
-    # (path, size, mtime) and everything that shapes the encoding, so a second fit on the
-    # same data skips parsing. Folder: cache_dir, else $FUNNEL_CACHE_DIR, else ~/.cache/funnel
+    # file data: keep the fitted encoders and encoded tensors on disk, keyed by a hash of
+    # the files' bytes (not their path or mtime) and everything that shapes the encoding;
+    # an entry is used only when its manifest checksums match, else it is deleted and
+    # rebuilt. Folder: cache_dir, else $FUNNEL_CACHE_DIR, else ~/.cache/funnel
     cache: bool = True
     cache_dir: str | None = None
 
