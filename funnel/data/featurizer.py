@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from funnel.atomic import write_text
 from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SequenceEncoder
 from funnel.data.labels import encode_label, resolve_conflicts
 from funnel.data.table import EncodedTable
@@ -157,7 +158,7 @@ class Featurizer:
                 {"spec": asdict(f), "state": self._encoder(f).state()} for f in self.features
             ],
         }
-        Path(path).write_text(json.dumps(state, indent=1))
+        write_text(path, json.dumps(state, indent=1))
 
     def _encoder(self, f: FeatureSpec) -> Any:
         return {"categorical": self.cat, "numeric": self.num, "sequence": self.seq}[f.kind][f.name]

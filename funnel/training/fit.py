@@ -101,7 +101,7 @@ def _train(cfg: Config, claim: RunClaim, resume_from: Path | None) -> Path:
             claim.discard()  # nothing trained yet: leave nothing behind
         raise
     try:
-        old_logs = resume_logs.set_aside(run_dir) if resume_from else None
+        old_logs = resume_logs.set_aside(run_dir) if resuming else None
         _fit(trainer, module, dm, resume_from)
         resume_logs.merge(run_dir, old_logs)
         _finish(cfg, trainer, module, dm, checkpoint, monitor, run_dir)

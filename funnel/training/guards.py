@@ -28,12 +28,14 @@ class DivergenceGuard(pl.Callback):
     healthy run, whose loss falls or stays level."""
 
     def __init__(self, lr: float, factor: float = 10.0, margin: float = 1.0, smoothing: float = 0.05,
-                 warmup: int = 20):
+                 warmup: int = 20, every: int = 8):
         self.lr = lr
         self.factor, self.margin, self.smoothing, self.warmup = factor, margin, smoothing, warmup
+        self.every = every  # losses are read from the device in groups: one sync per `every` steps
         self.ema: float | None = None
         self.best = math.inf
         self.steps = 0
+        self._pending: list[torch.Tensor] = []
 
     def _fail(self, trainer: pl.Trainer, what: str) -> None:
         lower = f"{self.lr / 10:g}"
@@ -48,7 +50,20 @@ class DivergenceGuard(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
-        value = float(loss.detach())
+        self._pending.append(loss.detach().float().reshape(()))
+        if len(self._pending) >= self.every:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        values = torch.stack(self._pending).tolist() if self._pending else []
+        self._pending = []
+        for value in values:
+            self._observe(trainer, value)
+
+    def _observe(self, trainer: pl.Trainer, value: float) -> None:
         if not math.isfinite(value):
             best = f" (its smoothed best was {self.best:.4g})" if math.isfinite(self.best) else ""
             self._fail(trainer, f"the training loss is {value}{best}")
@@ -61,7 +76,9 @@ class DivergenceGuard(pl.Callback):
             self._fail(trainer, f"the smoothed training loss rose from {self.best:.4g} to {self.ema:.4g}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema, "best": self.best, "steps": self.steps}
+        pending = torch.stack(self._pending).tolist() if self._pending else []
+        return {"ema": self.ema, "best": self.best, "steps": self.steps, "pending": pending}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ema, self.best, self.steps = state_dict["ema"], state_dict["best"], state_dict["steps"]
+        self._pending = [torch.tensor(v) for v in state_dict.get("pending", [])]
