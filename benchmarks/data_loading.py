@@ -33,10 +33,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SPARSE = {"101": 238_000, "121": 98, "122": 14, "124": 3, "125": 8, "126": 4, "127": 4, "128": 3, "129": 5,
-          "205": 467_000, "206": 6_900, "207": 264_000, "210": 80_000, "216": 106_000, "508": 5_600, "509": 110_000,
-          "702": 90_000, "853": 38_000, "301": 4, "109_14": 5_700, "110_14": 1_000_000, "127_14": 1_000_000,
-          "150_14": 1_000_000}
+SPARSE = {
+    "101": 238_000,
+    "121": 98,
+    "122": 14,
+    "124": 3,
+    "125": 8,
+    "126": 4,
+    "127": 4,
+    "128": 3,
+    "129": 5,
+    "205": 467_000,
+    "206": 6_900,
+    "207": 264_000,
+    "210": 80_000,
+    "216": 106_000,
+    "508": 5_600,
+    "509": 110_000,
+    "702": 90_000,
+    "853": 38_000,
+    "301": 4,
+    "109_14": 5_700,
+    "110_14": 1_000_000,
+    "127_14": 1_000_000,
+    "150_14": 1_000_000,
+}
 DENSE = ["D109_14", "D110_14", "D127_14", "D150_14", "D508", "D509", "D702", "D853"]
 
 
@@ -59,11 +80,21 @@ def make_file(rows: int, out: Path, seed: int = 0) -> None:
 def config(path: Path, cache_dir: Path, run_dir: Path | None = None) -> dict:
     return {
         "data": {"train": str(path), "valid_split": 0.1, "batch_size": 4096, "cache_dir": str(cache_dir)},
-        "features": [{"name": c, "kind": "categorical"} for c in SPARSE] + [{"name": c, "kind": "numeric"} for c in DENSE],
-        "funnel": {"model": "esmm", "embed_dim": 18, "tower": {"type": "mlp", "hidden": [360, 200, 80]},
-                   "stages": [{"name": "click"}, {"name": "purchase", "after": "click"}]},
-        "trainer": {"max_steps": 5, "limit_val_batches": 1, "enable_progress_bar": False, "logger": False,
-                    "enable_checkpointing": True},
+        "features": [{"name": c, "kind": "categorical"} for c in SPARSE]
+        + [{"name": c, "kind": "numeric"} for c in DENSE],
+        "funnel": {
+            "model": "esmm",
+            "embed_dim": 18,
+            "tower": {"type": "mlp", "hidden": [360, 200, 80]},
+            "stages": [{"name": "click"}, {"name": "purchase", "after": "click"}],
+        },
+        "trainer": {
+            "max_steps": 5,
+            "limit_val_batches": 1,
+            "enable_progress_bar": False,
+            "logger": False,
+            "enable_checkpointing": True,
+        },
         "run_dir": str(run_dir) if run_dir else None,
     }
 
@@ -96,9 +127,18 @@ def phase(args: argparse.Namespace) -> None:
             with open(args.out) as fh:
                 rows = sum(1 for _ in fh) - 1
     seconds = time.perf_counter() - start
-    print(json.dumps({"phase": args.phase, "rows": rows, "seconds": round(seconds, 2),
-                      "rows_per_s": round(rows / seconds) if rows else None,
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **extra}))
+    print(
+        json.dumps(
+            {
+                "phase": args.phase,
+                "rows": rows,
+                "seconds": round(seconds, 2),
+                "rows_per_s": round(rows / seconds) if rows else None,
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                **extra,
+            }
+        )
+    )
 
 
 def run_phase(name: str, cfg_path: Path, *flags: str, **extra: str) -> dict:
@@ -132,7 +172,10 @@ def main() -> None:
         start = time.perf_counter()
         make_file(args.rows, data)
         size_mb = data.stat().st_size / 2**20
-        print(f"{args.rows:,} rows written to {data.name} ({size_mb:.0f} MB) in {time.perf_counter() - start:.1f}s", flush=True)
+        print(
+            f"{args.rows:,} rows written to {data.name} ({size_mb:.0f} MB) in {time.perf_counter() - start:.1f}s",
+            flush=True,
+        )
         cfg_path = tmp / "config.json"
         cfg_path.write_text(json.dumps(config(data, tmp / "cache", tmp / "run")))
         encode = run_phase("encode", cfg_path)
@@ -140,16 +183,27 @@ def main() -> None:
         run_phase("fit", cfg_path)
         predict = run_phase("predict", cfg_path, data=str(data), out=str(tmp / f"pred.{args.format}"))
         bf16 = run_phase("predict", cfg_path, "--bf16", data=str(data), out=str(tmp / f"pred_bf16.{args.format}"))
-    print(json.dumps({
-        "rows": args.rows, "format": args.format, "file_mb": round(size_mb),
-        "encode_rows_per_s": encode["rows_per_s"], "encode_s": encode["seconds"], "encode_peak_rss_mb": encode["peak_rss_mb"],
-        "encoded_mb": encode["encoded_mb"],
-        "cached_s": cached["seconds"], "cached_peak_rss_mb": cached["peak_rss_mb"],
-        "predict_rows_per_s": predict["rows_per_s"], "predict_s": predict["seconds"],
-        "predict_peak_rss_mb": predict["peak_rss_mb"],
-        "predict_bf16_rows_per_s": bf16["rows_per_s"], "predict_bf16_s": bf16["seconds"],
-        "predict_bf16_peak_rss_mb": bf16["peak_rss_mb"],
-    }))
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "format": args.format,
+                "file_mb": round(size_mb),
+                "encode_rows_per_s": encode["rows_per_s"],
+                "encode_s": encode["seconds"],
+                "encode_peak_rss_mb": encode["peak_rss_mb"],
+                "encoded_mb": encode["encoded_mb"],
+                "cached_s": cached["seconds"],
+                "cached_peak_rss_mb": cached["peak_rss_mb"],
+                "predict_rows_per_s": predict["rows_per_s"],
+                "predict_s": predict["seconds"],
+                "predict_peak_rss_mb": predict["peak_rss_mb"],
+                "predict_bf16_rows_per_s": bf16["rows_per_s"],
+                "predict_bf16_s": bf16["seconds"],
+                "predict_bf16_peak_rss_mb": bf16["peak_rss_mb"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,15 @@ from funnel.models.embedding import lookup
 from funnel.training.lazy_adam import LazyAdam
 
 FIELDS, TOWERS = N_FIELDS, [360, 200, 80]
-VARIANTS = ("tables", "tables_sparse_adam", "tables_lazy_adam", "fused", "fused_lazy_adam", "funnel_lookup",
-            "funnel_lookup_lazy_adam")
+VARIANTS = (
+    "tables",
+    "tables_sparse_adam",
+    "tables_lazy_adam",
+    "fused",
+    "fused_lazy_adam",
+    "funnel_lookup",
+    "funnel_lookup_lazy_adam",
+)
 
 
 class Net(nn.Module):
@@ -70,7 +77,9 @@ class Net(nn.Module):
 def run(variant: str, ids: torch.Tensor, labels: torch.Tensor, vocab: np.ndarray, batch: int, steps: int) -> float:
     torch.manual_seed(0)
     sparse = variant.endswith(("sparse_adam", "lazy_adam"))
-    net = Net(vocab, fused=variant.startswith(("fused", "funnel")), sparse=sparse, funnel_lookup=variant.startswith("funnel"))
+    net = Net(
+        vocab, fused=variant.startswith(("fused", "funnel")), sparse=sparse, funnel_lookup=variant.startswith("funnel")
+    )
     tables = list(net.emb.parameters())
     dense = [p for n, p in net.named_parameters() if not n.startswith("emb")]
     if not sparse:
@@ -84,12 +93,13 @@ def run(variant: str, ids: torch.Tensor, labels: torch.Tensor, vocab: np.ndarray
     for step in range(steps):
         if step == 20:
             start = time.perf_counter()
-        rows = order[(step * batch) % (len(ids) - batch):][:batch]
+        rows = order[(step * batch) % (len(ids) - batch) :][:batch]
         ctr, cvr = net(ids[rows])
         y = labels[rows]
         p_ctr = torch.sigmoid(ctr)
         loss = nn.functional.binary_cross_entropy_with_logits(ctr, y[:, 0]) + nn.functional.binary_cross_entropy(
-            p_ctr * torch.sigmoid(cvr), y[:, 1])
+            p_ctr * torch.sigmoid(cvr), y[:, 1]
+        )
         for opt in optimisers:
             opt.zero_grad()
         loss.backward()
@@ -107,15 +117,25 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     vocab = np.geomspace(10, 100_000, FIELDS).astype(np.int64)
-    ids = torch.tensor(np.stack([np.minimum((v * rng.random(args.rows) ** 2).astype(np.int64), v - 1) for v in vocab], 1))
+    ids = torch.tensor(
+        np.stack([np.minimum((v * rng.random(args.rows) ** 2).astype(np.int64), v - 1) for v in vocab], 1)
+    )
     labels = torch.tensor(rng.random((args.rows, 2)) < 0.1, dtype=torch.float32)
     runs: dict[str, list[int]] = {v: [] for v in VARIANTS}
     for r in range(args.repeats):
         for variant in VARIANTS:
             runs[variant].append(round(run(variant, ids, labels, vocab, args.batch_size, args.steps)))
         print(f"run {r + 1}: " + ", ".join(f"{v} {runs[v][-1]:,}/s" for v in VARIANTS), flush=True)
-    print(json.dumps({"batch_size": args.batch_size, "threads": torch.get_num_threads(),
-                      "median_samples_per_s": {v: statistics.median(runs[v]) for v in VARIANTS}, "runs": runs}))
+    print(
+        json.dumps(
+            {
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "median_samples_per_s": {v: statistics.median(runs[v]) for v in VARIANTS},
+                "runs": runs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -63,13 +63,19 @@ def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
 def funnel_config(towers: list[int], batch_size: int, lr: float, sparse: bool = False):
     from funnel.spec import config_from_dict
 
-    return config_from_dict({
-        "data": {"train": "in-memory", "batch_size": batch_size, "eval_batch_size": 65536},
-        "features": [{"name": f"c{f}", "kind": "categorical"} for f in range(N_FIELDS)],
-        "funnel": {"model": "esmm", "embed_dim": EMBED, "tower": {"type": "mlp", "hidden": towers},
-                   "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
-        "optim": {"name": "adam", "lr": lr, "sparse_embeddings": sparse},
-    })
+    return config_from_dict(
+        {
+            "data": {"train": "in-memory", "batch_size": batch_size, "eval_batch_size": 65536},
+            "features": [{"name": f"c{f}", "kind": "categorical"} for f in range(N_FIELDS)],
+            "funnel": {
+                "model": "esmm",
+                "embed_dim": EMBED,
+                "tower": {"type": "mlp", "hidden": towers},
+                "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}],
+            },
+            "optim": {"name": "adam", "lr": lr, "sparse_embeddings": sparse},
+        }
+    )
 
 
 class EpochTimer(pl.Callback):
@@ -83,8 +89,16 @@ class EpochTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def run_funnel(cfg, graph, featurizer, tables, seed: int, limit: int | None = None, precision: str = "32-true",
-               accelerator: str = "cpu") -> float:
+def run_funnel(
+    cfg,
+    graph,
+    featurizer,
+    tables,
+    seed: int,
+    limit: int | None = None,
+    precision: str = "32-true",
+    accelerator: str = "cpu",
+) -> float:
     from pytorch_lightning.loggers import CSVLogger
 
     from funnel.data.datamodule import FunnelDataModule
@@ -97,10 +111,19 @@ def run_funnel(cfg, graph, featurizer, tables, seed: int, limit: int | None = No
     module = FunnelLightningModule(create_model(graph, cfg.funnel, featurizer.layout()), cfg.optim)
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp, name="logs"), callbacks=[timer],
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, limit_train_batches=limit or 1.0, precision=precision,
-                             accelerator=accelerator, devices=1)
+        trainer = pl.Trainer(
+            max_epochs=1,
+            logger=CSVLogger(tmp, name="logs"),
+            callbacks=[timer],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_train_batches=limit or 1.0,
+            precision=precision,
+            accelerator=accelerator,
+            devices=1,
+        )
         trainer.fit(module, datamodule=dm)
     rows = min(len(tables["train"]), limit * cfg.data.batch_size) if limit else len(tables["train"])
     return rows / (timer.end - timer.start)
@@ -129,8 +152,18 @@ class PlainESMM(nn.Module):
         return self.ctr(x).squeeze(-1), self.cvr(x).squeeze(-1)
 
 
-def run_plain(cat: torch.Tensor, labels: torch.Tensor, vocab: list[int], towers: list[int], batch_size: int,
-              lr: float, seed: int, limit: int | None = None, precision: str = "32-true", device: str = "cpu") -> float:
+def run_plain(
+    cat: torch.Tensor,
+    labels: torch.Tensor,
+    vocab: list[int],
+    towers: list[int],
+    batch_size: int,
+    lr: float,
+    seed: int,
+    limit: int | None = None,
+    precision: str = "32-true",
+    device: str = "cpu",
+) -> float:
     torch.manual_seed(seed)
     model = PlainESMM(vocab, towers).to(device)
     cat, labels = cat.to(device), labels.to(device)
@@ -140,14 +173,15 @@ def run_plain(cat: torch.Tensor, labels: torch.Tensor, vocab: list[int], towers:
     order = torch.randperm(len(cat), device=device)[:n]
     start = time.perf_counter()
     for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         x, y = cat[idx], labels[idx]
         with autocast:
             ctr_logit, cvr_logit = model(x)
         ctr_logit, cvr_logit = ctr_logit.float(), cvr_logit.float()
         p_ctr, p_ctcvr = torch.sigmoid(ctr_logit), torch.sigmoid(ctr_logit) * torch.sigmoid(cvr_logit)
-        loss = (nn.functional.binary_cross_entropy(p_ctr, y[:, 0])
-                + nn.functional.binary_cross_entropy(p_ctcvr.clamp(1e-7, 1 - 1e-7), y[:, 1]))
+        loss = nn.functional.binary_cross_entropy(p_ctr, y[:, 0]) + nn.functional.binary_cross_entropy(
+            p_ctcvr.clamp(1e-7, 1 - 1e-7), y[:, 1]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -156,7 +190,9 @@ def run_plain(cat: torch.Tensor, labels: torch.Tensor, vocab: list[int], towers:
     return n / (time.perf_counter() - start)
 
 
-def run_rechub(df: pd.DataFrame, vocab: list[int], towers: list[int], batch_size: int, lr: float, seed: int) -> float | None:
+def run_rechub(
+    df: pd.DataFrame, vocab: list[int], towers: list[int], batch_size: int, lr: float, seed: int
+) -> float | None:
     try:
         from torch_rechub.basic.features import SparseFeature
         from torch_rechub.models.multi_task import ESMM
@@ -172,8 +208,13 @@ def run_rechub(df: pd.DataFrame, vocab: list[int], towers: list[int], batch_size
     train, _, _ = DataGenerator(x, y).generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y, batch_size=batch_size)
     params = {"dims": towers, "activation": "relu", "dropout": 0.0}
     model = ESMM(feats[:10], feats[10:], cvr_params=params, ctr_params=params)
-    trainer = MTLTrainer(model, task_types=["classification"] * 3, optimizer_params={"lr": lr, "weight_decay": 0.0},
-                         n_epoch=1, device="cpu")
+    trainer = MTLTrainer(
+        model,
+        task_types=["classification"] * 3,
+        optimizer_params={"lr": lr, "weight_decay": 0.0},
+        n_epoch=1,
+        device="cpu",
+    )
     start = time.perf_counter()
     trainer.train_one_epoch(train)
     return len(df) / (time.perf_counter() - start)
@@ -191,10 +232,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated contenders to skip: funnel,funnel_sparse,plain,rechub")
-    ap.add_argument("--limit-batches", type=int, default=None,
-                    help="time only this many training batches (for 10M-row memory runs); rechub is skipped")
-    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
-                    help="bf16-mixed: bfloat16 autocast for funnel (Lightning precision) and the plain loop")
+    ap.add_argument(
+        "--limit-batches",
+        type=int,
+        default=None,
+        help="time only this many training batches (for 10M-row memory runs); rechub is skipped",
+    )
+    ap.add_argument(
+        "--precision",
+        default="32-true",
+        choices=["32-true", "bf16-mixed"],
+        help="bf16-mixed: bfloat16 autocast for funnel (Lightning precision) and the plain loop",
+    )
     ap.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU (rechub skipped)")
     args = ap.parse_args()
     towers = [int(t) for t in args.towers.split(",")]
@@ -213,27 +262,52 @@ def main() -> None:
     t0 = time.perf_counter()
     n_valid = max(args.rows // 20, 1)
     featurizer = Featurizer(cfg, graph).fit(df.iloc[n_valid:])
-    tables = {"train": featurizer.encode(df.iloc[n_valid:], "train"), "valid": featurizer.encode(df.iloc[:n_valid], "valid")}
+    tables = {
+        "train": featurizer.encode(df.iloc[n_valid:], "train"),
+        "valid": featurizer.encode(df.iloc[:n_valid], "valid"),
+    }
     encode_s = time.perf_counter() - t0
     rss_data = peak_rss_mb()
     vocab = [int(n) for n, _ in featurizer.layout()["tables"].values()]
     train = tables["train"]
-    print(f"{args.rows:,} rows generated in {gen_s:.1f}s, encoded in {encode_s:.1f}s; train {len(train):,} rows, "
-          f"batch {args.batch_size}, towers {towers}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{args.rows:,} rows generated in {gen_s:.1f}s, encoded in {encode_s:.1f}s; train {len(train):,} rows, "
+        f"batch {args.batch_size}, towers {towers}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     results: dict[str, list[float]] = {"funnel": [], "funnel_sparse": [], "plain": [], "rechub": []}
     sparse_cfg = funnel_config(towers, args.batch_size, args.lr, sparse=True)
     for rep in range(args.repeats):
         if "funnel" not in skip:
-            results["funnel"].append(run_funnel(cfg, graph, featurizer, tables, rep, args.limit_batches, args.precision,
-                                                args.accelerator))
+            results["funnel"].append(
+                run_funnel(cfg, graph, featurizer, tables, rep, args.limit_batches, args.precision, args.accelerator)
+            )
         if "funnel_sparse" not in skip and args.accelerator == "cpu":
-            results["funnel_sparse"].append(run_funnel(sparse_cfg, graph, featurizer, tables, rep, args.limit_batches,
-                                                       args.precision))
+            results["funnel_sparse"].append(
+                run_funnel(sparse_cfg, graph, featurizer, tables, rep, args.limit_batches, args.precision)
+            )
         if "plain" not in skip:
-            results["plain"].append(run_plain(train.cat, train.labels.float(), vocab, towers, args.batch_size, args.lr, rep,
-                                              args.limit_batches, args.precision, args.accelerator))
-        if "rechub" not in skip and not args.limit_batches and args.accelerator == "cpu" and args.precision == "32-true":
+            results["plain"].append(
+                run_plain(
+                    train.cat,
+                    train.labels.float(),
+                    vocab,
+                    towers,
+                    args.batch_size,
+                    args.lr,
+                    rep,
+                    args.limit_batches,
+                    args.precision,
+                    args.accelerator,
+                )
+            )
+        if (
+            "rechub" not in skip
+            and not args.limit_batches
+            and args.accelerator == "cpu"
+            and args.precision == "32-true"
+        ):
             raw_vocab = [int(df[f"c{f}"].max()) + 1 for f in range(N_FIELDS)]  # rechub reads the raw ids
             r = run_rechub(df.iloc[n_valid:].reset_index(drop=True), raw_vocab, towers, args.batch_size, args.lr, rep)
             if r is not None:
@@ -248,8 +322,12 @@ def main() -> None:
         "rechub_samples_per_s": med["rechub"],
         "ratio_vs_rechub": round(med["funnel"] / med["rechub"], 3) if med["funnel"] and med["rechub"] else None,
         "funnel_sparse_samples_per_s": med["funnel_sparse"],
-        "sparse_ratio_vs_plain": round(med["funnel_sparse"] / med["plain"], 3) if med["funnel_sparse"] and med["plain"] else None,
-        "sparse_ratio_vs_rechub": round(med["funnel_sparse"] / med["rechub"], 3) if med["funnel_sparse"] and med["rechub"] else None,
+        "sparse_ratio_vs_plain": round(med["funnel_sparse"] / med["plain"], 3)
+        if med["funnel_sparse"] and med["plain"]
+        else None,
+        "sparse_ratio_vs_rechub": round(med["funnel_sparse"] / med["rechub"], 3)
+        if med["funnel_sparse"] and med["rechub"]
+        else None,
         "peak_rss_mb": round(peak_rss_mb()),
         "rss_after_encoding_mb": round(rss_data),
         "encoded_train_mb": round(train.nbytes() / 2**20, 1),

@@ -32,7 +32,9 @@ TOWERS = {
     "mlp": "{type: mlp, hidden: [128, 64]}",
     "deepfm": "{type: deepfm, hidden: [128, 64]}",
     "dcn": "{type: dcn, cross_layers: 2, hidden: [128, 64]}",
-    "field_sum": "{type: field_sum, groups: {user: [user_id, history], item: [item_id, item_category]}, hidden: [128, 64]}",
+    "field_sum": (
+        "{type: field_sum, groups: {user: [user_id, history], item: [item_id, item_category]}, hidden: [128, 64]}"
+    ),
     "din": "{type: din, sequence: history, target: item_id, hidden: [128, 64]}",
 }
 
@@ -60,21 +62,43 @@ def main() -> None:
             pl.seed_everything(rep, verbose=False)
             model = create_model(graph, tower_cfg.funnel, dm.featurizer.layout())
             module = FunnelLightningModule(model, tower_cfg.optim)
-            trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+            trainer = pl.Trainer(
+                max_epochs=1,
+                limit_val_batches=0,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+            )
             start = time.perf_counter()
             trainer.fit(module, datamodule=dm)
             times.append(time.perf_counter() - start)
         params = sum(p.numel() for p in model.parameters())
-        results[name] = {"samples_per_s": round(n_train / statistics.median(times)), "params": params,
-                         "seconds": [round(t, 2) for t in times]}
-        print(f"{name:>10}: {results[name]['samples_per_s']:>8,} samples/s  ({params:,} parameters, runs {times})", flush=True)
+        results[name] = {
+            "samples_per_s": round(n_train / statistics.median(times)),
+            "params": params,
+            "seconds": [round(t, 2) for t in times],
+        }
+        print(
+            f"{name:>10}: {results[name]['samples_per_s']:>8,} samples/s  ({params:,} parameters, runs {times})",
+            flush=True,
+        )
 
     print(f"\n| tower | samples/s (median of {args.repeats}) | parameters |\n| --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {r['samples_per_s']:,} | {r['params']:,} |")
-    print(json.dumps({"rows_train": n_train, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-                      "machine": platform.processor() or platform.machine(), "towers": results}))
+    print(
+        json.dumps(
+            {
+                "rows_train": n_train,
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+                "towers": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,16 @@ def main(overrides: list[str]) -> int:
     sys.modules.setdefault("custom_tower", sys.modules[__name__])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     config = Path(__file__).resolve().parents[1] / "configs/esmm.yaml"
-    return cli(["fit", str(config), "plugins=[custom_tower]", "funnel.tower={type: gated_mlp, hidden: [64, 32]}",
-                "trainer.max_epochs=2", *overrides])
+    return cli(
+        [
+            "fit",
+            str(config),
+            "plugins=[custom_tower]",
+            "funnel.tower={type: gated_mlp, hidden: [64, 32]}",
+            "trainer.max_epochs=2",
+            *overrides,
+        ]
+    )
 
 
 if __name__ == "__main__":

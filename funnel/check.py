@@ -61,8 +61,12 @@ def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict
             monitor = cfg.trainer.monitor or f"val/auc/{graph.names[-1]}"
             undefined = monitor_undefined(tables["valid"], graph, monitor)
             if undefined:
-                report["warnings"] = [(f"trainer.monitor {monitor} is undefined on the valid split ({undefined}); "
-                                       "fit will monitor val/loss (mode min) instead.")]
+                report["warnings"] = [
+                    (
+                        f"trainer.monitor {monitor} is undefined on the valid split ({undefined}); "
+                        "fit will monitor val/loss (mode min) instead."
+                    )
+                ]
         except DataError as exc:
             problems += exc.problems
     if problems:

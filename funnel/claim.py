@@ -75,8 +75,10 @@ def _take_lock(path: Path) -> bool:
 def _busy(path: Path) -> UserError:
     owner = _lock_owner(path)
     who = f" (process {owner[1]} on {owner[0]})" if owner else ""
-    return UserError(f"run_dir: {str(path)!r} is in use by another funnel process{who}. Wait for it to finish, "
-                     "or choose another run_dir.")
+    return UserError(
+        f"run_dir: {str(path)!r} is in use by another funnel process{who}. Wait for it to finish, "
+        "or choose another run_dir."
+    )
 
 
 def claim_new(run_dir: str | None, config_path: str | Path, refused_hint: str = "") -> RunClaim:

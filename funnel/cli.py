@@ -19,7 +19,9 @@ EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="funnel", description="Train and score sequential-funnel multi-task models (ESMM family).")
+    p = argparse.ArgumentParser(
+        prog="funnel", description="Train and score sequential-funnel multi-task models (ESMM family)."
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -27,8 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("config", nargs="?", help="the YAML config (not with --resume)")
     f.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values, e.g. optim.lr=0.01")
     f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    f.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted run from its checkpoints/last.ckpt, in its own directory")
+    f.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its checkpoints/last.ckpt, in its own directory",
+    )
     _trust_flag(f)
 
     e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint on a data file, as JSON")
@@ -42,12 +47,23 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True)
     pr.add_argument("--out", required=True, help=".csv or .parquet")
     pr.add_argument("--keep", default="", help="comma-separated input columns to copy into the output")
-    pr.add_argument("--chunk-rows", type=int, default=262_144,
-                    help="rows read, scored and written at a time (memory stays flat for any file size)")
-    pr.add_argument("--batch-size", type=int, default=4096,
-                    help="rows per forward pass (default 4096: the fastest measured on CPU; larger on a GPU)")
-    pr.add_argument("--bf16", action="store_true",
-                    help="run the towers in bfloat16 (faster on CPUs with AVX512-BF16 or AMX; ~3 significant digits)")
+    pr.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=262_144,
+        help="rows read, scored and written at a time (memory stays flat for any file size)",
+    )
+    pr.add_argument(
+        "--batch-size",
+        type=int,
+        default=4096,
+        help="rows per forward pass (default 4096: the fastest measured on CPU; larger on a GPU)",
+    )
+    pr.add_argument(
+        "--bf16",
+        action="store_true",
+        help="run the towers in bfloat16 (faster on CPUs with AVX512-BF16 or AMX; ~3 significant digits)",
+    )
     _trust_flag(pr)
 
     c = sub.add_parser("check", help="validate the config and the data without training")
@@ -71,8 +87,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _trust_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-plugins", action="store_true",
-                   help="import the plugin modules the run's config.yaml lists (this runs their code)")
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugin modules the run's config.yaml lists (this runs their code)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001  (not the user's input: say so, then show where it happened)
-        print("funnel: internal error. This is a bug in funnel, not in your input; please report it with "
-              "the command and the traceback below.", file=sys.stderr)
+        print(
+            "funnel: internal error. This is a bug in funnel, not in your input; please report it with "
+            "the command and the traceback below.",
+            file=sys.stderr,
+        )
         traceback.print_exc()
         return 1
 
@@ -113,8 +135,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "fit":
         if args.resume:
             if args.config or args.overrides or args.print_config:
-                raise UserError("fit --resume RUN_DIR takes no config, overrides or --print-config: the run "
-                                "continues with the config saved in RUN_DIR/config.yaml.")
+                raise UserError(
+                    "fit --resume RUN_DIR takes no config, overrides or --print-config: the run "
+                    "continues with the config saved in RUN_DIR/config.yaml."
+                )
             from funnel.training.fit import resume
 
             return _report_run(resume(args.resume, args.trust_plugins))
@@ -146,8 +170,9 @@ def _run(args: argparse.Namespace) -> int:
         for flag, value in (("--chunk-rows", args.chunk_rows), ("--batch-size", args.batch_size)):
             if value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}.")
-        out = predict_run(args.run_dir, args.data, args.out, keep, args.chunk_rows, args.bf16, args.batch_size,
-                          args.trust_plugins)
+        out = predict_run(
+            args.run_dir, args.data, args.out, keep, args.chunk_rows, args.bf16, args.batch_size, args.trust_plugins
+        )
         print(f"predictions: {out}")
         return 0
     if args.command == "check":

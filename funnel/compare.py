@@ -40,7 +40,9 @@ def compare(
     cfg, _ = load_config(config, overrides)  # validates the base config once, before any training
     for model in models:  # every model must accept this funnel: fail before hours of training
         load_config(config, [*overrides, f"funnel.model={model}"])
-    out = Path(out_dir) if out_dir else Path("runs") / "compare" / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(out_dir) if out_dir else Path("runs") / "compare" / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {str(out)!r} already exists and is not empty; choose a new folder.")
     made = not out.exists()
@@ -49,8 +51,10 @@ def compare(
         for model in models:
             for seed in range(seeds):
                 log.info("compare: model %s, seed %d", model, seed)
-                run = fit(config, [*overrides, f"funnel.model={model}", f"seed={seed}",
-                                   f"run_dir={out / f'{model}-seed{seed}'}"])
+                run = fit(
+                    config,
+                    [*overrides, f"funnel.model={model}", f"seed={seed}", f"run_dir={out / f'{model}-seed{seed}'}"],
+                )
                 runs.setdefault(model, []).append(json.loads((run / "metrics.json").read_text()))
     except BaseException:
         if made and not runs:  # the first run failed on the input: leave no empty comparison behind
@@ -58,9 +62,14 @@ def compare(
         raise
     stages = [s.name for s in cfg.funnel.stages]
     summary = summarise(runs, stages)
-    table = markdown(summary, stages, f"{config}: {', '.join(models)}, {seeds} seed(s), mean ± std on the {next(iter(runs.values()))[0]['split']} split")
-    write_text(out / "compare.json",
-               json.dumps({"config": str(config), "overrides": list(overrides), "summary": summary, "runs": runs}, indent=1))
+    split = next(iter(runs.values()))[0]["split"]
+    table = markdown(
+        summary, stages, f"{config}: {', '.join(models)}, {seeds} seed(s), mean ± std on the {split} split"
+    )
+    write_text(
+        out / "compare.json",
+        json.dumps({"config": str(config), "overrides": list(overrides), "summary": summary, "runs": runs}, indent=1),
+    )
     write_text(out / "compare.md", table + "\n")
     return out, table
 
@@ -86,8 +95,12 @@ def markdown(summary: dict[str, dict[str, list[float | None]]], stages: list[str
         cols = [c for c in COLUMNS if any(s[f"{c}/{stage}"][0] is not None for s in summary.values())]
         lines += [f"**{stage}**", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for model, s in summary.items():
-            cells = [f"{s[f'{c}/{stage}'][0]:.4f} ± {s[f'{c}/{stage}'][1]:.4f}" if s[f"{c}/{stage}"][0] is not None
-                     else "n/a" for c in cols]
+            cells = [
+                f"{s[f'{c}/{stage}'][0]:.4f} ± {s[f'{c}/{stage}'][1]:.4f}"
+                if s[f"{c}/{stage}"][0] is not None
+                else "n/a"
+                for c in cols
+            ]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -106,12 +106,15 @@ class FunnelGraph:
     @classmethod
     def from_stages(cls, stages: Sequence) -> FunnelGraph:
         """Build from ``StageSpec``-like objects (name, label_column, after, weight, via, group)."""
-        return cls.build([(s.name, s.label_column, s.after, s.weight, s.via) for s in stages],
-                         groups={s.name: s.group for s in stages if s.group is not None})
+        return cls.build(
+            [(s.name, s.label_column, s.after, s.weight, s.via) for s in stages],
+            groups={s.name: s.group for s in stages if s.group is not None},
+        )
 
     @classmethod
-    def build(cls, specs: Sequence[tuple[str, str, str | None, float, str | None]],
-              groups: Mapping[str, str] | None = None) -> FunnelGraph:
+    def build(
+        cls, specs: Sequence[tuple[str, str, str | None, float, str | None]], groups: Mapping[str, str] | None = None
+    ) -> FunnelGraph:
         """Build from ``(name, label, after, weight, via)`` tuples; ``groups`` maps stage -> group.
 
         ``via`` names a branch stage B (with the same ``after``): the stage then has two
@@ -141,8 +144,10 @@ class FunnelGraph:
                         edges: tuple[Edge, ...] = (Edge(tower=n, source=a),)
                     else:
                         outcomes = members.get(via, [via])
-                        edges = (*(Edge(tower=f"{n}@{m}", source=m) for m in outcomes),
-                                 Edge(tower=f"{n}@not_{via}", source=via, negated=True))
+                        edges = (
+                            *(Edge(tower=f"{n}@{m}", source=m) for m in outcomes),
+                            Edge(tower=f"{n}@not_{via}", source=via, negated=True),
+                        )
                     ordered.append(Stage(n, lab, a, edges, w, groups.get(n)))
                     done.add(n)
                     pending.remove(n)
@@ -185,7 +190,7 @@ def graph_problems(specs: Sequence[tuple[str, str, str | None]], path: str = "fu
             trail.append(cur)
             cur = parent[cur]
         if cur is not None and cur in trail and len(trail) > 1:
-            cycle = trail[trail.index(cur):]
+            cycle = trail[trail.index(cur) :]
             key = frozenset(cycle)
             if key not in reported and len(cycle) > 1:
                 reported.add(key)
@@ -218,8 +223,11 @@ def group_problems(specs: Sequence[tuple[str, str | None, str | None]], path: st
     return problems
 
 
-def branch_problems(specs: Sequence[tuple[str, str | None, str | None]], groups: Mapping[str, str] | None = None,
-                    path: str = "funnel.stages") -> list[str]:
+def branch_problems(
+    specs: Sequence[tuple[str, str | None, str | None]],
+    groups: Mapping[str, str] | None = None,
+    path: str = "funnel.stages",
+) -> list[str]:
     """Problems of ``via`` links ``(name, after, via)``: the branch must be a sibling stage or group."""
     after = {n: a for n, a, _ in specs}
     group_after = {g: after.get(n) for n, g in (groups or {}).items()}

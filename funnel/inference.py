@@ -53,7 +53,8 @@ def _branch_columns(graph: FunnelGraph) -> dict[str, str]:
     """p_<stage>_via_<branch>_cond column -> the tower that gives it."""
     return {
         f"p_{s.name}_via_{'not_' if e.negated else ''}{e.source}_cond": e.tower
-        for s in graph.stages for e in graph.branch_edges(s.name)
+        for s in graph.stages
+        for e in graph.branch_edges(s.name)
     }
 
 
@@ -104,8 +105,10 @@ def _refuse_inputs(out: str | Path, inputs: list[Path], flag: str = "--out") -> 
     """An output that would replace an input (the data, a file of the run) is refused."""
     for path in inputs:
         if path.exists() and Path(out).exists() and same_file(out, path):
-            raise UserError(f"{flag}: {str(out)!r} is the input {str(path)!r}; writing it would destroy it "
-                            "while it is read. Choose another output path.")
+            raise UserError(
+                f"{flag}: {str(out)!r} is the input {str(path)!r}; writing it would destroy it "
+                "while it is read. Choose another output path."
+            )
 
 
 def _run_files(run_dir: str | Path) -> list[Path]:
@@ -113,8 +116,9 @@ def _run_files(run_dir: str | Path) -> list[Path]:
     return [run_dir / name for name in (CONFIG, ENCODERS, BEST, METRICS, METRICS_VALID, MANIFEST)]
 
 
-def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
-                 trust_plugins: bool = False) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, data: str | Path, out: str | Path | None = None, trust_plugins: bool = False
+) -> dict[str, Any]:
     if out is not None:
         if Path(out).suffix.lower() != ".json":
             raise UserError(f"--out: {str(out)!r} must be a .json file (evaluate writes the metrics as JSON).")
@@ -127,9 +131,16 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None =
     return result
 
 
-def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: list[str] | None = None,
-                chunk_rows: int = 262_144, bf16: bool = False, batch_size: int = 4096,
-                trust_plugins: bool = False) -> Path:
+def predict_run(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    keep: list[str] | None = None,
+    chunk_rows: int = 262_144,
+    bf16: bool = False,
+    batch_size: int = 4096,
+    trust_plugins: bool = False,
+) -> Path:
     """Score ``data`` chunk by chunk (reading only the feature and ``keep`` columns) and append
     each chunk's predictions to ``out``, so memory stays flat for files larger than memory.
     ``batch_size`` rows go through each forward pass: 4096 keeps the activations in the CPU's
@@ -146,8 +157,10 @@ def predict_run(run_dir: str | Path, data: str | Path, out: str | Path, keep: li
         raise UserError(f"--keep: column(s) {', '.join(missing)} not in {data}.")
     clash = sorted(set(keep) & set(prediction_columns(graph)))
     if clash:
-        raise UserError(f"--keep: column(s) {', '.join(clash)} have the names of prediction columns; "
-                        "rename them in the input or leave them out of --keep.")
+        raise UserError(
+            f"--keep: column(s) {', '.join(clash)} have the names of prediction columns; "
+            "rename them in the input or leave them out of --keep."
+        )
     if len(set(keep)) < len(keep):
         raise UserError(f"--keep: a column is listed twice ({','.join(keep)}).")
     featurizer.check_columns(pd.DataFrame(columns=header), str(data), labels=False)

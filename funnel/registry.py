@@ -54,6 +54,8 @@ def argument_problems(cls: type, kwargs: Mapping[str, Any], leading: int, path: 
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return []
     return [
-        f"{path}.{key}: {what} has no argument {key!r}.{did_you_mean(key, names)} Its arguments: {', '.join(names) or 'none'}."
-        for key in kwargs if key not in names
+        f"{path}.{key}: {what} has no argument {key!r}.{did_you_mean(key, names)} "
+        f"Its arguments: {', '.join(names) or 'none'}."
+        for key in kwargs
+        if key not in names
     ]

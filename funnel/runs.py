@@ -1,12 +1,12 @@
 """A run directory: resolved config, encoders, best checkpoint and metrics.
 
-    runs/<config stem>/<timestamp>/
-        config.yaml        the resolved config (defaults filled in); reloads as-is
-        encoders.json      fitted feature encoders
-        checkpoints/best.ckpt
-        metrics.json       metrics of the best checkpoint (test split, else valid)
-        metrics_valid.json the same on the valid split, when metrics.json is the test split
-        logs/metrics.csv   per-epoch training / validation logs
+runs/<config stem>/<timestamp>/
+    config.yaml        the resolved config (defaults filled in); reloads as-is
+    encoders.json      fitted feature encoders
+    checkpoints/best.ckpt
+    metrics.json       metrics of the best checkpoint (test split, else valid)
+    metrics_valid.json the same on the valid split, when metrics.json is the test split
+    logs/metrics.csv   per-epoch training / validation logs
 """
 
 from __future__ import annotations
@@ -48,12 +48,18 @@ def config_to_raw(cfg: Config) -> dict[str, Any]:
             return {**own, **{k: conv(v) for k, v in obj.lightning}}
         if isinstance(obj, FeatureSpec):  # only its kind's options: the others are rejected on reload
             keep = {"name", "kind", "column", *FEATURE_OPTIONS[obj.kind]}
-            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if f.name in keep and getattr(obj, f.name) is not None}
+            return {
+                f.name: conv(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if f.name in keep and getattr(obj, f.name) is not None
+            }
         if dataclasses.is_dataclass(obj):
             # a null that is also the default is left out: it says nothing, and `synthetic: null` is ambiguous
-            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if not (getattr(obj, f.name) is None and f.default is None)}
+            return {
+                f.name: conv(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if not (getattr(obj, f.name) is None and f.default is None)
+            }
         if isinstance(obj, (tuple, list)):
             return [conv(v) for v in obj]
         return obj
@@ -88,7 +94,9 @@ def load_config_of_run(run_dir: str | Path, trust_plugins: bool = False) -> Conf
     importing a module runs its code, and a run directory may come from anywhere."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
-        raise UserError(f"{str(run_dir)!r} is not a funnel run directory (no {CONFIG}). Pass the folder `funnel fit` printed.")
+        raise UserError(
+            f"{str(run_dir)!r} is not a funnel run directory (no {CONFIG}). Pass the folder `funnel fit` printed."
+        )
     raw = read_yaml(run_dir / CONFIG)
     plugins = raw.get("plugins") or []
     if plugins and not trust_plugins:
@@ -140,9 +148,13 @@ def _model_with(weights: dict[str, torch.Tensor], build: Any, ckpt: Path) -> Fun
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     except RuntimeError as exc:  # a tensor of another shape: the encoders or config were changed
-        raise UserError(f"{ckpt}: does not match the run's encoders and config ({str(exc).splitlines()[-1].strip()}).") from None
+        raise UserError(
+            f"{ckpt}: does not match the run's encoders and config ({str(exc).splitlines()[-1].strip()})."
+        ) from None
     if missing or unexpected:
-        raise UserError(f"{ckpt}: does not match the run's config (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        raise UserError(
+            f"{ckpt}: does not match the run's config (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         model = build()
         model.load_state_dict(weights)

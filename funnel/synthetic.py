@@ -31,16 +31,15 @@ from funnel.errors import UserError
 log = logging.getLogger(__name__)
 
 MAX_STAGES = 8
-FEATURE_COLUMNS = ("user_id", "item_id", "item_category", "device", "hour",
-                   "price", "user_age", "n_prev_visits")
+FEATURE_COLUMNS = ("user_id", "item_id", "item_category", "device", "hour", "price", "user_age", "n_prev_visits")
 _DEFAULT_RATES = (0.08, 0.15, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5)
 _LATENT_DIM = 8
 _ZIPF_OFFSET = 10.0
 _SHARED = 0.5  # share of each item vector's variance common to all stages
 _HISTORY_EFFECT = 4.0  # click logit per unit share of the history in the candidate's category
 _HISTORY_STEER = 0.4  # with a history: share of impressions showing an item of a favourite category
-_HISTORY_FOCUS = 0.7
-_POSITION_EFFECT = 1.0  # first-stage logit falls by this times log(position)  # share of history items drawn from the user's two favourite categories
+_HISTORY_FOCUS = 0.7  # share of history items drawn from the user's two favourite categories
+_POSITION_EFFECT = 1.0  # first-stage logit falls by this times log(position)
 # ESM² data: logit shifts of the last stage through the branch (y3) and around it (y4); most
 # purchases go through the cart, as in the ESM² paper's Taobao logs
 _BRANCH_SHIFT = (2.5, -1.5)
@@ -113,8 +112,10 @@ class SyntheticSpec:
                 yield f"stages: {s!r} is also a feature column; rename the stage"
         if self.rates is not None:
             if len(self.rates) != len(self.stages):
-                yield (f"rates has {len(self.rates)} values but stages has {len(self.stages)}; "
-                       "give one rate per stage, or rates=None for the defaults")
+                yield (
+                    f"rates has {len(self.rates)} values but stages has {len(self.stages)}; "
+                    "give one rate per stage, or rates=None for the defaults"
+                )
             if any(not 0 < r < 1 for r in self.rates):
                 yield f"rates={self.rates}: every rate must lie strictly between 0 and 1"
         if self.zipf < 0:
@@ -135,8 +136,10 @@ class SyntheticSpec:
         if self.branch and len(self.stages) < 3:
             yield f"branch=True needs at least 3 stages (e.g. click, cart, buy), got {len(self.stages)}"
         if self.valid_frac + self.test_frac >= 1:
-            yield (f"valid_frac + test_frac = {self.valid_frac + self.test_frac:g}: must be < 1 "
-                   "so that training rows remain; lower one of them")
+            yield (
+                f"valid_frac + test_frac = {self.valid_frac + self.test_frac:g}: must be < 1 "
+                "so that training rows remain; lower one of them"
+            )
 
     @property
     def target_rates(self) -> tuple[float, ...]:
@@ -212,8 +215,9 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     user_vec = rng.standard_normal((spec.n_users, d))
     rotation = _random_rotations(rng, n_towers, d)
     shared_vec = rng.standard_normal((spec.n_items, d))
-    item_vec = (np.sqrt(_SHARED) * np.einsum("id,kde->kie", shared_vec, rotation)
-                + np.sqrt(1 - _SHARED) * rng.standard_normal((n_towers, spec.n_items, d)))
+    item_vec = np.sqrt(_SHARED) * np.einsum("id,kde->kie", shared_vec, rotation) + np.sqrt(
+        1 - _SHARED
+    ) * rng.standard_normal((n_towers, spec.n_items, d))
     user_bias = rng.normal(0, 0.5, (n_towers, spec.n_users))
     item_bias = rng.normal(0, 0.8, (n_towers, spec.n_items))
     if spec.stage_correlation > 0:  # a separate stream: the default data does not move
@@ -243,6 +247,7 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     labels, truth = {}, {}
     parent_path, parent_label = np.ones(n), np.ones(n, dtype=bool)
     uv = user_vec[u]  # (N, d), reused by every stage
+
     def stage_logit(k: int) -> np.ndarray:
         logit = (0.8 / np.sqrt(d)) * np.einsum("nd,nd->n", uv, item_vec[k][i])
         logit += user_bias[k][u] + item_bias[k][i] + cat_eff[k][item_cat[i]] + dev_eff[k][device]
@@ -254,7 +259,7 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
         return logit + spec.noise * rng.standard_normal(n)
 
     paths, label_of, cf_of, cond_of = [], [], [], []
-    for k, (stage, rate) in enumerate(zip(spec.stages, spec.target_rates)):
+    for k, (stage, rate) in enumerate(zip(spec.stages, spec.target_rates, strict=True)):
         if spec.branch and k == n_stages - 1:
             # ESM²: reached from stage k-2 through both outcomes of stage k-1 (the branch),
             # y3 when the branch happened (a boost: carted items sell), y4 when it did not
@@ -267,8 +272,10 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
             draw = rng.random(n)
             cf = np.where(branch_cf, draw < y3, draw < y4)
             parent_label, parent_path = after_label & cf, after_path * p_cond
-            truth |= {f"true_p_{stage}_via_{spec.stages[k - 1]}_cond": y3,
-                      f"true_p_{stage}_via_not_{spec.stages[k - 1]}_cond": y4}
+            truth |= {
+                f"true_p_{stage}_via_{spec.stages[k - 1]}_cond": y3,
+                f"true_p_{stage}_via_not_{spec.stages[k - 1]}_cond": y4,
+            }
         else:
             logit = stage_logit(k)
             free = logit  # position-free relevance (the same row shown at position 1)
@@ -291,8 +298,7 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
         cf_of.append(cf)
         cond_of.append(p_cond)
         labels[stage] = parent_label.astype(np.int64)
-        truth |= {f"true_p_{stage}_cond": p_cond, f"true_p_{stage}": parent_path,
-                  f"cf_{stage}": cf.astype(np.int64)}
+        truth |= {f"true_p_{stage}_cond": p_cond, f"true_p_{stage}": parent_path, f"cf_{stage}": cf.astype(np.int64)}
 
     frame = {
         "user_id": _names("u", spec.n_users)[u],
@@ -308,7 +314,9 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
         frame["history"] = history
     if spec.positions:
         frame["position"] = position
-    extra_truth = {c: v for c, v in truth.items() if "_via_" in c or c.endswith("_free")}  # ESM²'s y3, y4; position-free
+    extra_truth = {
+        c: v for c, v in truth.items() if "_via_" in c or c.endswith("_free")
+    }  # ESM²'s y3, y4; position-free
     return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)} | extra_truth)
 
 
@@ -317,8 +325,7 @@ def split_frames(df: pd.DataFrame, spec: SyntheticSpec) -> dict[str, pd.DataFram
     # A separate stream, so the split does not move when generate() changes its draws.
     order = np.random.default_rng([spec.seed, 1]).permutation(len(df))
     n_test, n_valid = round(len(df) * spec.test_frac), round(len(df) * spec.valid_frac)
-    parts = {"train": order[n_test + n_valid:], "valid": order[n_test:n_test + n_valid],
-             "test": order[:n_test]}
+    parts = {"train": order[n_test + n_valid :], "valid": order[n_test : n_test + n_valid], "test": order[:n_test]}
     return {name: df.iloc[np.sort(idx)].reset_index(drop=True) for name, idx in parts.items()}
 
 
@@ -330,8 +337,10 @@ def write(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Path]:
     out = Path(out_dir)
     taken = [str(out / n) for n in SYNTH_FILES if (out / n).exists()]
     if taken:
-        raise UserError(f"{', '.join(taken)} already exist(s); funnel synth never overwrites files. "
-                        "Choose a new folder, or delete them first.")
+        raise UserError(
+            f"{', '.join(taken)} already exist(s); funnel synth never overwrites files. "
+            "Choose a new folder, or delete them first."
+        )
     start = time.perf_counter()
     frames = split_frames(generate(spec), spec)
     paths: dict[str, Path] = {}
@@ -396,13 +405,16 @@ def _items_in(rng: np.random.Generator, cats: np.ndarray, item_cat: np.ndarray) 
     return np.where(count[cats] == 0, rng.integers(n_items, size=cats.shape), by_cat[np.minimum(pick, n_items - 1)])
 
 
-def _history(rng: np.random.Generator, spec: SyntheticSpec, favourite: np.ndarray, item_cat: np.ndarray,
-             target_cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _history(
+    rng: np.random.Generator, spec: SyntheticSpec, favourite: np.ndarray, item_cat: np.ndarray, target_cat: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row: "|"-joined recent items, and the share of them in the candidate's category."""
     n, width = len(favourite), spec.history_len
-    cats = np.where(rng.random((n, width)) < _HISTORY_FOCUS,
-                    np.take_along_axis(favourite, rng.integers(2, size=(n, width)), 1),
-                    rng.integers(spec.n_categories, size=(n, width)))
+    cats = np.where(
+        rng.random((n, width)) < _HISTORY_FOCUS,
+        np.take_along_axis(favourite, rng.integers(2, size=(n, width)), 1),
+        rng.integers(spec.n_categories, size=(n, width)),
+    )
     items = _items_in(rng, cats, item_cat)
     length = rng.integers(0, width + 1, size=n)
     real = np.arange(width)[None, :] < length[:, None]  # (N, L) the first `length` slots are used

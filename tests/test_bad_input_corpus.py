@@ -68,6 +68,7 @@ def case(name: str) -> Callable[[Case], Case]:
         assert name not in CASES, name
         CASES[name] = fn
         return fn
+
     return register
 
 
@@ -82,6 +83,7 @@ def _set(path: str, value) -> Callable[[dict], None]:
             node[int(keys[-1])] = value
         else:
             node[keys[-1]] = value
+
     return mutate
 
 
@@ -92,6 +94,7 @@ def _drop(path: str) -> Callable[[dict], None]:
         for key in keys[:-1]:
             node = node[key]
         del node[keys[-1]]
+
     return mutate
 
 
@@ -143,18 +146,22 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
 
 for _name, (_mutate, _words) in CONFIG_ERRORS.items():
     for _command in ("fit", "check", "compare"):
+
         def _config_case(ctx: Ctx, mutate=_mutate, words=_words, command=_command):
             cfg = ctx.cfg()
             mutate(cfg)
             extra = ["--models", "esmm", "--seeds", "1", "--out", str(ctx.tmp / "cmp")] if command == "compare" else []
             return [command, ctx.write(cfg), *extra], words
+
         case(f"{_command}-config-{_name}")(_config_case)
 
 for _name in ("max_epochs_text", "precision", "val_check_fraction"):
+
     def _print_config_case(ctx: Ctx, mutate=CONFIG_ERRORS[_name][0], words=CONFIG_ERRORS[_name][1]):
         cfg = ctx.cfg()
         mutate(cfg)
         return ["fit", ctx.write(cfg), "--print-config"], words
+
     case(f"print-config-{_name}")(_print_config_case)
 
 
@@ -184,8 +191,10 @@ OVERRIDE_ERRORS: dict[str, tuple[str, list[str]]] = {
 
 for _name, (_override, _words) in OVERRIDE_ERRORS.items():
     for _argv in (["fit"], ["check"], ["fit", "--print-config"]):
+
         def _override_case(ctx: Ctx, override=_override, words=_words, argv=_argv):
             return [argv[0], ctx.write(ctx.cfg()), *argv[1:], override], words
+
         case(f"{'-'.join(_argv).replace('--', '')}-override-{_name}")(_override_case)
 
 
@@ -221,25 +230,32 @@ def _(ctx):
 def _data_case(make: Callable[[Ctx], tuple[dict, list[str]]]) -> Callable[[str], None]:
     def register(name: str) -> None:
         for command in ("fit", "check"):
+
             def run(ctx: Ctx, command=command):
                 cfg, words = make(ctx)
                 return [command, ctx.write(cfg)], words
+
             case(f"{command}-data-{name}")(run)
+
     return register
 
 
 _data_case(lambda c: (c.with_train(c.frame().drop(columns=["price"])), ["price", "missing"]))("column_missing")
 _data_case(lambda c: (c.with_train(c.frame().assign(price=["cheap"] * 2400)), ["price", "cheap", "categorical"]))(
-    "numeric_text")
+    "numeric_text"
+)
 _data_case(lambda c: (c.with_train(c.frame().assign(click=2)), ["click", "0/1", "positive"]))("label_not_binary")
 _data_case(lambda c: (c.with_train(c.frame().assign(click=[None] + [0] * 2399)), ["click", "missing values"]))(
-    "label_missing")
+    "label_missing"
+)
 _data_case(lambda c: (c.with_train(c.frame().head(0)), ["train", "0 rows"]))("train_header_only")
-_data_case(lambda c: (c.with_train(c.frame(), valid=c.csv(c.frame("valid").head(0), "valid0.csv")),
-                      ["valid", "0 rows"]))("valid_header_only")
+_data_case(
+    lambda c: (c.with_train(c.frame(), valid=c.csv(c.frame("valid").head(0), "valid0.csv")), ["valid", "0 rows"])
+)("valid_header_only")
 _data_case(lambda c: (c.with_train(c.frame().assign(conversion=0)), ["conversion", "positives"]))("stage_no_positives")
 _data_case(lambda c: (c.with_train(c.frame().assign(click=1, conversion=1)), ["click", "negatives"]))(
-    "stage_no_negatives")
+    "stage_no_negatives"
+)
 _data_case(lambda c: (c.with_train(c.frame().assign(price=-1.0)), ["price", "log1p"]))("log1p_negative")
 
 
@@ -307,6 +323,7 @@ def _(ctx):
 def _(ctx):
     (ctx.tmp / "run").mkdir()
     import socket
+
     (ctx.tmp / "run" / ".lock").write_text(f"{socket.gethostname()} {os.getppid()}\n")  # a live process
     return ["fit", ctx.write(ctx.cfg())], ["in use by another funnel process", str(os.getppid())]
 
@@ -362,7 +379,10 @@ def _(ctx):
 
 @case("evaluate-label-column-missing")
 def _(ctx):
-    return _evaluate(ctx, None, ctx.csv(ctx.frame("test").drop(columns=["conversion"]), "t.csv")), ["conversion", "missing"]
+    return _evaluate(ctx, None, ctx.csv(ctx.frame("test").drop(columns=["conversion"]), "t.csv")), [
+        "conversion",
+        "missing",
+    ]
 
 
 @case("evaluate-out-extension")
@@ -381,6 +401,7 @@ def _edit_config(change: Callable[[dict], None]) -> Callable[[Path], None]:
         cfg = yaml.safe_load(path.read_text())
         change(cfg)
         path.write_text(yaml.safe_dump(cfg))
+
     return edit
 
 
@@ -395,26 +416,40 @@ RUN_DAMAGE: dict[str, tuple[str, Callable[[Path], None], list[str]]] = {
     "encoders-wrong-format": ("encoders.json", _write('{"format": 99, "features": []}'), ["encoders.json", "99"]),
     "encoders-missing": ("encoders.json", Path.unlink, ["encoders.json"]),
     "checkpoint-random-bytes": ("checkpoints/best.ckpt", _write(os.urandom(4096)), ["best.ckpt", "cannot be loaded"]),
-    "checkpoint-truncated": ("checkpoints/best.ckpt", lambda p: p.write_bytes(p.read_bytes()[:500]),
-                             ["best.ckpt", "cannot be loaded"]),
+    "checkpoint-truncated": (
+        "checkpoints/best.ckpt",
+        lambda p: p.write_bytes(p.read_bytes()[:500]),
+        ["best.ckpt", "cannot be loaded"],
+    ),
     "checkpoint-missing": ("checkpoints/best.ckpt", Path.unlink, ["best.ckpt", "--resume"]),
-    "interrupted-run": ("checkpoints/best.ckpt", lambda p: p.rename(p.with_name("last.ckpt")),
-                        ["interrupted", "--resume"]),
+    "interrupted-run": (
+        "checkpoints/best.ckpt",
+        lambda p: p.rename(p.with_name("last.ckpt")),
+        ["interrupted", "--resume"],
+    ),
     "config-corrupt": ("config.yaml", _write("funnel: [\n"), ["config.yaml", "YAML"]),
-    "config-edited-wrong": ("config.yaml", _edit_config(lambda c: c["funnel"].update(embed_dim=7)),
-                            ["best.ckpt", "does not match"]),
-    "untrusted-plugins": ("config.yaml", _edit_config(lambda c: c.update(plugins=["os"])),
-                          ["plugin", "os", "--trust-plugins"]),
+    "config-edited-wrong": (
+        "config.yaml",
+        _edit_config(lambda c: c["funnel"].update(embed_dim=7)),
+        ["best.ckpt", "does not match"],
+    ),
+    "untrusted-plugins": (
+        "config.yaml",
+        _edit_config(lambda c: c.update(plugins=["os"])),
+        ["plugin", "os", "--trust-plugins"],
+    ),
 }
 
 for _name, (_file, _damage, _words) in RUN_DAMAGE.items():
     for _command in ("evaluate", "predict"):
+
         def _damaged_run_case(ctx: Ctx, file=_file, damage=_damage, words=_words, command=_command):
             run = ctx.copy_run()
             damage(run / file)
             if command == "evaluate":
                 return _evaluate(ctx, run), words
             return _predict(ctx, run=run), words
+
         case(f"{_command}-{_name}")(_damaged_run_case)
 
 
@@ -431,8 +466,15 @@ def _(ctx):
 
 # ---- predict ------------------------------------------------------------------------------------------------
 def _predict(ctx: Ctx, data: str | None = None, out: str | None = None, *extra: str, run: Path | None = None):
-    return ["predict", str(run or ctx.run), "--data", data or str(ctx.data / "test.csv"),
-            "--out", out or str(ctx.tmp / "p.csv"), *extra]
+    return [
+        "predict",
+        str(run or ctx.run),
+        "--data",
+        data or str(ctx.data / "test.csv"),
+        "--out",
+        out or str(ctx.tmp / "p.csv"),
+        *extra,
+    ]
 
 
 @case("predict-out-is-the-input-csv")
@@ -558,8 +600,10 @@ def _(ctx):
 def _(ctx):
     (ctx.tmp / "cmp").mkdir()
     (ctx.tmp / "cmp" / "old.md").write_text("old table")
-    return (["compare", ctx.write(ctx.cfg()), "--seeds", "1", "--models", "esmm", "--out", str(ctx.tmp / "cmp")],
-            ["--out", "cmp", "not empty"])
+    return (
+        ["compare", ctx.write(ctx.cfg()), "--seeds", "1", "--models", "esmm", "--out", str(ctx.tmp / "cmp")],
+        ["--out", "cmp", "not empty"],
+    )
 
 
 # ---- the test ----------------------------------------------------------------------------------------------
@@ -601,7 +645,7 @@ def test_bad_input_exits_2_with_a_message_and_changes_nothing(name, shared, tmp_
     assert code == 2, (out, err)
     assert "Traceback" not in err and "Traceback" not in out
     assert err.count("error:") == 1, err
-    message = err[err.index("error:"):]
+    message = err[err.index("error:") :]
     for word in words:
         assert word in message, (word, message)
     assert _snapshot(tmp_path, data, run) == before, "a file was made, changed or removed"

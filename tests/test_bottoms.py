@@ -27,11 +27,14 @@ def toy() -> tuple[InputShape, TowerInput]:
     return InputShape(flat_dim=5, field_dims={}, numeric_dim=5), TowerInput(flat, {}, flat, {})
 
 
-@pytest.mark.parametrize(("kind", "params"), [
-    ("shared_bottom", {"hidden": [8]}),
-    ("mmoe", {"experts": 3, "expert_hidden": [8]}),
-    ("ple", {"layers": 2, "shared_experts": 2, "specific_experts": 1, "expert_hidden": [8]}),
-])
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [
+        ("shared_bottom", {"hidden": [8]}),
+        ("mmoe", {"experts": 3, "expert_hidden": [8]}),
+        ("ple", {"layers": 2, "shared_experts": 2, "specific_experts": 1, "expert_hidden": [8]}),
+    ],
+)
 def test_every_bottom_gives_one_vector_per_stage(kind, params):
     shape, x = toy()
     bottom = build_bottom(TowerSpec(type=kind, params=tuple(params.items())), shape, STAGES)
@@ -66,8 +69,11 @@ FEATURES = [
 
 
 def raw(**funnel) -> dict:
-    return {"data": {"train": "unused.csv"}, "features": copy.deepcopy(FEATURES),
-            "funnel": {"embed_dim": 4, "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]} | funnel}
+    return {
+        "data": {"train": "unused.csv"},
+        "features": copy.deepcopy(FEATURES),
+        "funnel": {"embed_dim": 4, "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]} | funnel,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,9 @@ def test_bottoms_train_inside_funnel_models(frame, kind, model):
 
 
 def test_bottom_problems_are_reported_at_validation():
-    with pytest.raises(ConfigError, match="funnel.bottom.expert: bottom 'mmoe' has no argument 'expert'. Did you mean \"experts\""):
+    with pytest.raises(
+        ConfigError, match="funnel.bottom.expert: bottom 'mmoe' has no argument 'expert'. Did you mean \"experts\""
+    ):
         config_from_dict(raw(bottom={"type": "mmoe", "expert": 3}))
     with pytest.raises(ConfigError, match="unknown bottom 'mmeo'.*Did you mean \"mmoe\""):
         config_from_dict(raw(bottom={"type": "mmeo"}))
@@ -107,6 +115,7 @@ def test_bottom_with_private_embeddings_is_refused(frame):
 
 
 # ---- position-bias shallow tower -----------------------------------------------------------------
+
 
 def test_bias_logit_is_added_in_training_and_dropped_in_eval(frame):
     m, batch = build(frame, bias_tower={"features": ["position"], "feature_dropout": 0.0})
@@ -145,12 +154,15 @@ def test_bias_tower_can_be_kept_at_inference(frame):
     assert not torch.allclose(kept["click"], dropped["click"])
 
 
-@pytest.mark.parametrize(("bias", "message"), [
-    ({"features": ["postion"]}, "'postion' is not a feature. Did you mean \"position\""),
-    ({"features": ["price"]}, "'price' is numeric; the bias tower takes categorical features"),
-    ({"features": ["position"], "stage": "clik"}, "'clik' is not a stage. Did you mean \"click\""),
-    ({"features": []}, "features must list at least one bias-only feature"),
-])
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        ({"features": ["postion"]}, "'postion' is not a feature. Did you mean \"position\""),
+        ({"features": ["price"]}, "'price' is numeric; the bias tower takes categorical features"),
+        ({"features": ["position"], "stage": "clik"}, "'clik' is not a stage. Did you mean \"click\""),
+        ({"features": []}, "features must list at least one bias-only feature"),
+    ],
+)
 def test_bias_tower_problems_are_reported(bias, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw(bias_tower=bias))

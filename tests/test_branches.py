@@ -14,11 +14,13 @@ from funnel.models.zoo import EntireSpaceLoss
 from funnel.spec import config_from_dict
 
 # click -> {cart | no cart} -> buy
-ESM2 = FunnelGraph.build([
-    ("click", "click", None, 1.0, None),
-    ("buy", "buy", "click", 3.0, "cart"),  # listed before its branch: order is derived
-    ("cart", "cart", "click", 2.0, None),
-])
+ESM2 = FunnelGraph.build(
+    [
+        ("click", "click", None, 1.0, None),
+        ("buy", "buy", "click", 3.0, "cart"),  # listed before its branch: order is derived
+        ("cart", "cart", "click", 2.0, None),
+    ]
+)
 L1, L2, L3, L4 = [1.0, -2.0, 0.3], [0.5, 2.5, -1.0], [2.0, -0.5, 0.0], [-1.0, 1.0, -3.0]  # 3 rows
 
 
@@ -27,8 +29,12 @@ def sig(x: float) -> float:
 
 
 def logits(dtype=torch.float64) -> dict[str, torch.Tensor]:
-    return {"click": torch.tensor(L1, dtype=dtype), "cart": torch.tensor(L2, dtype=dtype),
-            "buy@cart": torch.tensor(L3, dtype=dtype), "buy@not_cart": torch.tensor(L4, dtype=dtype)}
+    return {
+        "click": torch.tensor(L1, dtype=dtype),
+        "cart": torch.tensor(L2, dtype=dtype),
+        "buy@cart": torch.tensor(L3, dtype=dtype),
+        "buy@not_cart": torch.tensor(L4, dtype=dtype),
+    }
 
 
 def test_branch_stage_gets_one_tower_per_outcome_and_comes_after_its_branch():
@@ -71,8 +77,9 @@ def test_esm2_loss_is_the_weighted_sum_of_the_three_path_bces():
     want = 0.0
     for i in range(3):
         y1, y2, y3, y4 = sig(L1[i]), sig(L2[i]), sig(L3[i]), sig(L4[i])
-        want += (1.0 * bce(y1, click[i]) + 2.0 * bce(y1 * y2, cart[i])
-                 + 3.0 * bce(y1 * ((1 - y2) * y4 + y2 * y3), buy[i])) / 3
+        want += (
+            1.0 * bce(y1, click[i]) + 2.0 * bce(y1 * y2, cart[i]) + 3.0 * bce(y1 * ((1 - y2) * y4 + y2 * y3), buy[i])
+        ) / 3
     assert loss.total.item() == pytest.approx(want, rel=1e-10)
 
 
@@ -80,15 +87,23 @@ def _raw(model="esmm", **buy):
     return {
         "data": {"train": "t.csv"},
         "features": [{"name": "user_id", "kind": "categorical"}],
-        "funnel": {"model": model, "stages": [{"name": "click"}, {"name": "cart", "after": "click"},
-                                              {"name": "buy", "after": "click", "via": "cart", **buy}]},
+        "funnel": {
+            "model": model,
+            "stages": [
+                {"name": "click"},
+                {"name": "cart", "after": "click"},
+                {"name": "buy", "after": "click", "via": "cart", **buy},
+            ],
+        },
     }
 
 
 def test_via_must_name_a_sibling_stage():
     with pytest.raises(ConfigError) as err:
         config_from_dict(_raw(via="crat"))
-    assert "funnel.stages[2].via: 'crat' is not a stage or group." in str(err.value) and 'Did you mean "cart"?' in str(err.value)
+    assert "funnel.stages[2].via: 'crat' is not a stage or group." in str(err.value) and 'Did you mean "cart"?' in str(
+        err.value
+    )
     with pytest.raises(ConfigError) as err:
         config_from_dict(_raw(after="cart"))
     assert "a branch splits the rows of `after`" in str(err.value)
@@ -110,14 +125,30 @@ def test_esm2_config_trains_and_predicts_every_stage_and_branch(tmp_path):
     from funnel.synthetic import SyntheticSpec, write
     from funnel.training.fit import fit
 
-    run = fit(Path(__file__).resolve().parents[1] / "configs/esm2.yaml", ["data.synthetic.rows=3000", "trainer.max_epochs=1",
-                                     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-                                     f"run_dir={tmp_path / 'run'}"])
+    run = fit(
+        Path(__file__).resolve().parents[1] / "configs/esm2.yaml",
+        [
+            "data.synthetic.rows=3000",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
     paths = write(tmp_path / "data", SyntheticSpec(rows=500, stages=("click", "cart", "buy"), branch=True))
     out = predict_run(run, paths["test"], tmp_path / "p.csv", keep=["item_id"])
     pred, src = pd.read_csv(out), pd.read_csv(paths["test"])
-    assert list(pred.columns) == ["item_id", "p_click", "p_click_cond", "p_cart", "p_cart_cond", "p_buy",
-                                  "p_buy_cond", "p_buy_via_cart_cond", "p_buy_via_not_cart_cond"]
+    assert list(pred.columns) == [
+        "item_id",
+        "p_click",
+        "p_click_cond",
+        "p_cart",
+        "p_cart_cond",
+        "p_buy",
+        "p_buy_cond",
+        "p_buy_via_cart_cond",
+        "p_buy_via_not_cart_cond",
+    ]
     assert (pred["item_id"] == src["item_id"]).all()
     y2, y3, y4 = pred["p_cart_cond"], pred["p_buy_via_cart_cond"], pred["p_buy_via_not_cart_cond"]
     assert ((pred["p_buy_cond"] - (y2 * y3 + (1 - y2) * y4)).abs() < 1e-5).all()
@@ -126,8 +157,12 @@ def test_esm2_config_trains_and_predicts_every_stage_and_branch(tmp_path):
 
 # k-way branch: click -> {cart | wish | neither} -> buy, cart and wish in group "action"
 KWAY = FunnelGraph.build(
-    [("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None),
-     ("wish", "wish", "click", 1.0, None), ("buy", "buy", "click", 1.0, "action")],
+    [
+        ("click", "click", None, 1.0, None),
+        ("cart", "cart", "click", 1.0, None),
+        ("wish", "wish", "click", 1.0, None),
+        ("buy", "buy", "click", 1.0, "action"),
+    ],
     groups={"cart": "action", "wish": "action"},
 )
 LW, LB_WISH = [-1.0, 0.0, 2.0], [0.5, -2.0, 1.5]
@@ -135,8 +170,11 @@ LW, LB_WISH = [-1.0, 0.0, 2.0], [0.5, -2.0, 1.5]
 
 def kway_logits() -> dict[str, torch.Tensor]:
     t = {k: v for k, v in logits().items() if k != "buy@not_cart"}
-    t |= {"wish": torch.tensor(LW, dtype=torch.float64), "buy@wish": torch.tensor(LB_WISH, dtype=torch.float64),
-          "buy@not_action": torch.tensor(L4, dtype=torch.float64)}
+    t |= {
+        "wish": torch.tensor(LW, dtype=torch.float64),
+        "buy@wish": torch.tensor(LB_WISH, dtype=torch.float64),
+        "buy@not_action": torch.tensor(L4, dtype=torch.float64),
+    }
     return t
 
 
@@ -162,24 +200,38 @@ def test_kway_group_is_a_softmax_and_the_mixture_matches_hand_values():
 
 
 def test_a_group_of_one_stage_is_the_plain_sigmoid():
-    single = FunnelGraph.build([("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None),
-                                ("buy", "buy", "click", 1.0, "cart")], groups={"cart": "g"})
+    single = FunnelGraph.build(
+        [
+            ("click", "click", None, 1.0, None),
+            ("cart", "cart", "click", 1.0, None),
+            ("buy", "buy", "click", 1.0, "cart"),
+        ],
+        groups={"cart": "g"},
+    )
     a, b = compose(single, logits()), compose(ESM2, logits())
     assert torch.allclose(a.log_cond["cart"], b.log_cond["cart"])
     with_none = {**logits(), "buy@not_g": logits()["buy@not_cart"]}
-    single_via = FunnelGraph.build([("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None),
-                                    ("buy", "buy", "click", 1.0, "g")], groups={"cart": "g"})
+    single_via = FunnelGraph.build(
+        [("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None), ("buy", "buy", "click", 1.0, "g")],
+        groups={"cart": "g"},
+    )
     assert torch.allclose(compose(single_via, with_none).log_reach["buy"], b.log_reach["buy"])
 
 
 def _kway_raw(model="esmm", **changes):
-    stages = [{"name": "click"}, {"name": "cart", "after": "click", "group": "action"},
-              {"name": "wish", "after": "click", "group": "action"},
-              {"name": "buy", "after": "click", "via": "action"}]
+    stages = [
+        {"name": "click"},
+        {"name": "cart", "after": "click", "group": "action"},
+        {"name": "wish", "after": "click", "group": "action"},
+        {"name": "buy", "after": "click", "via": "action"},
+    ]
     for i, change in changes.items():
         stages[int(i[1:])] |= change
-    return {"data": {"train": "t.csv"}, "features": [{"name": "user_id", "kind": "categorical"}],
-            "funnel": {"model": model, "stages": stages}}
+    return {
+        "data": {"train": "t.csv"},
+        "features": [{"name": "user_id", "kind": "categorical"}],
+        "funnel": {"model": model, "stages": stages},
+    }
 
 
 def test_group_problems_are_reported_with_their_fix():
@@ -207,20 +259,39 @@ def test_kway_model_trains_through_the_softmax(tmp_path):
     click = rng.random(n) < 0.5
     action = np.where(click, rng.choice(3, n, p=[0.5, 0.3, 0.2]), 0)  # 0 none, 1 cart, 2 wish
     buy = click & (rng.random(n) < np.choose(action, [0.05, 0.6, 0.3]))
-    df = pd.DataFrame({"user_id": rng.integers(20, size=n).astype(str), "click": click.astype(int),
-                       "cart": (action == 1).astype(int), "wish": (action == 2).astype(int), "buy": buy.astype(int)})
+    df = pd.DataFrame(
+        {
+            "user_id": rng.integers(20, size=n).astype(str),
+            "click": click.astype(int),
+            "cart": (action == 1).astype(int),
+            "wish": (action == 2).astype(int),
+            "buy": buy.astype(int),
+        }
+    )
     df.to_csv(tmp_path / "t.csv", index=False)
     raw = _kway_raw()
     raw["data"] = {"train": str(tmp_path / "t.csv"), "valid_split": 0.2}
     import yaml
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw | {"trainer": {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1},
-                                                           "run_dir": str(tmp_path / "run")}))
+
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            raw
+            | {
+                "trainer": {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1},
+                "run_dir": str(tmp_path / "run"),
+            }
+        )
+    )
     run = fit(tmp_path / "c.yaml")
     from funnel.inference import predict_run
+
     pred = pd.read_csv(predict_run(run, tmp_path / "t.csv", tmp_path / "p.csv"))
     assert {"p_buy_via_cart_cond", "p_buy_via_wish_cond", "p_buy_via_not_action_cond"} <= set(pred.columns)
     total = pred["p_cart_cond"] + pred["p_wish_cond"]
     assert (total < 1).all()  # mutually exclusive: one softmax
-    mix = (pred["p_cart_cond"] * pred["p_buy_via_cart_cond"] + pred["p_wish_cond"] * pred["p_buy_via_wish_cond"]
-           + (1 - total) * pred["p_buy_via_not_action_cond"])
+    mix = (
+        pred["p_cart_cond"] * pred["p_buy_via_cart_cond"]
+        + pred["p_wish_cond"] * pred["p_buy_via_wish_cond"]
+        + (1 - total) * pred["p_buy_via_not_action_cond"]
+    )
     assert ((pred["p_buy_cond"] - mix).abs() < 1e-5).all()

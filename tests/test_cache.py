@@ -26,8 +26,10 @@ def prepared(raw: dict) -> FunnelDataModule:
 
 def same_tables(a: FunnelDataModule, b: FunnelDataModule) -> bool:
     return a.tables.keys() == b.tables.keys() and all(
-        torch.equal(a.tables[k].cat, b.tables[k].cat) and torch.equal(a.tables[k].num, b.tables[k].num)
-        and torch.equal(a.tables[k].labels, b.tables[k].labels) for k in a.tables
+        torch.equal(a.tables[k].cat, b.tables[k].cat)
+        and torch.equal(a.tables[k].num, b.tables[k].num)
+        and torch.equal(a.tables[k].labels, b.tables[k].labels)
+        for k in a.tables
     )
 
 
@@ -74,9 +76,11 @@ def test_cache_off_and_synthetic_data_write_nothing(base_config, tmp_path):
     base_config["data"] |= {"cache_dir": str(tmp_path / "c"), "cache": False}
     prepared(base_config)
     assert not (tmp_path / "c").exists()
-    raw = {"data": {"synthetic": {"rows": 500}, "cache_dir": str(tmp_path / "c")},
-           "features": [{"name": "user_id", "kind": "categorical"}],
-           "funnel": {"stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]}}
+    raw = {
+        "data": {"synthetic": {"rows": 500}, "cache_dir": str(tmp_path / "c")},
+        "features": [{"name": "user_id", "kind": "categorical"}],
+        "funnel": {"stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
+    }
     assert cache.cache_key(config_from_dict(raw)) is None
 
 

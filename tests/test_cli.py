@@ -43,8 +43,12 @@ def e2e_config(data_dir: Path, run_dir: Path) -> dict:
     return {
         "seed": 0,
         "run_dir": str(run_dir),
-        "data": {"train": str(data_dir / "train.csv"), "valid": str(data_dir / "valid.csv"),
-                 "test": str(data_dir / "test.csv"), "batch_size": 256},
+        "data": {
+            "train": str(data_dir / "train.csv"),
+            "valid": str(data_dir / "valid.csv"),
+            "test": str(data_dir / "test.csv"),
+            "batch_size": 256,
+        },
         "features": [
             {"name": "user_id", "kind": "categorical"},
             {"name": "item_id", "kind": "categorical"},
@@ -55,8 +59,12 @@ def e2e_config(data_dir: Path, run_dir: Path) -> dict:
             {"name": "user_age", "kind": "numeric"},
             {"name": "n_prev_visits", "kind": "numeric", "transform": "log1p"},
         ],
-        "funnel": {"model": "esmm", "embed_dim": 4, "tower": {"hidden": [8]},
-                   "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
+        "funnel": {
+            "model": "esmm",
+            "embed_dim": 4,
+            "tower": {"hidden": [8]},
+            "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}],
+        },
         "optim": {"lr": 0.01},
         "trainer": {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1},
     }
@@ -72,8 +80,9 @@ def fitted(tmp_path_factory) -> SimpleNamespace:
     config.write_text(yaml.safe_dump(e2e_config(base / "data", base / "run")))
     code, out, err = run_cli(["fit", str(config)])
     assert code == 0, err
-    return SimpleNamespace(base=base, data=base / "data", config=config, run=base / "run",
-                           synth_out=synth_out, out=out, err=err)
+    return SimpleNamespace(
+        base=base, data=base / "data", config=config, run=base / "run", synth_out=synth_out, out=out, err=err
+    )
 
 
 # ---- synth / fit ---------------------------------------------------------------------------------------
@@ -105,7 +114,7 @@ def test_run_directory_holds_config_encoders_checkpoint_and_metrics(fitted):
 def test_metrics_json_has_every_metric_of_every_stage(fitted):
     metrics = json.loads((fitted.run / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["rows"] == 300
-    assert METRIC_KEYS <= set(metrics)
+    assert set(metrics) >= METRIC_KEYS
     for key in METRIC_KEYS:
         value = metrics[key]
         assert isinstance(value, float) and value > 0, key
@@ -113,7 +122,7 @@ def test_metrics_json_has_every_metric_of_every_stage(fitted):
             assert 0 < value < 1, key
     assert all(not isinstance(v, dict) for v in metrics.values()), "metrics.json keys are flat"
     valid = json.loads((fitted.run / "metrics_valid.json").read_text())
-    assert valid["split"] == "valid" and valid["rows"] == 300 and METRIC_KEYS <= set(valid)
+    assert valid["split"] == "valid" and valid["rows"] == 300 and set(valid) >= METRIC_KEYS
 
 
 def test_fit_refuses_to_overwrite_a_non_empty_run_dir(fitted, capsys):
@@ -145,9 +154,17 @@ def test_two_fits_with_the_same_seed_give_identical_metrics(fitted, tmp_path, ca
 
 def test_fit_with_the_embedded_synthetic_data(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["fit", str(ROOT / "configs" / "esmm.yaml"), "data.synthetic.rows=2000", "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "funnel.embed_dim=4",
-            "funnel.tower.hidden=[8]", f"run_dir={run_dir}"]
+    args = [
+        "fit",
+        str(ROOT / "configs" / "esmm.yaml"),
+        "data.synthetic.rows=2000",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "funnel.embed_dim=4",
+        "funnel.tower.hidden=[8]",
+        f"run_dir={run_dir}",
+    ]
     assert main(args) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["rows"] == 200  # 10% of the 2,000 overridden rows
@@ -161,8 +178,13 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(fitted, tmp_
     run_dir = tmp_path / "never"
     assert main(["fit", str(fitted.config), "optim.lr=0.02", f"run_dir={run_dir}", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["optim"] == {"name": "adam", "lr": 0.02, "weight_decay": 0.0, "momentum": 0.0,
-                                "sparse_embeddings": False}
+    assert printed["optim"] == {
+        "name": "adam",
+        "lr": 0.02,
+        "weight_decay": 0.0,
+        "momentum": 0.0,
+        "sparse_embeddings": False,
+    }
     assert printed["data"]["eval_batch_size"] == 16384  # defaults are written out
     assert printed["funnel"]["tower"] == {"type": "mlp", "hidden": [8]}
     assert config_from_dict(printed) == load_config(fitted.config, ["optim.lr=0.02", f"run_dir={run_dir}"])[0]
@@ -189,15 +211,16 @@ def test_evaluate_reproduces_the_fit_metrics(fitted, tmp_path, capsys):
     written = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == written
     fit_metrics = json.loads((fitted.run / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(written)
+    assert set(written) >= METRIC_KEYS
     assert written == {k: v for k, v in fit_metrics.items() if k not in ("split", "valid")}
 
 
 @pytest.fixture(scope="module")
 def predictions(fitted) -> pd.DataFrame:
     out = fitted.base / "p.csv"
-    code, stdout, err = run_cli(["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"),
-                                 "--out", str(out), "--keep", "user_id"])
+    code, stdout, err = run_cli(
+        ["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(out), "--keep", "user_id"]
+    )
     assert code == 0, err
     assert stdout.strip() == f"predictions: {out}"
     return pd.read_csv(out)
@@ -234,14 +257,27 @@ def test_predict_streams_in_chunks_with_the_same_output(fitted, predictions, tmp
         src = tmp_path / "test.parquet"
         pd.read_csv(fitted.data / "test.csv").to_parquet(src, index=False)
     out = tmp_path / f"chunked{suffix}"
-    args = ["predict", str(fitted.run), "--data", str(src), "--out", str(out), "--keep", "user_id", "--chunk-rows", "37",
-            "--batch-size", "16"]
+    args = [
+        "predict",
+        str(fitted.run),
+        "--data",
+        str(src),
+        "--out",
+        str(out),
+        "--keep",
+        "user_id",
+        "--chunk-rows",
+        "37",
+        "--batch-size",
+        "16",
+    ]
     assert main(args) == 0
     chunked = pd.read_parquet(out) if suffix == ".parquet" else pd.read_csv(out)
     assert len(chunked) == 300  # 9 chunks of 37 rows and one of 4
     assert chunked["user_id"].tolist() == predictions["user_id"].tolist()
-    np.testing.assert_allclose(chunked.drop(columns="user_id").to_numpy(),
-                               predictions.drop(columns="user_id").to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        chunked.drop(columns="user_id").to_numpy(), predictions.drop(columns="user_id").to_numpy(), rtol=1e-6
+    )
 
 
 def test_predict_names_missing_feature_columns_before_reading_rows(fitted, tmp_path, capsys):
@@ -251,11 +287,37 @@ def test_predict_names_missing_feature_columns_before_reading_rows(fitted, tmp_p
     err = capsys.readouterr().err
     assert "column 'user_id' is missing" in err and "Traceback" not in err
     assert not (tmp_path / "p.csv").exists()
-    assert main(["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv"),
-                 "--chunk-rows", "0"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(fitted.run),
+                "--data",
+                str(fitted.data / "test.csv"),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--chunk-rows",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--chunk-rows must be >= 1" in capsys.readouterr().err
-    assert main(["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv"),
-                 "--batch-size", "0"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(fitted.run),
+                "--data",
+                str(fitted.data / "test.csv"),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--batch-size",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
 
@@ -283,8 +345,9 @@ def test_check_reports_rows_and_positives_per_split(fitted, capsys):
 
 
 def test_python_m_funnel_help_lists_the_commands():
-    result = subprocess.run([sys.executable, "-m", "funnel", "--help"], capture_output=True, text=True, check=False,
-                            cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "funnel", "--help"], capture_output=True, text=True, check=False, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     for command in ("fit", "evaluate", "predict", "check", "synth"):
         assert command in result.stdout
@@ -397,8 +460,16 @@ def test_a_corrupt_foreign_or_mismatched_checkpoint_exits_2(fitted, tmp_path, ca
 
 
 def test_keep_of_a_missing_column_exits_2(fitted, tmp_path, capsys):
-    args = ["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv"),
-            "--keep", "user_id,nope"]
+    args = [
+        "predict",
+        str(fitted.run),
+        "--data",
+        str(fitted.data / "test.csv"),
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--keep",
+        "user_id,nope",
+    ]
     assert main(args) == 2
     assert_user_error(capsys, "--keep: column(s) nope not in")
 

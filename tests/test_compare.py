@@ -17,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def _in_project_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the commands name configs/ relative to the project, as a user would
 
-TINY = ["data.synthetic.rows=3000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1", "trainer.early_stopping=null"]
+
+TINY = [
+    "data.synthetic.rows=3000",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.early_stopping=null",
+]
 
 
 def test_compare_trains_every_model_and_seed_and_summarises_their_metrics(tmp_path, capsys):

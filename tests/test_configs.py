@@ -58,20 +58,25 @@ def _branched(path: Path) -> bool:
 
 # every model on every synthetic config; a funnel with branches runs the models that support them
 MODEL_RUNS = [
-    (p, m) for p in SYNTHETIC for m in MODELS.names()
+    (p, m)
+    for p in SYNTHETIC
+    for m in MODELS.names()
     if not _branched(p) or getattr(MODELS.get(m), "supports_branches", False)
 ]
 
 
 @pytest.mark.parametrize(("path", "model"), MODEL_RUNS, ids=[f"{p.name}-{m}" for p, m in MODEL_RUNS])
 def test_synthetic_config_trains_one_fast_dev_run_step(path, model, tmp_path):
-    run_dir = fit(path, [
-        f"funnel.model={model}",
-        "data.synthetic.rows=2000",
-        "trainer.fast_dev_run=true",
-        "trainer.enable_progress_bar=false",
-        f"run_dir={tmp_path / 'run'}",
-    ])
+    run_dir = fit(
+        path,
+        [
+            f"funnel.model={model}",
+            "data.synthetic.rows=2000",
+            "trainer.fast_dev_run=true",
+            "trainer.enable_progress_bar=false",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
     assert run_dir == tmp_path / "run"
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -17,9 +17,10 @@ def test_ips_is_the_clicked_rows_bce_over_the_clipped_detached_propensity_averag
     logits, labels = batch()
     reg = build_regularizer(graph(), "ips", weight=0.5, clip=0.2, stages=(), input_dim=3)
     terms = reg(compose(graph(), logits), labels)
-    want = sum(
-        yc * bce(sigmoid(b), yv) / max(sigmoid(a), 0.2) for a, b, yc, yv in zip(A, B, Y_CLICK, Y_CONV)
-    ) / 4
+    want = (
+        sum(yc * bce(sigmoid(b), yv) / max(sigmoid(a), 0.2) for a, b, yc, yv in zip(A, B, Y_CLICK, Y_CONV, strict=True))
+        / 4
+    )
     assert set(terms) == {"ips/conversion"}
     assert terms["ips/conversion"].item() == pytest.approx(0.5 * want)
 
@@ -28,8 +29,9 @@ def test_ips_is_the_clicked_rows_bce_over_the_clipped_detached_propensity_averag
 def test_the_propensity_tower_gets_exactly_zero_gradient_from_the_regulariser(method):
     logits, labels = batch()
     out = compose(graph(), logits)
-    out.inputs = TowerInput(flat=torch.randn(4, 3, dtype=torch.float64), fields={}, numeric=torch.zeros(4, 0),
-                            sequences={})
+    out.inputs = TowerInput(
+        flat=torch.randn(4, 3, dtype=torch.float64), fields={}, numeric=torch.zeros(4, 0), sequences={}
+    )
     reg = build_regularizer(graph(), method, weight=1.0, clip=0.05, stages=(), input_dim=3).double()
     # the 0·click term only makes click's gradient a tensor; any leak through P̂ would add to it
     (sum(reg(out, labels).values()) + 0.0 * logits["click"].sum()).backward()
@@ -46,7 +48,7 @@ def test_dr_value_and_its_imputation_loss_by_hand():
     terms = reg(out, labels)
     e_hat = reg.imputation["m_conversion"](flat).squeeze(-1).tolist()
     dr = imp = 0.0
-    for i, (a, b, yc, yv) in enumerate(zip(A, B, Y_CLICK, Y_CONV)):
+    for i, (a, b, yc, yv) in enumerate(zip(A, B, Y_CLICK, Y_CONV, strict=True)):
         e, p = bce(sigmoid(b), yv), max(sigmoid(a), 0.05)
         dr += e_hat[i] + yc * (e - e_hat[i]) / p
         imp += yc * (e - e_hat[i]) ** 2 / p
@@ -58,8 +60,12 @@ def _raw(**cf):
     return {
         "data": {"synthetic": {"rows": 2000}},
         "features": [{"name": "user_id", "kind": "categorical"}, {"name": "price", "kind": "numeric"}],
-        "funnel": {"embed_dim": 4, "tower": {"hidden": [8]}, "counterfactual": cf,
-                   "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
+        "funnel": {
+            "embed_dim": 4,
+            "tower": {"hidden": [8]},
+            "counterfactual": cf,
+            "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}],
+        },
         "trainer": {"fast_dev_run": True, "enable_progress_bar": False},
     }
 

@@ -77,9 +77,18 @@ def test_every_problem_is_reported_at_once():
 # ---- monitor_undefined ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("monitor", ["val/auc/click", "val/auc/conversion", "val/auc_cond/click",
-                                     "val/auc_cond/conversion", "val/logloss/click", "val/calib/conversion",
-                                     "val/loss"])
+@pytest.mark.parametrize(
+    "monitor",
+    [
+        "val/auc/click",
+        "val/auc/conversion",
+        "val/auc_cond/click",
+        "val/auc_cond/conversion",
+        "val/logloss/click",
+        "val/calib/conversion",
+        "val/loss",
+    ],
+)
 def test_every_metric_is_defined_with_both_classes(monitor):
     assert monitor_undefined(table(GOOD), chain(), monitor) is None
 
@@ -88,16 +97,22 @@ def test_auc_counts_all_rows_and_auc_cond_the_rows_whose_parent_happened():
     # conversion: 1 positive in 3 rows (AUC defined), but every clicked row converted
     valid = table([[1, 1], [0, 0], [0, 0]])
     assert monitor_undefined(valid, chain(), "val/auc/conversion") is None
-    assert (monitor_undefined(valid, chain(), "val/auc_cond/conversion")
-            == "valid has 0 negatives of stage 'conversion' (1 rows with 'click' = 1)")
+    assert (
+        monitor_undefined(valid, chain(), "val/auc_cond/conversion")
+        == "valid has 0 negatives of stage 'conversion' (1 rows with 'click' = 1)"
+    )
 
 
 def test_a_stage_without_positives_in_valid_is_undefined_on_every_auc():
     valid = table([[1, 0], [0, 0], [1, 0]])
-    assert (monitor_undefined(valid, chain(), "val/auc/conversion")
-            == "valid has 0 positives of stage 'conversion' (3 rows)")
-    assert (monitor_undefined(valid, chain(), "val/auc_cond/conversion")
-            == "valid has 0 positives of stage 'conversion' (2 rows with 'click' = 1)")
+    assert (
+        monitor_undefined(valid, chain(), "val/auc/conversion")
+        == "valid has 0 positives of stage 'conversion' (3 rows)"
+    )
+    assert (
+        monitor_undefined(valid, chain(), "val/auc_cond/conversion")
+        == "valid has 0 positives of stage 'conversion' (2 rows with 'click' = 1)"
+    )
     for monitor in ("val/logloss/conversion", "val/calib/conversion", "val/loss"):
         assert monitor_undefined(valid, chain(), monitor) is None  # defined whenever there are rows
 
@@ -114,13 +129,20 @@ def test_an_empty_valid_table_leaves_no_metric_defined():
 
 def test_auc_cond_of_a_branch_stage_uses_the_rows_of_its_after_stage():
     # ESM²: buy is reached via cart or not-cart, both after click; stage order click, cart, buy
-    graph = FunnelGraph.build([("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None),
-                               ("buy", "buy", "click", 1.0, "cart")])
+    graph = FunnelGraph.build(
+        [
+            ("click", "click", None, 1.0, None),
+            ("cart", "cart", "click", 1.0, None),
+            ("buy", "buy", "click", 1.0, "cart"),
+        ]
+    )
     assert graph.names == ["click", "cart", "buy"] and graph.stage("buy").after == "click"
     valid = table([[1, 1, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0]], stages=3)
     assert monitor_undefined(valid, graph, "val/auc/buy") is None
-    assert (monitor_undefined(valid, graph, "val/auc_cond/buy")
-            == "valid has 0 negatives of stage 'buy' (2 rows with 'click' = 1)")
+    assert (
+        monitor_undefined(valid, graph, "val/auc_cond/buy")
+        == "valid has 0 negatives of stage 'buy' (2 rows with 'click' = 1)"
+    )
     assert monitor_undefined(valid, graph, "val/auc_cond/cart") is None
 
 
@@ -169,11 +191,15 @@ def test_check_counts_missing_and_non_finite_values_per_split(base_config, write
 def test_an_empty_held_out_valid_split_points_at_valid_split():
     from funnel.spec import config_from_dict
 
-    cfg = config_from_dict({
-        "data": {"train": "t.csv", "valid_split": 0.1},
-        "features": [{"name": "u", "kind": "categorical"}],
-        "funnel": {"stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
-    })
+    cfg = config_from_dict(
+        {
+            "data": {"train": "t.csv", "valid_split": 0.1},
+            "features": [{"name": "u", "kind": "categorical"}],
+            "funnel": {"stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
+        }
+    )
     [msg] = degenerate_problems({"train": table(GOOD), "valid": table([])}, chain(), cfg)
-    assert msg == ("valid: 0 rows in the share data.valid_split = 0.1 held out of train; "
-                   "raise data.valid_split or give data.valid a file with data rows.")
+    assert msg == (
+        "valid: 0 rows in the share data.valid_split = 0.1 held out of train; "
+        "raise data.valid_split or give data.valid a file with data rows."
+    )

@@ -52,9 +52,14 @@ def test_each_field_gets_its_own_tables_rows_and_flat_keeps_the_feature_order():
 
 
 def test_one_width_gives_the_same_flat_as_the_per_field_concatenation():
-    layout = {"tables": {"a": (4, 2), "b": (6, 2)}, "numeric_dim": 1,
-              "fields": [{"name": "a", "kind": "categorical", "table": "a", "column": 0, "dim": 2},
-                         {"name": "b", "kind": "categorical", "table": "b", "column": 1, "dim": 2}]}
+    layout = {
+        "tables": {"a": (4, 2), "b": (6, 2)},
+        "numeric_dim": 1,
+        "fields": [
+            {"name": "a", "kind": "categorical", "table": "a", "column": 0, "dim": 2},
+            {"name": "b", "kind": "categorical", "table": "b", "column": 1, "dim": 2},
+        ],
+    }
     emb = SharedEmbeddings(layout)
     b = {"cat": torch.tensor([[3, 5], [0, 1]]), "num": torch.tensor([[1.0], [2.0]])}
     x = emb(b)

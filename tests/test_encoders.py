@@ -159,7 +159,6 @@ def test_log1p_of_negative_values_is_a_data_error():
         NumericEncoder(num(transform="log1p")).fit(pd.Series([1.0, -2.0]))
 
 
-
 # ---- numeric: non-finite values -------------------------------------------------------------------------------
 # inf, -inf and values beyond sqrt(float32 max) ~ 1.84e19 after the transform count like missing values.
 
@@ -281,10 +280,12 @@ def test_sequence_shorter_than_max_len_is_left_padded():
 
 
 def test_sequence_shared_with_a_categorical_feature_uses_its_vocabulary():
-    cfg = make_cfg([
-        {"name": "item", "kind": "categorical"},
-        {"name": "history", "kind": "sequence", "share_with": "item", "max_len": 3},
-    ])
+    cfg = make_cfg(
+        [
+            {"name": "item", "kind": "categorical"},
+            {"name": "history", "kind": "sequence", "share_with": "item", "max_len": 3},
+        ]
+    )
     df = pd.DataFrame({"item": ["i1", "i2", "i2"], "history": ["i9|i9|i9", "i1", "i2|i1"], "click": [0, 1, 0]})
     fz = Featurizer(cfg, build_graph(cfg)).fit(df)
     assert fz.cat["item"].vocab == ["i2", "i1"]  # history items do not enter the vocabulary
@@ -317,14 +318,16 @@ def test_featurizer_save_and_load_give_identical_encodings(tmp_path):
     graph = build_graph(cfg)
     rng = np.random.default_rng(0)
     n = 50
-    df = pd.DataFrame({
-        "user": rng.choice(["u1", "u2", "u3", "u4"], n),
-        "item": rng.choice([f"i{k}" for k in range(10)], n),
-        "price": rng.uniform(0, 100, n),
-        "age": np.where(rng.random(n) < 0.2, np.nan, rng.normal(40, 10, n)),
-        "hist": ["|".join(rng.choice(["a", "b", "c", "d"], rng.integers(0, 5))) for _ in range(n)],
-        "click": rng.integers(0, 2, n),
-    })
+    df = pd.DataFrame(
+        {
+            "user": rng.choice(["u1", "u2", "u3", "u4"], n),
+            "item": rng.choice([f"i{k}" for k in range(10)], n),
+            "price": rng.uniform(0, 100, n),
+            "age": np.where(rng.random(n) < 0.2, np.nan, rng.normal(40, 10, n)),
+            "hist": ["|".join(rng.choice(["a", "b", "c", "d"], rng.integers(0, 5))) for _ in range(n)],
+            "click": rng.integers(0, 2, n),
+        }
+    )
     df["conversion"] = df["click"] * rng.integers(0, 2, n)
     fitted = Featurizer(cfg, graph).fit(df)
     fitted.save(tmp_path / "encoders.json")
@@ -363,11 +366,16 @@ def test_positive_values_mark_label_one():
     assert encode_label(col, stage).tolist() == [0.0, 1.0, 1.0, 0.0]
 
 
-
 @pytest.mark.parametrize(
     "col",
-    [pd.Series([1, 0, 1]), pd.Series([1.0, 0.0, 1.0]), pd.Series(["1", "0", " 1 "]), pd.Series(["1.0", "0.0", "1"]),
-     pd.Series([1, "0", "1.0"], dtype=object), pd.Series([True, False, True])],
+    [
+        pd.Series([1, 0, 1]),
+        pd.Series([1.0, 0.0, 1.0]),
+        pd.Series(["1", "0", " 1 "]),
+        pd.Series(["1.0", "0.0", "1"]),
+        pd.Series([1, "0", "1.0"], dtype=object),
+        pd.Series([True, False, True]),
+    ],
 )
 def test_numeric_positive_values_match_numerically(col):
     stage = StageSpec(name="click", positive=("1",))  # `positive: [1]` in the YAML

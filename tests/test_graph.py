@@ -10,8 +10,13 @@ from funnel.errors import ConfigError
 from funnel.graph import Edge, FunnelGraph, graph_problems
 from funnel.spec import config_from_dict
 
-FIVE = [("click", "click", None, 1.0), ("cart", "cart", "click", 1.0), ("checkout", "checkout", "cart", 1.0),
-        ("pay", "pay", "checkout", 2.0), ("review", "review", "pay", 0.5)]
+FIVE = [
+    ("click", "click", None, 1.0),
+    ("cart", "cart", "click", 1.0),
+    ("checkout", "checkout", "cart", 1.0),
+    ("pay", "pay", "checkout", 2.0),
+    ("review", "review", "pay", 0.5),
+]
 
 
 def triples(specs):
@@ -93,8 +98,14 @@ def test_stages_listed_child_first_are_put_in_parent_order():
 
 
 def test_branching_stages_order_parents_first():
-    graph = FunnelGraph.chain([("buy", "buy", "cart", 1.0), ("cart", "cart", "click", 1.0),
-                               ("share", "share", "click", 1.0), ("click", "click", None, 1.0)])
+    graph = FunnelGraph.chain(
+        [
+            ("buy", "buy", "cart", 1.0),
+            ("cart", "cart", "click", 1.0),
+            ("share", "share", "click", 1.0),
+            ("click", "click", None, 1.0),
+        ]
+    )
     names = graph.names
     assert names[0] == "click"
     assert names.index("cart") < names.index("buy")

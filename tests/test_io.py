@@ -14,13 +14,17 @@ from funnel.data.io import TableWriter
 def chunks() -> list[pd.DataFrame]:
     rng = np.random.default_rng(3)
     return [
-        pd.DataFrame({
-            "user": ["a,b", 'say "hi"', "line\nbreak"],  # a --keep column that needs quoting
-            "n": [1, 2, 3],
-            "p": rng.random(3).astype(np.float32),
-            "q": [0.5, np.nan, 1e-7],
-        }),
-        pd.DataFrame({"user": ["plain", "", "z"], "n": [4, 5, 6], "p": np.float32([0.1, 0.2, 1 / 3]), "q": [1.0, 2.0, 3.0]}),
+        pd.DataFrame(
+            {
+                "user": ["a,b", 'say "hi"', "line\nbreak"],  # a --keep column that needs quoting
+                "n": [1, 2, 3],
+                "p": rng.random(3).astype(np.float32),
+                "q": [0.5, np.nan, 1e-7],
+            }
+        ),
+        pd.DataFrame(
+            {"user": ["plain", "", "z"], "n": [4, 5, 6], "p": np.float32([0.1, 0.2, 1 / 3]), "q": [1.0, 2.0, 3.0]}
+        ),
     ]
 
 

@@ -32,8 +32,10 @@ def graph(weights=(1.0, 2.0)) -> FunnelGraph:
 
 
 def batch(a=A, b=B, dtype=torch.float64):
-    logits = {"click": torch.tensor(a, dtype=dtype, requires_grad=True),
-              "conversion": torch.tensor(b, dtype=dtype, requires_grad=True)}
+    logits = {
+        "click": torch.tensor(a, dtype=dtype, requires_grad=True),
+        "conversion": torch.tensor(b, dtype=dtype, requires_grad=True),
+    }
     labels = torch.tensor([Y_CLICK, Y_CONV], dtype=dtype).T  # (4, 2)
     return logits, labels
 
@@ -43,9 +45,9 @@ def test_entire_space_loss_equals_the_hand_computed_value():
     result = EntireSpaceLoss(graph())(compose(graph(), logits), labels)
 
     ctr = [sigmoid(a) for a in A]
-    ctcvr = [sigmoid(a) * sigmoid(b) for a, b in zip(A, B)]
-    click = sum(bce(p, y) for p, y in zip(ctr, Y_CLICK)) / 4
-    conversion = sum(bce(p, y) for p, y in zip(ctcvr, Y_CONV)) / 4
+    ctcvr = [sigmoid(a) * sigmoid(b) for a, b in zip(A, B, strict=True)]
+    click = sum(bce(p, y) for p, y in zip(ctr, Y_CLICK, strict=True)) / 4
+    conversion = sum(bce(p, y) for p, y in zip(ctcvr, Y_CONV, strict=True)) / 4
 
     assert set(result.parts) == {"click", "conversion"}
     assert result.parts["click"].item() == pytest.approx(click, rel=1e-12)
@@ -58,7 +60,7 @@ def test_entire_space_loss_has_no_term_on_pcvr_alone():
     logits, labels = batch()
     result = EntireSpaceLoss(graph())(compose(graph(), logits), labels)
     pcvr_on_clicked = (bce(sigmoid(B[0]), Y_CONV[0]) + bce(sigmoid(B[2]), Y_CONV[2])) / 2
-    pcvr_on_all = sum(bce(sigmoid(b), y) for b, y in zip(B, Y_CONV)) / 4
+    pcvr_on_all = sum(bce(sigmoid(b), y) for b, y in zip(B, Y_CONV, strict=True)) / 4
     assert list(result.parts) == ["click", "conversion"]
     for value in (pcvr_on_clicked, pcvr_on_all):
         assert result.parts["conversion"].item() != pytest.approx(value, rel=1e-3)
@@ -75,7 +77,7 @@ def test_conditional_subset_loss_equals_the_hand_computed_value():
     logits, labels = batch()
     result = ConditionalSubsetLoss(graph())(compose(graph(), logits), labels)
 
-    click = sum(bce(sigmoid(a), y) for a, y in zip(A, Y_CLICK)) / 4
+    click = sum(bce(sigmoid(a), y) for a, y in zip(A, Y_CLICK, strict=True)) / 4
     clicked = [i for i, y in enumerate(Y_CLICK) if y == 1]  # rows 0 and 2
     conversion = sum(bce(sigmoid(B[i]), Y_CONV[i]) for i in clicked) / len(clicked)
 
@@ -157,7 +159,7 @@ def test_log1mexp_is_finite_with_finite_gradient_at_zero():
 def test_bce_from_log_prob_matches_plain_bce():
     p = torch.tensor([0.1, 0.5, 0.9, 0.3], dtype=torch.float64)
     y = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
-    expected = [bce(pi, yi) for pi, yi in zip(p.tolist(), y.tolist())]
+    expected = [bce(pi, yi) for pi, yi in zip(p.tolist(), y.tolist(), strict=True)]
     assert bce_from_log_prob(p.log(), y).tolist() == pytest.approx(expected, rel=1e-12)
 
 

@@ -18,13 +18,13 @@ Y_CLICK = [1, 1, 1, 1, 0, 0, 0, 0]
 Y_CONV = [1, 1, 0, 0, 0, 0, 0, 0]
 P_CTR = [0.9, 0.8, 0.3, 0.5, 0.6, 0.2, 0.1, 0.4]
 P_CVR = [0.5, 0.2, 0.4, 0.1, 0.9, 0.7, 0.3, 0.05]  # high on unclicked rows: the all-rows AUC is worse
-P_CTCVR = [a * b for a, b in zip(P_CTR, P_CVR)]
+P_CTCVR = [a * b for a, b in zip(P_CTR, P_CVR, strict=True)]
 
 
 def auc(scores: list[float], labels: list[int]) -> float:
     """Share of (positive, negative) pairs ranked correctly, ties counting one half."""
-    pos = [s for s, y in zip(scores, labels) if y == 1]
-    neg = [s for s, y in zip(scores, labels) if y == 0]
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
 
@@ -49,8 +49,9 @@ def computed(**kwargs) -> dict[str, float]:
 
 
 def test_metric_keys_are_named_by_kind_and_stage():
-    assert set(computed()) == {f"{m}/{s}" for m in ("auc", "auc_cond", "logloss", "calib")
-                               for s in ("click", "conversion")}
+    assert set(computed()) == {
+        f"{m}/{s}" for m in ("auc", "auc_cond", "logloss", "calib") for s in ("click", "conversion")
+    }
 
 
 def test_conditional_auc_uses_only_rows_whose_parent_happened():

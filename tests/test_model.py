@@ -68,8 +68,9 @@ RAW = {
 
 @pytest.fixture(scope="module")
 def frame():
-    return generate(SyntheticSpec(rows=400, n_users=50, n_items=40, stages=("click", "cart", "buy"),
-                                  rates=(0.3, 0.4, 0.5)))
+    return generate(
+        SyntheticSpec(rows=400, n_users=50, n_items=40, stages=("click", "cart", "buy"), rates=(0.3, 0.4, 0.5))
+    )
 
 
 def build(frame, model: str = "esmm", **funnel):
@@ -157,17 +158,23 @@ def test_sequence_feature_shares_the_item_table_and_pools_only_real_items():
     from funnel.runs import build_graph
     from funnel.spec import config_from_dict
 
-    cfg = config_from_dict({
-        "data": {"train": "unused.csv"},
-        "features": [
-            {"name": "item_id", "kind": "categorical"},
-            {"name": "history", "kind": "sequence", "share_with": "item_id", "max_len": 3},
-        ],
-        "funnel": {"embed_dim": 4, "tower": {"type": "mlp", "hidden": [8]},
-                   "stages": [{"name": "click"}, {"name": "buy", "after": "click"}]},
-    })
-    df = pd.DataFrame({"item_id": ["a", "b", "c"], "history": ["a|b", "", "c|c|a|b"],
-                       "click": [1, 0, 1], "buy": [1, 0, 0]})
+    cfg = config_from_dict(
+        {
+            "data": {"train": "unused.csv"},
+            "features": [
+                {"name": "item_id", "kind": "categorical"},
+                {"name": "history", "kind": "sequence", "share_with": "item_id", "max_len": 3},
+            ],
+            "funnel": {
+                "embed_dim": 4,
+                "tower": {"type": "mlp", "hidden": [8]},
+                "stages": [{"name": "click"}, {"name": "buy", "after": "click"}],
+            },
+        }
+    )
+    df = pd.DataFrame(
+        {"item_id": ["a", "b", "c"], "history": ["a|b", "", "c|c|a|b"], "click": [1, 0, 1], "buy": [1, 0, 0]}
+    )
     graph = build_graph(cfg)
     feat = Featurizer(cfg, graph).fit(df)
     table = feat.encode(df, "train")
@@ -198,9 +205,18 @@ def short_fit(run_dir, *overrides: str):
     from funnel.training.fit import fit
 
     root = Path(__file__).resolve().parents[1]
-    run = fit(root / "configs/esmm.yaml", ["data.synthetic.rows=20000", "trainer.max_epochs=2",
-                                           "trainer.enable_progress_bar=false", "trainer.early_stopping=null",
-                                           "trainer.log_every_n_steps=5", *overrides, f"run_dir={run_dir}"])
+    run = fit(
+        root / "configs/esmm.yaml",
+        [
+            "data.synthetic.rows=20000",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+            "trainer.early_stopping=null",
+            "trainer.log_every_n_steps=5",
+            *overrides,
+            f"run_dir={run_dir}",
+        ],
+    )
     return run, json.loads((run / "metrics.json").read_text())
 
 

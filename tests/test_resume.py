@@ -29,8 +29,15 @@ def _funnel(args: list[str], cwd: Path, kill_at: int | None = None) -> subproces
     env.pop("FUNNEL_TEST_KILL_AT", None)
     if kill_at is not None:
         env["FUNNEL_TEST_KILL_AT"] = str(kill_at)
-    return subprocess.run([sys.executable, "-m", "funnel", "-q", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "funnel", "-q", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -104,8 +104,13 @@ def test_the_lock_of_a_killed_process_is_taken_over_but_a_live_one_is_not(tmp_pa
 
 # ---- real processes -------------------------------------------------------------------------------------
 def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "funnel", "-q", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "funnel", "-q", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -175,8 +180,9 @@ def test_an_internal_error_says_it_is_a_bug_then_shows_the_traceback(config_file
     assert "Traceback" in rest and "ZeroDivisionError: funnel's own mistake" in rest
 
 
-def test_an_undefined_monitor_warns_and_falls_back_to_the_validation_loss(make_config, synth_dir, tmp_path,
-                                                                          write_config, caplog):
+def test_an_undefined_monitor_warns_and_falls_back_to_the_validation_loss(
+    make_config, synth_dir, tmp_path, write_config, caplog
+):
     valid = pd.read_csv(synth_dir / "valid.csv").assign(conversion=0)  # one class: AUC undefined
     valid.to_csv(tmp_path / "valid.csv", index=False)
     cfg = make_config(tmp_path / "run")

@@ -67,7 +67,10 @@ def test_unknown_trainer_key_suggests_max_epochs():
 
 def test_unknown_nested_key_lists_allowed_keys():
     msg = problems_of(raw(optim={"lrate": 0.1}))
-    assert "optim.lrate: unknown key." in msg and "Allowed keys: name, lr, weight_decay, momentum, sparse_embeddings." in msg
+    assert (
+        "optim.lrate: unknown key." in msg
+        and "Allowed keys: name, lr, weight_decay, momentum, sparse_embeddings." in msg
+    )
 
 
 def test_wrong_type_names_the_key_and_the_value():
@@ -317,8 +320,12 @@ def test_scientific_numbers_without_a_dot_are_numbers():
     """YAML 1.1 reads `lr: 1e-3` as the string "1e-3"; funnel accepts it where a number is expected."""
     from funnel.spec import config_from_dict
 
-    raw = {"data": {"train": "x.csv"}, "features": [{"name": "a", "kind": "categorical"}],
-           "funnel": {"stages": [{"name": "click"}]}, "optim": {"lr": "3e-3", "weight_decay": "1E-5"}}
+    raw = {
+        "data": {"train": "x.csv"},
+        "features": [{"name": "a", "kind": "categorical"}],
+        "funnel": {"stages": [{"name": "click"}]},
+        "optim": {"lr": "3e-3", "weight_decay": "1E-5"},
+    }
     optim = config_from_dict(raw).optim
     assert optim.lr == 0.003 and optim.weight_decay == 1e-5
     raw["optim"]["lr"] = "fast"

@@ -71,7 +71,7 @@ def test_target_rates_are_hit_on_parent_positive_rows(rates):
     spec = SyntheticSpec(rows=50_000, stages=("click", "cart", "buy"), rates=rates)
     df = generate(spec)
     parent = np.ones(len(df), dtype=bool)
-    for s, target in zip(spec.stages, spec.target_rates):
+    for s, target in zip(spec.stages, spec.target_rates, strict=True):
         mean = df.loc[parent, f"true_p_{s}_cond"].mean()
         assert abs(mean - target) < 0.1 * target, (s, mean, target)
         parent = df[s].to_numpy() == 1
@@ -165,9 +165,11 @@ def test_history_column_holds_recent_items_and_moves_the_truth():
     assert lengths.between(0, 8).all() and lengths.max() == 8 and (lengths == 0).any()
     items = set(df["item_id"]) | {f"i{k}" for k in range(200)}
     assert all(t in items for row in tokens for t in row if t)
-    cat_of = dict(zip(df["item_id"], df["item_category"], strict=False))
-    share = [sum(cat_of.get(t) == c for t in row if t) / max(len([t for t in row if t]), 1)
-             for row, c in zip(tokens, df["item_category"], strict=False)]
+    cat_of = dict(zip(df["item_id"], df["item_category"], strict=True))
+    share = [
+        sum(cat_of.get(t) == c for t in row if t) / max(len([t for t in row if t]), 1)
+        for row, c in zip(tokens, df["item_category"], strict=True)
+    ]
     logit = np.log(df["true_p_click_cond"] / (1 - df["true_p_click_cond"]))
     assert np.corrcoef(share, logit)[0, 1] > 0.15  # the candidate's category in the history raises pCTR
     assert "history" not in generate(SyntheticSpec(rows=100)).columns  # opt-in: default data unchanged

@@ -24,20 +24,31 @@ from funnel.spec.schema import TowerSpec
 from funnel.synthetic import SyntheticSpec, generate
 
 # Minimal arguments per built-in tower (the rest are defaults); a new built-in must be listed.
-ARGS = {"mlp": {}, "deepfm": {}, "dcn": {}, "din": {"sequence": "history"},
-        "field_sum": {"groups": {"user": ["user_id"], "item": ["item_id", "history"]}}}
+ARGS = {
+    "mlp": {},
+    "deepfm": {},
+    "dcn": {},
+    "din": {"sequence": "history"},
+    "field_sum": {"groups": {"user": ["user_id"], "item": ["item_id", "history"]}},
+}
 
 
 def toy_input(batch: int = 5, width: int = 4, length: int = 3) -> tuple[InputShape, TowerInput]:
     torch.manual_seed(0)
-    fields = {"user_id": torch.randn(batch, width), "item_id": torch.randn(batch, width), "history": torch.randn(batch, width)}
-    mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False], [True, True, True],
-                         [True, False, False]])[:batch]
+    fields = {
+        "user_id": torch.randn(batch, width),
+        "item_id": torch.randn(batch, width),
+        "history": torch.randn(batch, width),
+    }
+    mask = torch.tensor(
+        [[True, True, False], [True, False, False], [False, False, False], [True, True, True], [True, False, False]]
+    )[:batch]
     keys = torch.randn(batch, length, width)
     numeric = torch.randn(batch, 2)
     flat = torch.cat([*fields.values(), numeric], 1)
-    shape = InputShape(flat_dim=flat.shape[1], field_dims={k: width for k in fields}, numeric_dim=2,
-                       sequence_fields=("history",))
+    shape = InputShape(
+        flat_dim=flat.shape[1], field_dims={k: width for k in fields}, numeric_dim=2, sequence_fields=("history",)
+    )
     return shape, TowerInput(flat=flat, fields=fields, numeric=numeric, sequences={"history": (keys, mask)})
 
 
@@ -127,13 +138,20 @@ def test_field_sum_adds_the_group_embeddings():
     torch.testing.assert_close(out[:, 8:], x.numeric)
 
 
-@pytest.mark.parametrize(("name", "args", "message"), [
-    ("field_sum", {"groups": {"user": ["usr_id"]}}, "'usr_id' is not a categorical or sequence feature. Did you mean \"user_id\""),
-    ("din", {"sequence": "histroy"}, "Did you mean \"history\""),
-    ("din", {"sequence": "history", "target": "user"}, "target 'user' is not a categorical feature"),
-    ("mlp", {"activation": "rellu"}, "Did you mean \"relu\""),
-    ("dcn", {"structure": "serial"}, "structure must be 'parallel' or 'stacked'"),
-])
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        (
+            "field_sum",
+            {"groups": {"user": ["usr_id"]}},
+            "'usr_id' is not a categorical or sequence feature. Did you mean \"user_id\"",
+        ),
+        ("din", {"sequence": "histroy"}, 'Did you mean "history"'),
+        ("din", {"sequence": "history", "target": "user"}, "target 'user' is not a categorical feature"),
+        ("mlp", {"activation": "rellu"}, 'Did you mean "relu"'),
+        ("dcn", {"structure": "serial"}, "structure must be 'parallel' or 'stacked'"),
+    ],
+)
 def test_bad_tower_arguments_say_what_to_do(name, args, message):
     shape, _ = toy_input()
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -141,9 +159,15 @@ def test_bad_tower_arguments_say_what_to_do(name, args, message):
 
 
 def test_unknown_tower_argument_is_caught_at_validation():
-    raw = {"data": {"train": "t.csv"}, "features": [{"name": "user_id", "kind": "categorical"}],
-           "funnel": {"tower": {"type": "dcn", "cross_layer": 3}, "stages": [{"name": "click"}]}}
-    with pytest.raises(ConfigError, match="funnel.tower.cross_layer: tower 'dcn' has no argument 'cross_layer'. Did you mean \"cross_layers\""):
+    raw = {
+        "data": {"train": "t.csv"},
+        "features": [{"name": "user_id", "kind": "categorical"}],
+        "funnel": {"tower": {"type": "dcn", "cross_layer": 3}, "stages": [{"name": "click"}]},
+    }
+    with pytest.raises(
+        ConfigError,
+        match="funnel.tower.cross_layer: tower 'dcn' has no argument 'cross_layer'. Did you mean \"cross_layers\"",
+    ):
         config_from_dict(raw)
 
 
@@ -157,23 +181,45 @@ FEATURES = [
     {"name": "price", "kind": "numeric", "transform": "log1p"},
 ]
 FUNNELS = {
-    "esmm": {"model": "esmm", "stages": [{"name": "click"}, {"name": "cart", "after": "click"}, {"name": "buy", "after": "cart"}]},
-    "esm2": {"model": "esmm", "stages": [{"name": "click"}, {"name": "cart", "after": "click"},
-                                         {"name": "buy", "after": "click", "via": "cart"}]},
-    "aitm": {"model": "aitm", "stages": [{"name": "click"}, {"name": "cart", "after": "click"}, {"name": "buy", "after": "cart"}]},
+    "esmm": {
+        "model": "esmm",
+        "stages": [{"name": "click"}, {"name": "cart", "after": "click"}, {"name": "buy", "after": "cart"}],
+    },
+    "esm2": {
+        "model": "esmm",
+        "stages": [
+            {"name": "click"},
+            {"name": "cart", "after": "click"},
+            {"name": "buy", "after": "click", "via": "cart"},
+        ],
+    },
+    "aitm": {
+        "model": "aitm",
+        "stages": [{"name": "click"}, {"name": "cart", "after": "click"}, {"name": "buy", "after": "cart"}],
+    },
 }
 
 
 @pytest.fixture(scope="module")
 def frames():
-    common = {"rows": 300, "n_users": 30, "n_items": 40, "stages": ("click", "cart", "buy"), "rates": (0.4, 0.5, 0.5), "history_len": 6}
+    common = {
+        "rows": 300,
+        "n_users": 30,
+        "n_items": 40,
+        "stages": ("click", "cart", "buy"),
+        "rates": (0.4, 0.5, 0.5),
+        "history_len": 6,
+    }
     return {"chain": generate(SyntheticSpec(**common)), "branch": generate(SyntheticSpec(**common, branch=True))}
 
 
 def tower_model(frames, name: str, funnel: str):
     """Tower ``name`` in funnel ``funnel``, untrained (seed 0), with its featurizer and frame."""
-    raw = {"data": {"train": "unused.csv"}, "features": FEATURES,
-           "funnel": copy.deepcopy(FUNNELS[funnel]) | {"embed_dim": 4, "tower": {"type": name, **ARGS[name]}}}
+    raw = {
+        "data": {"train": "unused.csv"},
+        "features": FEATURES,
+        "funnel": copy.deepcopy(FUNNELS[funnel]) | {"embed_dim": 4, "tower": {"type": name, **ARGS[name]}},
+    }
     cfg = config_from_dict(raw)
     graph = build_graph(cfg)
     frame = frames["branch" if funnel == "esm2" else "chain"]
@@ -214,7 +260,7 @@ def test_every_tower_in_every_model_scores_in_bf16_close_to_float32(frames, name
 
 # ---- plug-ins -------------------------------------------------------------------------------------
 
-PLUGIN = textwrap.dedent('''
+PLUGIN = textwrap.dedent("""
     import torch
     from torch import nn
     from funnel.models import register_tower
@@ -228,15 +274,24 @@ PLUGIN = textwrap.dedent('''
 
         def forward(self, x):
             return torch.tanh(self.layer(x.flat))
-''')
+""")
 
 
 def test_a_plugin_tower_from_a_temporary_module_is_used_from_yaml(tmp_path, monkeypatch):
     (tmp_path / "my_towers_tmp.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
-    raw = {"plugins": ["my_towers_tmp"], "data": {"train": "unused.csv"}, "features": FEATURES[:2],
-           "funnel": {"tower": {"type": "mlp"}, "stages": [{"name": "click"},
-                      {"name": "buy", "after": "click", "tower": {"type": "tmp_linear_tower", "width": 5}}]}}
+    raw = {
+        "plugins": ["my_towers_tmp"],
+        "data": {"train": "unused.csv"},
+        "features": FEATURES[:2],
+        "funnel": {
+            "tower": {"type": "mlp"},
+            "stages": [
+                {"name": "click"},
+                {"name": "buy", "after": "click", "tower": {"type": "tmp_linear_tower", "width": 5}},
+            ],
+        },
+    }
     from funnel.spec.loader import import_plugins
 
     import_plugins(raw["plugins"])  # what the YAML loader does with `plugins:`
@@ -262,9 +317,20 @@ def test_custom_tower_example_trains_from_yaml(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, str(root / "examples/custom_tower.py"), "data.synthetic.rows=3000", "trainer.max_epochs=1",
-         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", f"run_dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
+        [
+            sys.executable,
+            str(root / "examples/custom_tower.py"),
+            "data.synthetic.rows=3000",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     config = (tmp_path / "run" / "config.yaml").read_text()

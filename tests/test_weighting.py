@@ -57,14 +57,20 @@ def test_every_weighting_method_trains_end_to_end_and_logs_weights(method, tmp_p
 
     from funnel.training.fit import fit_config
 
-    cfg = config_from_dict({
-        "run_dir": str(tmp_path / "run"),
-        "data": {"synthetic": {"rows": 3000, "seed": 0}, "batch_size": 512},
-        "features": [{"name": "user_id", "kind": "categorical"}, {"name": "price", "kind": "numeric"}],
-        "funnel": {"loss_weighting": {"method": method}, "embed_dim": 4, "tower": {"hidden": [8]},
-                   "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
-        "trainer": {"max_epochs": 3, "enable_progress_bar": False, "log_every_n_steps": 1},
-    })
+    cfg = config_from_dict(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "data": {"synthetic": {"rows": 3000, "seed": 0}, "batch_size": 512},
+            "features": [{"name": "user_id", "kind": "categorical"}, {"name": "price", "kind": "numeric"}],
+            "funnel": {
+                "loss_weighting": {"method": method},
+                "embed_dim": 4,
+                "tower": {"hidden": [8]},
+                "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}],
+            },
+            "trainer": {"max_epochs": 3, "enable_progress_bar": False, "log_every_n_steps": 1},
+        }
+    )
     run = fit_config(cfg)
     with open(run / "logs" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -78,10 +84,13 @@ def test_every_weighting_method_trains_end_to_end_and_logs_weights(method, tmp_p
 
 def test_unknown_weighting_method_is_a_config_error():
     with pytest.raises(ConfigError, match='Did you mean "uncertainty"'):
-        config_from_dict({
-            "data": {"train": "t.csv"}, "features": [{"name": "u", "kind": "categorical"}],
-            "funnel": {"loss_weighting": {"method": "uncertainty_"}, "stages": [{"name": "click"}]},
-        })
+        config_from_dict(
+            {
+                "data": {"train": "t.csv"},
+                "features": [{"name": "u", "kind": "categorical"}],
+                "funnel": {"loss_weighting": {"method": "uncertainty_"}, "stages": [{"name": "click"}]},
+            }
+        )
 
 
 def test_gradnorm_gives_more_weight_to_the_stage_with_smaller_gradients_on_the_shared_table():
@@ -119,14 +128,19 @@ def test_epoch_losses_are_the_batch_weighted_means_of_the_step_losses(tmp_path):
 
     from funnel.training.fit import fit_config
 
-    cfg = config_from_dict({
-        "run_dir": str(tmp_path / "run"),
-        "data": {"synthetic": {"rows": 3000, "seed": 0}, "batch_size": 700},  # 2400 rows: 700, 700, 700, 300
-        "features": [{"name": "user_id", "kind": "categorical"}],
-        "funnel": {"embed_dim": 4, "tower": {"hidden": [8]},
-                   "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}]},
-        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1},
-    })
+    cfg = config_from_dict(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "data": {"synthetic": {"rows": 3000, "seed": 0}, "batch_size": 700},  # 2400 rows: 700, 700, 700, 300
+            "features": [{"name": "user_id", "kind": "categorical"}],
+            "funnel": {
+                "embed_dim": 4,
+                "tower": {"hidden": [8]},
+                "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}],
+            },
+            "trainer": {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1},
+        }
+    )
     run = fit_config(cfg)
     with open(run / "logs" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))

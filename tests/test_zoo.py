@@ -21,7 +21,7 @@ def test_division_path_probabilities_come_straight_from_the_towers_and_pcvr_is_t
     logits, _ = batch()
     out = compose_direct(graph(), logits)
     reach, cond = out.stacked(["click", "conversion"])
-    for i, (a, b) in enumerate(zip(A, B)):
+    for i, (a, b) in enumerate(zip(A, B, strict=True)):
         assert reach[i, 0].item() == pytest.approx(sigmoid(a))
         assert reach[i, 1].item() == pytest.approx(sigmoid(b))  # pCTCVR from its own tower
         assert cond[i, 1].item() == pytest.approx(min(sigmoid(b) / sigmoid(a), 1.0))
@@ -33,8 +33,8 @@ def test_naive_loss_treats_every_unclicked_impression_as_a_negative_conversion()
     logits, labels = batch()
     out = compose_direct(graph(), logits)  # NAIVE reads only the logits
     loss = ObservedLabelLoss(graph(weights=(1.0, 1.0)))(out, labels)
-    want_click = sum(bce(sigmoid(a), y) for a, y in zip(A, Y_CLICK)) / 4
-    want_conv = sum(bce(sigmoid(b), y) for b, y in zip(B, Y_CONV)) / 4  # all 4 rows, not the 2 clicked
+    want_click = sum(bce(sigmoid(a), y) for a, y in zip(A, Y_CLICK, strict=True)) / 4
+    want_conv = sum(bce(sigmoid(b), y) for b, y in zip(B, Y_CONV, strict=True)) / 4  # all 4 rows, not the 2 clicked
     assert loss.parts["click"].item() == pytest.approx(want_click)
     assert loss.parts["conversion"].item() == pytest.approx(want_conv)
 
@@ -58,10 +58,18 @@ def test_base_oversampling_equals_duplicating_the_clicked_positives():
 def _config(model: str, **funnel) -> dict:
     return {
         "data": {"synthetic": {"rows": 2000, "seed": 0}, "batch_size": 256},
-        "features": [{"name": "user_id", "kind": "categorical"}, {"name": "item_id", "kind": "categorical"},
-                     {"name": "price", "kind": "numeric", "transform": "log1p"}],
-        "funnel": {"model": model, "embed_dim": 4, "tower": {"type": "mlp", "hidden": [8]},
-                   "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}], **funnel},
+        "features": [
+            {"name": "user_id", "kind": "categorical"},
+            {"name": "item_id", "kind": "categorical"},
+            {"name": "price", "kind": "numeric", "transform": "log1p"},
+        ],
+        "funnel": {
+            "model": model,
+            "embed_dim": 4,
+            "tower": {"type": "mlp", "hidden": [8]},
+            "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}],
+            **funnel,
+        },
         "trainer": {"fast_dev_run": True, "enable_progress_bar": False},
     }
 
@@ -81,8 +89,9 @@ def test_every_model_trains_and_reports_every_metric(model, tmp_path):
     assert math.isfinite(metrics["logloss/conversion"])
 
 
-@pytest.mark.parametrize(("model", "private"), [("esmm", False), ("esmm_ns", True), ("division", True),
-                                               ("base", True), ("naive", True)])
+@pytest.mark.parametrize(
+    ("model", "private"), [("esmm", False), ("esmm_ns", True), ("division", True), ("base", True), ("naive", True)]
+)
 def test_which_models_share_the_embedding_tables(model, private):
     from funnel.data.featurizer import Featurizer
     from funnel.data.sources import load_frames
@@ -121,17 +130,25 @@ def test_calibrator_is_alpha_times_the_mean_of_non_monotone_gaps():
     out = compose_direct(graph(), logits)  # path heads: conversion may exceed click
     plain = EntireSpaceLoss(graph())(out, labels)
     calibrated = EntireSpaceLoss(graph(), calibrator=0.6)(out, labels)
-    gaps = [max(sigmoid(b) - sigmoid(a), 0.0) for a, b in zip(A, B)]
+    gaps = [max(sigmoid(b) - sigmoid(a), 0.0) for a, b in zip(A, B, strict=True)]
     assert calibrated.extra["calibrator"].item() == pytest.approx(0.6 * sum(gaps) / 4)
     assert calibrated.total.item() == pytest.approx(plain.total.item() + 0.6 * sum(gaps) / 4)
     assert plain.extra == {}
 
 
 def test_transfer_needs_towers_of_one_width():
-    cfg = config_from_dict({**_config("aitm"), "funnel": {
-        **_config("aitm")["funnel"],
-        "stages": [{"name": "click", "tower": {"hidden": [8]}},
-                   {"name": "conversion", "after": "click", "tower": {"hidden": [16]}}]}})
+    cfg = config_from_dict(
+        {
+            **_config("aitm"),
+            "funnel": {
+                **_config("aitm")["funnel"],
+                "stages": [
+                    {"name": "click", "tower": {"hidden": [8]}},
+                    {"name": "conversion", "after": "click", "tower": {"hidden": [16]}},
+                ],
+            },
+        }
+    )
     from funnel.data.featurizer import Featurizer
     from funnel.data.sources import load_frames
     from funnel.models import create_model

@@ -61,8 +61,13 @@ class FunnelDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> BatchLoader:
         rank, world = self._rank()
         return BatchLoader(
-            self.tables["train"], self.cfg.data.batch_size, shuffle=True, seed=self.cfg.seed, rank=rank,
-            world_size=world, epoch_of=self._epoch,
+            self.tables["train"],
+            self.cfg.data.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            rank=rank,
+            world_size=world,
+            epoch_of=self._epoch,
         )
 
     def _epoch(self) -> int:

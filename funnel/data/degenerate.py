@@ -23,8 +23,10 @@ REQUIRED_SPLITS = ("train", "valid")
 def _empty_split(split: str, cfg: Config | None) -> str:
     data = cfg.data if cfg is not None else None
     if split == "valid" and data is not None and not data.valid and data.synthetic is None:
-        return (f"valid: 0 rows in the share data.valid_split = {data.valid_split} held out of train; "
-                "raise data.valid_split or give data.valid a file with data rows.")
+        return (
+            f"valid: 0 rows in the share data.valid_split = {data.valid_split} held out of train; "
+            "raise data.valid_split or give data.valid a file with data rows."
+        )
     source = getattr(data, split, None) if data is not None else None
     where = f" (data.{split}: {source!r})" if source else ""
     return (
@@ -47,8 +49,7 @@ def _one_class(graph: FunnelGraph, labels: Tensor, j: int) -> str | None:
     )
 
 
-def degenerate_problems(tables: Mapping[str, EncodedTable], graph: FunnelGraph,
-                        cfg: Config | None = None) -> list[str]:
+def degenerate_problems(tables: Mapping[str, EncodedTable], graph: FunnelGraph, cfg: Config | None = None) -> list[str]:
     """Every reason the encoded ``{split: table}`` cannot train a model, all at once."""
     problems = [_empty_split(s, cfg) for s in REQUIRED_SPLITS if s in tables and len(tables[s]) == 0]
     train = tables.get("train")

@@ -209,8 +209,10 @@ class NumericEncoder:
         """Under ``missing: error``, a DataError for every kind of gap found."""
         if self.spec.missing != "error" or not (missing.any() or nonfinite.any()):
             return
-        fix = (f"set `missing: fill` on feature {self.spec.name!r} to fill them with the train mean "
-               "(and flag them), or clean the data.")
+        fix = (
+            f"set `missing: fill` on feature {self.spec.name!r} to fill them with the train mean "
+            "(and flag them), or clean the data."
+        )
         problems = []
         if missing.any():
             problems.append(f"{where}: column {self.spec.source!r} has {int(missing.sum())} missing values; {fix}")
@@ -236,9 +238,15 @@ class NumericEncoder:
             self.std = std if np.isfinite(std) and std > 0 else 1.0
         self.flag = bool(gap.any())
         if self.flag:
-            log.info("train: column %r (feature %r): %d missing and %d non-finite values, filled with the mean "
-                     "%.6g and flagged", self.spec.source, self.spec.name, int(missing.sum()), int(nonfinite.sum()),
-                     self.mean)
+            log.info(
+                "train: column %r (feature %r): %d missing and %d non-finite values, filled with the mean "
+                "%.6g and flagged",
+                self.spec.source,
+                self.spec.name,
+                int(missing.sum()),
+                int(nonfinite.sum()),
+                self.mean,
+            )
         return self
 
     def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
@@ -246,9 +254,16 @@ class NumericEncoder:
         missing, nonfinite = self._gaps(values)
         self._refuse(col, missing, nonfinite, where)
         if nonfinite.any():
-            log.warning("%s: column %r (feature %r): %d non-finite values (inf, or beyond ±%.3g after the transform) "
-                        "filled with the train mean%s", where, self.spec.source, self.spec.name, int(nonfinite.sum()),
-                        FLOAT32_SAFE, " and flagged" if self.flag else "")
+            log.warning(
+                "%s: column %r (feature %r): %d non-finite values (inf, or beyond ±%.3g after the transform) "
+                "filled with the train mean%s",
+                where,
+                self.spec.source,
+                self.spec.name,
+                int(nonfinite.sum()),
+                FLOAT32_SAFE,
+                " and flagged" if self.flag else "",
+            )
         gap = missing | nonfinite
         values = np.where(gap, self.mean, values)
         if self.spec.transform != "none":

@@ -102,16 +102,29 @@ class Featurizer:
         table = EncodedTable(
             cat=torch.from_numpy(np.stack(cats, axis=1) if cats else np.zeros((n, 0), np.int64)),
             num=torch.from_numpy(np.concatenate(nums, axis=1) if nums else np.zeros((n, 0), np.float32)),
-            seq={f.name: torch.from_numpy(self.seq[f.name].encode(df[f.source])) for f in self.features if f.kind == "sequence"},
+            seq={
+                f.name: torch.from_numpy(self.seq[f.name].encode(df[f.source]))
+                for f in self.features
+                if f.kind == "sequence"
+            },
             rows=torch.arange(n),
         )
         truth = self.truth_columns(df)
         if truth:
-            table.truth = {k: torch.from_numpy(df[c].to_numpy(np.float32, copy=True)) for k, c in truth.items()}  # (N, S) each
+            table.truth = {
+                k: torch.from_numpy(df[c].to_numpy(np.float32, copy=True)) for k, c in truth.items()
+            }  # (N, S) each
             free = [f"cf_{c}_free" for c in self.label_columns()]  # position-free draws (NaN where absent)
             if any(c in df.columns for c in free):
-                table.truth["free"] = torch.from_numpy(np.stack(
-                    [df[c].to_numpy(np.float32) if c in df.columns else np.full(n, np.nan, np.float32) for c in free], 1))
+                table.truth["free"] = torch.from_numpy(
+                    np.stack(
+                        [
+                            df[c].to_numpy(np.float32) if c in df.columns else np.full(n, np.nan, np.float32)
+                            for c in free
+                        ],
+                        1,
+                    )
+                )
         if not labels:
             return table
         stages = [self.cfg.funnel.stages[self._spec_index(s.name)] for s in self.graph.stages]
@@ -121,8 +134,12 @@ class Featurizer:
         if not keep.all():
             mask = torch.from_numpy(keep)
             table = EncodedTable(
-                cat=table.cat[mask], num=table.num[mask], seq={k: v[mask] for k, v in table.seq.items()},
-                labels=table.labels[mask], truth={k: v[mask] for k, v in table.truth.items()}, rows=table.rows[mask],
+                cat=table.cat[mask],
+                num=table.num[mask],
+                seq={k: v[mask] for k, v in table.seq.items()},
+                labels=table.labels[mask],
+                truth={k: v[mask] for k, v in table.truth.items()},
+                rows=table.rows[mask],
             )
         return table
 
@@ -141,12 +158,16 @@ class Featurizer:
         for f in self.features:
             if f.kind == "categorical":
                 table = f.share_with or f.name
-                fields.append({"name": f.name, "kind": "categorical", "table": table, "column": col, "dim": owner_dim[table]})
+                fields.append(
+                    {"name": f.name, "kind": "categorical", "table": table, "column": col, "dim": owner_dim[table]}
+                )
                 col += 1
         for f in self.features:
             if f.kind == "sequence":
                 table = f.share_with or f.name
-                fields.append({"name": f.name, "kind": "sequence", "table": table, "dim": owner_dim[table], "pooling": f.pooling})
+                fields.append(
+                    {"name": f.name, "kind": "sequence", "table": table, "dim": owner_dim[table], "pooling": f.pooling}
+                )
         num_width = sum(self.num[f.name].width for f in self.features if f.kind == "numeric")
         return {"tables": {t: (n, owner_dim[t]) for t, n in tables.items()}, "fields": fields, "numeric_dim": num_width}
 
@@ -154,9 +175,7 @@ class Featurizer:
     def save(self, path: str | Path) -> None:
         state = {
             "format": FORMAT_VERSION,
-            "features": [
-                {"spec": asdict(f), "state": self._encoder(f).state()} for f in self.features
-            ],
+            "features": [{"spec": asdict(f), "state": self._encoder(f).state()} for f in self.features],
         }
         write_text(path, json.dumps(state, indent=1))
 
@@ -189,15 +208,18 @@ class Featurizer:
                 seen.add(spec.name)
             _check_loaded(self)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UserError(f"{path}: is damaged or does not belong to this config ({type(exc).__name__}: {exc}). "
-                            "Use the encoders.json `funnel fit` wrote beside this config.yaml.") from None
+            raise UserError(
+                f"{path}: is damaged or does not belong to this config ({type(exc).__name__}: {exc}). "
+                "Use the encoders.json `funnel fit` wrote beside this config.yaml."
+            ) from None
         missing = [f.name for f in self.features if f.name not in seen]
         if missing:
-            raise UserError(f"{path}: has no encoder for feature(s) {', '.join(missing)} of the config; "
-                            "config.yaml and encoders.json come from different runs.")
+            raise UserError(
+                f"{path}: has no encoder for feature(s) {', '.join(missing)} of the config; "
+                "config.yaml and encoders.json come from different runs."
+            )
         self.fitted = True
         return self
-
 
 
 def _check_loaded(featurizer: Featurizer) -> None:

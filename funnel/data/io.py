@@ -79,8 +79,10 @@ CSV_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeErro
 
 
 def _parquet_error(path: Path, exc: Exception) -> DataError:
-    return DataError(f"{path}: cannot be read as Parquet ({exc}). Is it a complete Parquet file? "
-                     "Write it again, or give a .csv path for CSV data.")
+    return DataError(
+        f"{path}: cannot be read as Parquet ({exc}). Is it a complete Parquet file? "
+        "Write it again, or give a .csv path for CSV data."
+    )
 
 
 def _parquet_errors() -> tuple[type[Exception], ...]:
@@ -120,8 +122,9 @@ def table_columns(path: str | Path, csv: CsvSpec | None = None) -> list[str]:
         raise _csv_error(path, exc) from None
 
 
-def iter_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None,
-               chunk_rows: int = 262_144) -> Iterator[pd.DataFrame]:
+def iter_table(
+    path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None, chunk_rows: int = 262_144
+) -> Iterator[pd.DataFrame]:
     """The table in chunks of at most ``chunk_rows`` rows, so memory stays flat for any file size."""
     path = _existing(path)
     if path.suffix.lower() in PARQUET_EXT:
@@ -158,11 +161,13 @@ TABLE_EXT = (".csv", *PARQUET_EXT)
 
 
 def output_format(path: str | Path, flag: str = "--out") -> str:
-    """"csv" or "parquet" by the extension of an output path; any other extension is refused."""
+    """ "csv" or "parquet" by the extension of an output path; any other extension is refused."""
     suffix = Path(path).suffix.lower()
     if suffix not in TABLE_EXT:
-        raise UserError(f"{flag}: {str(path)!r} has the extension {suffix or '(none)'!r}; funnel writes "
-                        f"{', '.join(TABLE_EXT)} (CSV or Parquet). Name the output file with one of them.")
+        raise UserError(
+            f"{flag}: {str(path)!r} has the extension {suffix or '(none)'!r}; funnel writes "
+            f"{', '.join(TABLE_EXT)} (CSV or Parquet). Name the output file with one of them."
+        )
     return "parquet" if suffix in PARQUET_EXT else "csv"
 
 

@@ -37,4 +37,3 @@ def holdout(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd
     rng = np.random.default_rng(seed)
     mask = rng.random(len(df)) < share
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
-

@@ -34,4 +34,3 @@ class EncodedTable:
 def take(tensors: dict[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:
     """One batch: the same rows of every tensor (a gather, or a view for a slice)."""
     return {k: v[idx] for k, v in tensors.items()}
-

@@ -19,8 +19,15 @@ from funnel.models.towers.mlp import mlp_layers
 
 
 class BiasTower(nn.Module):
-    def __init__(self, layout: dict[str, Any], features: Sequence[str], hidden: Sequence[int] = (16,),
-                 keep_at_inference: bool = False, feature_dropout: float = 0.0, init_std: float = 0.05):
+    def __init__(
+        self,
+        layout: dict[str, Any],
+        features: Sequence[str],
+        hidden: Sequence[int] = (16,),
+        keep_at_inference: bool = False,
+        feature_dropout: float = 0.0,
+        init_std: float = 0.05,
+    ):
         super().__init__()
         by_name = {f["name"]: f for f in layout["fields"]}
         self.columns = [(module_key(name), by_name[name]["column"]) for name in features]

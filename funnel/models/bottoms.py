@@ -33,8 +33,14 @@ register_bottom = BOTTOMS.register
 
 @register_bottom("shared_bottom")
 class SharedBottom(nn.Module):
-    def __init__(self, shape: InputShape, stages: Sequence[str], hidden: Sequence[int] = (256, 128),
-                 activation: str = "relu", dropout: float = 0.0):
+    def __init__(
+        self,
+        shape: InputShape,
+        stages: Sequence[str],
+        hidden: Sequence[int] = (256, 128),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.stages = list(stages)
         self.layers, self.out_dim = mlp_layers(shape.flat_dim, hidden, activation, dropout)
@@ -70,8 +76,15 @@ def _mix(gate: nn.Linear, x: Tensor, experts: Tensor) -> tuple[Tensor, Tensor]:
 
 @register_bottom("mmoe")
 class MMoE(nn.Module):
-    def __init__(self, shape: InputShape, stages: Sequence[str], experts: int = 4,
-                 expert_hidden: Sequence[int] = (128, 64), activation: str = "relu", dropout: float = 0.0):
+    def __init__(
+        self,
+        shape: InputShape,
+        stages: Sequence[str],
+        experts: int = 4,
+        expert_hidden: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.stages = list(stages)
         self.experts = Experts(experts, shape.flat_dim, expert_hidden, activation, dropout)
@@ -91,8 +104,17 @@ class MMoE(nn.Module):
 class _Extraction(nn.Module):
     """One PLE extraction layer (a CGC): per-stage and shared experts, one gate per stage (+ shared)."""
 
-    def __init__(self, stages: list[str], width: int, shared: int, specific: int, hidden: Sequence[int],
-                 activation: str, dropout: float, last: bool):
+    def __init__(
+        self,
+        stages: list[str],
+        width: int,
+        shared: int,
+        specific: int,
+        hidden: Sequence[int],
+        activation: str,
+        dropout: float,
+        last: bool,
+    ):
         super().__init__()
         self.stages = stages
         self.shared = Experts(shared, width, hidden, activation, dropout)
@@ -101,7 +123,9 @@ class _Extraction(nn.Module):
         self.shared_gate = None if last else nn.Linear(width, shared + specific * len(stages))
         self.out_dim = self.shared.out_dim
 
-    def forward(self, inputs: dict[str, Tensor], shared_in: Tensor) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
+    def forward(
+        self, inputs: dict[str, Tensor], shared_in: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
         shared = self.shared(shared_in)
         own = {s: self.specific[_key(s)](inputs[s]) for s in self.stages}
         out, gates = {}, {}
@@ -115,17 +139,33 @@ class _Extraction(nn.Module):
 
 @register_bottom("ple")
 class PLE(nn.Module):
-    def __init__(self, shape: InputShape, stages: Sequence[str], layers: int = 1, shared_experts: int = 1,
-                 specific_experts: int = 1, expert_hidden: Sequence[int] = (128, 64), activation: str = "relu",
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        shape: InputShape,
+        stages: Sequence[str],
+        layers: int = 1,
+        shared_experts: int = 1,
+        specific_experts: int = 1,
+        expert_hidden: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.stages = list(stages)
         widths = [shape.flat_dim] + [int(expert_hidden[-1])] * layers if expert_hidden else [shape.flat_dim]
         self.layers = nn.ModuleList(
-            _Extraction(self.stages, widths[i], shared_experts, specific_experts, expert_hidden, activation, dropout,
-                        last=i == layers - 1)
+            _Extraction(
+                self.stages,
+                widths[i],
+                shared_experts,
+                specific_experts,
+                expert_hidden,
+                activation,
+                dropout,
+                last=i == layers - 1,
+            )
             for i in range(layers)
         )
         self.out_dim = self.layers[-1].out_dim

@@ -22,8 +22,16 @@ from funnel.models.net import FunnelOutput
 
 
 class CounterfactualRegularizer(nn.Module):
-    def __init__(self, graph: FunnelGraph, method: str, weight: float, clip: float,
-                 stages: list[str], input_dim: int, hidden: int = 32):
+    def __init__(
+        self,
+        graph: FunnelGraph,
+        method: str,
+        weight: float,
+        clip: float,
+        stages: list[str],
+        input_dim: int,
+        hidden: int = 32,
+    ):
         super().__init__()
         self.method, self.weight, self.clip = method, weight, clip
         # (stage column, parent column, stage, parent) for every regularised edge
@@ -52,7 +60,8 @@ class CounterfactualRegularizer(nn.Module):
         return terms
 
 
-def build_regularizer(graph: FunnelGraph, method: str, weight: float, clip: float,
-                      stages: tuple[str, ...], input_dim: int) -> CounterfactualRegularizer:
+def build_regularizer(
+    graph: FunnelGraph, method: str, weight: float, clip: float, stages: tuple[str, ...], input_dim: int
+) -> CounterfactualRegularizer:
     chosen = list(stages) or [s.name for s in graph.stages if s.after is not None]
     return CounterfactualRegularizer(graph, method, weight, clip, chosen, input_dim)

@@ -82,7 +82,9 @@ class SharedEmbeddings(nn.Module):
         self.numeric_dim = int(layout["numeric_dim"])
         field_dims = {f["name"]: int(f["dim"]) for f in fields}
         self.shape = InputShape(
-            flat_dim=sum(field_dims.values()) + self.numeric_dim, field_dims=field_dims, numeric_dim=self.numeric_dim,
+            flat_dim=sum(field_dims.values()) + self.numeric_dim,
+            field_dims=field_dims,
+            numeric_dim=self.numeric_dim,
             sequence_fields=tuple(name for name, _, _ in self.seq_fields),
         )
         self._index: dict[tuple[str, torch.device], tuple[Tensor | None, Tensor]] = {}  # per device, built lazily
@@ -96,13 +98,13 @@ class SharedEmbeddings(nn.Module):
     def table_weight(self, name: str) -> Tensor:
         """The rows of table ``name`` (a view of the fused weight)."""
         key, offset, rows = self.slots[name]
-        return self.fused[key].weight[offset:offset + rows]
+        return self.fused[key].weight[offset : offset + rows]
 
     def table_grad(self, name: str) -> Tensor | None:
         """The gradient of table ``name``'s rows, after a backward pass (dense gradients)."""
         key, offset, rows = self.slots[name]
         grad = self.fused[key].weight.grad
-        return None if grad is None else grad[offset:offset + rows]
+        return None if grad is None else grad[offset : offset + rows]
 
     # ---- lookup ---------------------------------------------------------------------------------
     def _ids(self, key: str, cat: Tensor) -> Tensor:
@@ -125,12 +127,12 @@ class SharedEmbeddings(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> TowerInput:
         cat = batch["cat"]  # (B, C)
         blocks = {key: lookup(self.fused[key], self._ids(key, cat)) for key in self.cat_groups}  # (B, fields, E)
-        fields = {name: blocks[key][:, i] for key, (names, _, _) in self.cat_groups.items() for i, name in enumerate(names)}
+        fields = {
+            name: blocks[key][:, i] for key, (names, _, _) in self.cat_groups.items() for i, name in enumerate(names)
+        }
         fields = {name: fields[name] for name in self.cat_names}  # in feature order
-        if len(blocks) == 1:  # one width: the looked-up block is already the fields side by side
-            flat_parts = [next(iter(blocks.values())).flatten(1)]
-        else:
-            flat_parts = list(fields.values())
+        # one width: the looked-up block is already the fields side by side
+        flat_parts = [next(iter(blocks.values())).flatten(1)] if len(blocks) == 1 else list(fields.values())
         sequences = {}
         for name, table, pooling in self.seq_fields:
             ids = batch[f"seq/{name}"]  # (B, L)

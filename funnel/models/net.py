@@ -74,7 +74,9 @@ class FunnelNet(nn.Module):
         if share_embeddings:
             self.embeddings = SharedEmbeddings(layout, exclude=exclude)
         else:  # each tower owns a full set of tables (ESMM-NS, the paper's BASE)
-            self.private = nn.ModuleDict({module_key(t): SharedEmbeddings(layout, exclude=exclude) for t in graph.towers})
+            self.private = nn.ModuleDict(
+                {module_key(t): SharedEmbeddings(layout, exclude=exclude) for t in graph.towers}
+            )
         shape = self.embeddings.shape if share_embeddings else next(iter(self.private.values())).shape
         self.bottom = None
         if spec.bottom is not None and spec.bottom.type != "none":
@@ -111,15 +113,20 @@ class FunnelNet(nn.Module):
                     f"(got widths {sorted(widths)}); give every stage the same tower."
                 )
             width = widths.pop()
-            self.transfer = nn.ModuleDict({module_key(s.name): AdaptiveTransfer(width) for s in graph.stages if s.after})
+            self.transfer = nn.ModuleDict(
+                {module_key(s.name): AdaptiveTransfer(width) for s in graph.stages if s.after}
+            )
 
     def edge_logits(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], TowerInput | None]:
         x = None
         if self.shared and self.bottom is not None:
             x = self.embeddings(batch)
             per_stage = self.bottom(x)  # stage -> (B, bottom.out_dim), each stage's towers read their own
-            hidden = {key: self.towers[key](dataclasses.replace(x, flat=per_stage[stage]))
-                      for stage, keys in self.stage_towers.items() for key in keys}
+            hidden = {
+                key: self.towers[key](dataclasses.replace(x, flat=per_stage[stage]))
+                for stage, keys in self.stage_towers.items()
+                for key in keys
+            }
         elif self.shared:
             x = self.embeddings(batch)
             hidden = {k: tower(x) for k, tower in self.towers.items()}  # each (B, out_dim)
@@ -157,8 +164,10 @@ def compose(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:
         return zero if name is None else log_reach[name]
 
     # log of the softmax normaliser per group: logsumexp over [0 ("none"), member logits]
-    log_norm = {g: torch.logsumexp(torch.stack([zero] + [logits[graph.stage(m).edges[0].tower] for m in members]), 0)
-                for g, members in graph.groups.items()}
+    log_norm = {
+        g: torch.logsumexp(torch.stack([zero] + [logits[graph.stage(m).edges[0].tower] for m in members]), 0)
+        for g, members in graph.groups.items()
+    }
     for stage in graph.stages:
         if len(stage.edges) == 1 and not stage.edges[0].negated and stage.edges[0].source == stage.after:
             logit = logits[stage.edges[0].tower]

@@ -71,7 +71,9 @@ def create_model(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -
     model = MODELS.get(spec.model)(graph, spec, layout)
     w = spec.loss_weighting
     if w.method != "static":  # every model, built-in or plug-in, gets the same weighting
-        model.weighting = build_weighting(w.method, graph.names, [s.weight for s in graph.stages], w.temperature, w.alpha)
+        model.weighting = build_weighting(
+            w.method, graph.names, [s.weight for s in graph.stages], w.temperature, w.alpha
+        )
         if w.method == "gradnorm":
             if not model.net.shared:
                 raise ConfigError(

@@ -35,7 +35,7 @@ class StaticWeighting(nn.Module):
 
     def weights(self) -> dict[str, float]:
         w = (self.static * self.dynamic()).detach().cpu().tolist()
-        return dict(zip(self.names, w))
+        return dict(zip(self.names, w, strict=True))
 
     def end_epoch(self, epoch_losses: dict[str, float]) -> None:
         """Called with the epoch-mean loss of every stage after each training epoch."""
@@ -112,8 +112,9 @@ class GradNormWeighting(StaticWeighting):
         return model_loss + (big_g - target).abs().sum()
 
 
-def build_weighting(method: str, names: list[str], weights: list[float], temperature: float = 2.0,
-                    alpha: float = 1.5) -> StaticWeighting:
+def build_weighting(
+    method: str, names: list[str], weights: list[float], temperature: float = 2.0, alpha: float = 1.5
+) -> StaticWeighting:
     if method == "gradnorm":
         return GradNormWeighting(names, weights, alpha)
     if method == "uncertainty":

@@ -37,10 +37,8 @@ class EntireSpaceLoss:
         self.parents = [(s.name, s.after) for s in graph.stages if s.after is not None]
 
     def __call__(self, out: FunnelOutput, labels: Tensor) -> LossResult:
-        parts = {
-            name: bce_from_log_prob(out.log_reach[name], labels[:, j]).mean() for j, name in enumerate(self.names)
-        }
-        total = sum(w * parts[n] for w, n in zip(self.weights, self.names))
+        parts = {name: bce_from_log_prob(out.log_reach[name], labels[:, j]).mean() for j, name in enumerate(self.names)}
+        total = sum(w * parts[n] for w, n in zip(self.weights, self.names, strict=True))
         extra = {}
         if self.calibrator > 0 and self.parents:
             # α · mean over the batch of Σ_t max(ŷ_t − ŷ_parent(t), 0): a later stage may not be likelier
@@ -63,8 +61,10 @@ class ConditionalSubsetLoss:
     def __init__(self, graph: FunnelGraph, oversample: float = 1.0):
         _chain_only(graph, type(self).__name__)
         self.oversample = oversample
-        self.stages = [(j, s.name, s.edges[0].tower, graph.index(s.after) if s.after else None, s.weight)
-                       for j, s in enumerate(graph.stages)]
+        self.stages = [
+            (j, s.name, s.edges[0].tower, graph.index(s.after) if s.after else None, s.weight)
+            for j, s in enumerate(graph.stages)
+        ]
 
     def row_mask(self, labels: Tensor, parent: int | None) -> Tensor:
         return torch.ones_like(labels[:, 0], dtype=torch.bool) if parent is None else labels[:, parent] > 0
@@ -98,15 +98,18 @@ def _share(spec: FunnelSpec, default: bool) -> bool:
     return default if spec.share_embeddings is None else spec.share_embeddings
 
 
-def _entire_space(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any], share: bool,
-                  transfer: str, compose: str) -> FunnelModel:
+def _entire_space(
+    graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any], share: bool, transfer: str, compose: str
+) -> FunnelModel:
     """Path losses on all impressions over conditional (product) or path (direct) heads."""
     transfer = spec.transfer or transfer
     compose = spec.compose or compose
     direct = compose == "direct"
     if direct:
         _chain_only(graph, f"compose: direct ({spec.model})")
-    net = FunnelNet(graph, spec, layout, share_embeddings=_share(spec, share), direct=direct, transfer=transfer == "ait")
+    net = FunnelNet(
+        graph, spec, layout, share_embeddings=_share(spec, share), direct=direct, transfer=transfer == "ait"
+    )
     return FunnelModel(net, EntireSpaceLoss(graph, calibrator=spec.calibrator if direct else 0.0))
 
 

@@ -115,10 +115,7 @@ def build(cls: type, raw: Any, path: str, errors: list[str], *, hook: bool = Tru
     for key in raw:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
-            errors.append(
-                f"{where}: unknown key.{did_you_mean(key, fields)} "
-                f"Allowed keys: {', '.join(fields)}."
-            )
+            errors.append(f"{where}: unknown key.{did_you_mean(key, fields)} Allowed keys: {', '.join(fields)}.")
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         where = f"{path}.{name}" if path else name
@@ -140,7 +137,6 @@ def _nullable(tp: Any) -> bool:
 
 def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
 
 
 def matches(tp: Any, value: Any) -> bool:

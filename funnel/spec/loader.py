@@ -21,7 +21,9 @@ from funnel.spec.validate import config_problems
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist. Pass the path of a YAML file, e.g. configs/esmm.yaml.")
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist. Pass the path of a YAML file, e.g. configs/esmm.yaml."
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -74,7 +76,9 @@ def _list_index(node: list[Any], part: str, where: str) -> int:
         if isinstance(item, dict) and item.get("name") == part:
             return i
     names = [str(x.get("name")) for x in node if isinstance(x, dict)]
-    raise ConfigError(f"override {where!r}: no item named {part!r}.{did_you_mean(part, names)} Items: {', '.join(names)}.")
+    raise ConfigError(
+        f"override {where!r}: no item named {part!r}.{did_you_mean(part, names)} Items: {', '.join(names)}."
+    )
 
 
 def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
@@ -87,11 +91,14 @@ def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
                 "or run from the folder that holds it)."
             ) from None
         except SyntaxError as exc:
-            raise ConfigError(f"plugins: {mod!r} has a syntax error at {exc.filename}, line {exc.lineno}: "
-                              f"{exc.msg}. Fix the module.") from None
+            raise ConfigError(
+                f"plugins: {mod!r} has a syntax error at {exc.filename}, line {exc.lineno}: {exc.msg}. Fix the module."
+            ) from None
         except Exception as exc:  # noqa: BLE001  (the plugin's own code failed: the user's, not funnel's)
-            raise ConfigError(f"plugins: importing {mod!r} failed with {type(exc).__name__}: {exc}. "
-                              "Fix the module (run `python -c 'import " + mod + "'` to see where).") from None
+            raise ConfigError(
+                f"plugins: importing {mod!r} failed with {type(exc).__name__}: {exc}. "
+                "Fix the module (run `python -c 'import " + mod + "'` to see where)."
+            ) from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -120,8 +127,12 @@ def _default_synthetic_stages(raw: dict[str, Any]) -> None:
         if all(isinstance(x, str) for x in labels):
             data["synthetic"] = {**synth, "stages": labels}
     synth = data["synthetic"]
-    if (isinstance(synth, dict) and "branch" not in synth and isinstance(stages, list)
-            and any(isinstance(s, dict) and s.get("via") for s in stages)):  # ESM² funnels get ESM² data
+    if (
+        isinstance(synth, dict)
+        and "branch" not in synth
+        and isinstance(stages, list)
+        and any(isinstance(s, dict) and s.get("via") for s in stages)
+    ):  # ESM² funnels get ESM² data
         data["synthetic"] = {**synth, "branch": True}
 
 

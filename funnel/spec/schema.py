@@ -49,7 +49,8 @@ class DataSpec:
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ValueError(
-                f"batch_size and eval_batch_size must be positive integers, got {self.batch_size} and {self.eval_batch_size}"
+                "batch_size and eval_batch_size must be positive integers, "
+                f"got {self.batch_size} and {self.eval_batch_size}"
             )
         if not 0.0 < self.valid_split < 1.0:
             raise ValueError(f"valid_split must lie in (0, 1), got {self.valid_split}")
@@ -329,19 +330,22 @@ class TrainerSpec:
             elif key in accepted:
                 hint = lightning_hints.get(key, Any)
                 if not matches(hint, value):
-                    errors.append(f"{path}.{key}: {describe(value)} is not {type_text(hint)} "
-                                  "(the type lightning.Trainer takes for it).")
+                    errors.append(
+                        f"{path}.{key}: {describe(value)} is not {type_text(hint)} "
+                        "(the type lightning.Trainer takes for it)."
+                    )
                 passed[key] = value
             elif key in ("ckpt_path", "resume", "resume_from_checkpoint"):
-                errors.append(f"{path}.{key}: funnel continues an interrupted run with "
-                              "`funnel fit --resume RUN_DIR`, not through the config.")
+                errors.append(
+                    f"{path}.{key}: funnel continues an interrupted run with "
+                    "`funnel fit --resume RUN_DIR`, not through the config."
+                )
             else:
                 errors.append(
                     f"{path}.{key}: not a Lightning Trainer argument nor a funnel trainer key."
                     f"{did_you_mean(key, [*accepted, *TRAINER_OWN_KEYS])}"
                 )
-        hints = {"monitor": str | None, "mode": Literal["max", "min"], "early_stopping": int | None,
-                 "save_top_k": int}
+        hints = {"monitor": str | None, "mode": Literal["max", "min"], "early_stopping": int | None, "save_top_k": int}
         kwargs = {k: convert(hints[k], v, f"{path}.{k}", errors) for k, v in own.items()}
         return cls(lightning=tuple(sorted(passed.items())), **kwargs)
 

@@ -21,8 +21,9 @@ def config_problems(cfg: Config) -> list[str]:
     if complete:
         graph_errors = graph_problems([(s.name, s.label_column, s.after) for s in stages])
         graph_errors += group_problems([(s.name, s.after, s.group) for s in stages])
-        graph_errors += branch_problems([(s.name, s.after, s.via) for s in stages],
-                                        {s.name: s.group for s in stages if s.group is not None})
+        graph_errors += branch_problems(
+            [(s.name, s.after, s.via) for s in stages], {s.name: s.group for s in stages if s.group is not None}
+        )
     problems += graph_errors
     f = cfg.funnel
     builder = MODELS.get(f.model) if f.model in MODELS else None
@@ -37,9 +38,7 @@ def config_problems(cfg: Config) -> list[str]:
         )
     custom = [k for k in ("transfer", "compose") if getattr(f, k) is not None]
     if builder is not None and custom and not getattr(builder, "takes_transfer", False):
-        problems.append(
-            f"funnel.{custom[0]}: applies to models esmm, esmm_ns and aitm, not {f.model!r}; remove it."
-        )
+        problems.append(f"funnel.{custom[0]}: applies to models esmm, esmm_ns and aitm, not {f.model!r}; remove it.")
     chain_only = f.model == "aitm" or f.transfer == "ait" or f.compose == "direct"
     if branched and chain_only and getattr(builder, "takes_transfer", False):
         problems.append(
@@ -71,11 +70,14 @@ def config_problems(cfg: Config) -> list[str]:
     problems += tower_problems(cfg.funnel.tower, "funnel.tower")
     problems += bottom_problems(cfg.funnel.bottom)
     if cfg.optim.sparse_embeddings and cfg.funnel.loss_weighting.method == "gradnorm":
-        problems.append("optim.sparse_embeddings: gradnorm needs dense gradients of the shared tables; "
-                        "turn one of them off.")
+        problems.append(
+            "optim.sparse_embeddings: gradnorm needs dense gradients of the shared tables; turn one of them off."
+        )
     if cfg.optim.sparse_embeddings and cfg.trainer.kwargs.get("gradient_clip_val"):
-        problems.append("optim.sparse_embeddings: steps its optimisers by hand, which Lightning's "
-                        "gradient_clip_val does not support; remove one of them.")
+        problems.append(
+            "optim.sparse_embeddings: steps its optimisers by hand, which Lightning's "
+            "gradient_clip_val does not support; remove one of them."
+        )
     problems += _bias_tower_problems(cfg, stages)
     for i, s in enumerate(stages):
         if s.tower is not None:
@@ -125,7 +127,9 @@ def config_problems(cfg: Config) -> list[str]:
         # generated branching data: (a, b, c) with b and c both after a; c may use `via: b` (ESM²)
         # or ignore the branch (plain ESMM on the same data, for comparison)
         shape = len(st) >= 3 and st[-1].after == st[-3].name and st[-2].after == st[-3].name
-        via_ok = all(len(s.edges) == 1 for s in st[:-1]) and (len(st[-1].edges) == 1 or st[-1].edges[0].source == st[-2].name)
+        via_ok = all(len(s.edges) == 1 for s in st[:-1]) and (
+            len(st[-1].edges) == 1 or st[-1].edges[0].source == st[-2].name
+        )
         if d.synthetic.branch and not (shape and via_ok):
             problems.append(
                 "data.synthetic.branch: generated branching data has stages (a, b, c) with b `after: a` and "
@@ -160,15 +164,21 @@ def _bias_tower_problems(cfg: Config, stages: list) -> list[str]:
     kinds = {f.name: f.kind for f in cfg.features if f is not None}
     for k, name in enumerate(bias.features):
         if name not in kinds:
-            problems.append(f"funnel.bias_tower.features[{k}]: {name!r} is not a feature.{did_you_mean(name, list(kinds))} "
-                            "List it under `features:` as kind categorical.")
+            problems.append(
+                f"funnel.bias_tower.features[{k}]: {name!r} is not a feature.{did_you_mean(name, list(kinds))} "
+                "List it under `features:` as kind categorical."
+            )
         elif kinds[name] != "categorical":
-            problems.append(f"funnel.bias_tower.features[{k}]: {name!r} is {kinds[name]}; the bias tower takes "
-                            "categorical features (bucket a numeric position into a category).")
+            problems.append(
+                f"funnel.bias_tower.features[{k}]: {name!r} is {kinds[name]}; the bias tower takes "
+                "categorical features (bucket a numeric position into a category)."
+            )
     names = [s.name for s in stages]
     if bias.stage is not None and bias.stage not in names:
         problems.append(f"funnel.bias_tower.stage: {bias.stage!r} is not a stage.{did_you_mean(bias.stage, names)}")
     elif any(s.name == (bias.stage or names[0] if names else None) and s.via is not None for s in stages):
-        problems.append("funnel.bias_tower.stage: a stage reached through branches (`via`) has several towers; "
-                        "pick a chain stage such as the first one.")
+        problems.append(
+            "funnel.bias_tower.stage: a stage reached through branches (`via`) has several towers; "
+            "pick a chain stage such as the first one."
+        )
     return problems

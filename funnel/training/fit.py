@@ -70,8 +70,10 @@ def resume(run_dir: str | Path, trust_plugins: bool = False) -> Path:
     cfg = load_config_of_run(run_dir, trust_plugins)
     status = read_manifest(run_dir).get("status")
     if status == "complete" or (run_dir / BEST).is_file():
-        raise UserError(f"--resume: {run_dir} finished training already (it has {BEST}); nothing to resume. "
-                        "Evaluate it with `funnel evaluate`, or train a new run.")
+        raise UserError(
+            f"--resume: {run_dir} finished training already (it has {BEST}); nothing to resume. "
+            "Evaluate it with `funnel evaluate`, or train a new run."
+        )
     raise_trainer_problems(cfg)
     claim = claim_existing(run_dir)
     last = run_dir / LAST
@@ -92,8 +94,13 @@ def _train(cfg: Config, claim: RunClaim, resume_from: Path | None) -> Path:
         if not resuming:
             save_config(cfg, run_dir)
             dm.featurizer.save(run_dir / ENCODERS)
-        write_manifest(run_dir, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       monitor=monitor, resumed_from=str(resume_from) if resume_from else None)
+        write_manifest(
+            run_dir,
+            status="running",
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            monitor=monitor,
+            resumed_from=str(resume_from) if resume_from else None,
+        )
     except BaseException:
         if resuming:
             claim.release()
@@ -134,11 +141,18 @@ def _build(cfg: Config, run_dir: Path, resuming: bool):
     raise_trainer_problems(cfg, train_rows=len(dm.tables["train"]))
     model = create_model(graph, cfg.funnel, dm.featurizer.layout())
     valid = dm.tables["valid"]
-    module = FunnelLightningModule(model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth))
+    module = FunnelLightningModule(
+        model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth)
+    )
     monitor, mode = choose_monitor(cfg, graph, valid)
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="epoch{epoch}", auto_insert_metric_name=False,
-        monitor=monitor, mode=mode, save_top_k=cfg.trainer.save_top_k, save_last=True,
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode=mode,
+        save_top_k=cfg.trainer.save_top_k,
+        save_last=True,
     )
     callbacks: list[pl.Callback] = [checkpoint, DivergenceGuard(cfg.optim.lr), _Progress(run_dir)]
     if cfg.trainer.early_stopping is not None:
@@ -161,8 +175,15 @@ def _fit(trainer: pl.Trainer, module: FunnelLightningModule, dm: FunnelDataModul
         raise KeyboardInterrupt
 
 
-def _finish(cfg: Config, trainer: pl.Trainer, module: FunnelLightningModule, dm: FunnelDataModule,
-            checkpoint: ModelCheckpoint, monitor: str, run_dir: Path) -> None:
+def _finish(
+    cfg: Config,
+    trainer: pl.Trainer,
+    module: FunnelLightningModule,
+    dm: FunnelDataModule,
+    checkpoint: ModelCheckpoint,
+    monitor: str,
+    run_dir: Path,
+) -> None:
     best = checkpoint.best_model_path or checkpoint.last_model_path
     if not best:  # fast_dev_run and friends save nothing: keep the final weights
         trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")

@@ -27,8 +27,15 @@ class DivergenceGuard(pl.Callback):
     value and more than ``margin`` nats above it counts as divergence: far beyond the noise of a
     healthy run, whose loss falls or stays level."""
 
-    def __init__(self, lr: float, factor: float = 10.0, margin: float = 1.0, smoothing: float = 0.05,
-                 warmup: int = 20, every: int = 8):
+    def __init__(
+        self,
+        lr: float,
+        factor: float = 10.0,
+        margin: float = 1.0,
+        smoothing: float = 0.05,
+        warmup: int = 20,
+        every: int = 8,
+    ):
         self.lr = lr
         self.factor, self.margin, self.smoothing, self.warmup = factor, margin, smoothing, warmup
         self.every = every  # losses are read from the device in groups: one sync per `every` steps
@@ -45,8 +52,9 @@ class DivergenceGuard(pl.Callback):
             "(trainer.gradient_clip_val: 1.0) also helps."
         )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return

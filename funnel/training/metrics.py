@@ -93,7 +93,8 @@ class FunnelMetrics(nn.Module):
         v[f"oracle_auc_cond/{s}"] = ("auc", lambda d: (d["true_cond"][:, j], d["labels"][:, j], parent_mask(d)))
         v[f"oracle_auc_cond_es/{s}"] = ("auc", lambda d: (d["true_cond"][:, j], d["cf"][:, j], None))
         v[f"oracle_logloss/{s}"] = (
-            "logloss", lambda d: (d["true_reach"][:, j].clamp(min=1e-12).log(), d["labels"][:, j], None)
+            "logloss",
+            lambda d: (d["true_reach"][:, j].clamp(min=1e-12).log(), d["labels"][:, j], None),
         )
 
     @staticmethod
@@ -145,7 +146,6 @@ class FunnelMetrics(nn.Module):
             m.reset()
         self._seen_pos.clear()
         self._seen_neg.clear()
-
 
 
 def free_stages(graph: FunnelGraph, truth: dict[str, Tensor]) -> tuple[str, ...]:

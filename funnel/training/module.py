@@ -51,8 +51,12 @@ class FunnelLightningModule(pl.LightningModule):
             optimizers[1].optimizer.step()  # the raw torch optimiser: no second count
         gates = getattr(self.model.net.bottom, "gates", None)  # MMoE/PLE: mean gate weight per expert
         if gates:
-            self.log_dict({f"gate/{s}/{i}": w[i] for s, w in gates.items() for i in range(len(w))},
-                          on_step=False, on_epoch=True, batch_size=bs)
+            self.log_dict(
+                {f"gate/{s}/{i}": w[i] for s, w in gates.items() for i in range(len(w))},
+                on_step=False,
+                on_epoch=True,
+                batch_size=bs,
+            )
         return loss.total
 
     def on_train_epoch_start(self) -> None:
@@ -62,7 +66,10 @@ class FunnelLightningModule(pl.LightningModule):
         if not self._epoch_rows:
             return
         means = (self._epoch_sum / self._epoch_rows).tolist()
-        epoch = {("train/loss_epoch" if k == "" else f"train/loss/{k}"): v for k, v in zip(self._epoch_keys, means, strict=True)}
+        epoch = {
+            ("train/loss_epoch" if k == "" else f"train/loss/{k}"): v
+            for k, v in zip(self._epoch_keys, means, strict=True)
+        }
         self.log_dict(epoch, sync_dist=True)
         weighting = self.model.weighting
         if weighting is None:

@@ -28,6 +28,8 @@ def choose_monitor(cfg: Config, graph: FunnelGraph, valid: EncodedTable) -> tupl
     log.warning(
         "trainer.monitor %s is undefined on the valid split (%s): the best checkpoint and early stopping "
         "use %s (mode %s) instead. Give a valid split with both classes, or set trainer.monitor.",
-        monitor, reason, *FALLBACK,
+        monitor,
+        reason,
+        *FALLBACK,
     )
     return FALLBACK

@@ -39,15 +39,25 @@ def _value_problems(kwargs: dict[str, Any]) -> list[str]:
     problems = []
     vci = kwargs.get("val_check_interval")
     if isinstance(vci, float) and not 0.0 < vci <= 1.0:
-        problems.append(f"trainer.val_check_interval: {vci} as a fraction of an epoch must lie in (0, 1]; "
-                        "give an integer to validate every N training batches.")
+        problems.append(
+            f"trainer.val_check_interval: {vci} as a fraction of an epoch must lie in (0, 1]; "
+            "give an integer to validate every N training batches."
+        )
     if isinstance(vci, int) and not isinstance(vci, bool) and vci < 1:
         problems.append(f"trainer.val_check_interval: {vci} batches must be >= 1.")
-    at_least = {"accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "log_every_n_steps": 0,
-                "gradient_clip_val": 0}
+    at_least = {
+        "accumulate_grad_batches": 1,
+        "check_val_every_n_epoch": 1,
+        "log_every_n_steps": 0,
+        "gradient_clip_val": 0,
+    }
     for key, low in at_least.items():
         value = kwargs.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (value < low or not math.isfinite(value)):
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and (value < low or not math.isfinite(value))
+        ):
             problems.append(f"trainer.{key}: {value} must be >= {low}.")
     return problems
 
@@ -73,7 +83,9 @@ def trainer_problems(cfg: Config) -> list[str]:
     exc = rejection(given)
     if exc is not None:
         # name the argument(s) without which Lightning accepts the rest
-        culprits = [k for k in given if k not in fixed and rejection({j: v for j, v in given.items() if j != k}) is None]
+        culprits = [
+            k for k in given if k not in fixed and rejection({j: v for j, v in given.items() if j != k}) is None
+        ]
         where = ", ".join(f"trainer.{k}: {given[k]!r}" for k in culprits) or f"the arguments {given}"
         problems.append(f"{where}: Lightning rejects it ({str(exc).strip()})")
     return problems
@@ -95,11 +107,19 @@ def trainer_data_problems(cfg: Config, train_rows: int) -> list[str]:
     kwargs = cfg.trainer.kwargs
     vci = kwargs.get("val_check_interval")
     batches = train_batches(cfg, train_rows)
-    if (isinstance(vci, int) and not isinstance(vci, bool) and kwargs.get("check_val_every_n_epoch", 1) is not None
-            and vci > batches):
-        return [(f"trainer.val_check_interval: {vci} is more than the {batches} training batches of an epoch "
-                 f"({train_rows} rows, data.batch_size {cfg.data.batch_size}); give at most {batches}, or a "
-                 "fraction such as 0.5.")]
+    if (
+        isinstance(vci, int)
+        and not isinstance(vci, bool)
+        and kwargs.get("check_val_every_n_epoch", 1) is not None
+        and vci > batches
+    ):
+        return [
+            (
+                f"trainer.val_check_interval: {vci} is more than the {batches} training batches of an epoch "
+                f"({train_rows} rows, data.batch_size {cfg.data.batch_size}); give at most {batches}, or a "
+                "fraction such as 0.5."
+            )
+        ]
     return []
 
 

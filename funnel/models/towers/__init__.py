@@ -39,4 +39,4 @@ def build_tower(spec: TowerSpec, shape: InputShape, path: str) -> nn.Module:
     return tower
 
 
-from funnel.models.towers import dcn, deepfm, din, field_sum, mlp  # noqa: F401  (register the built-ins)
+from funnel.models.towers import dcn, deepfm, din, field_sum, mlp  # noqa: E402, F401  (register the built-ins)

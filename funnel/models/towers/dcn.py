@@ -31,9 +31,17 @@ class CrossLayer(nn.Module):
 
 @register_tower("dcn")
 class DCNTower(nn.Module):
-    def __init__(self, shape: InputShape, cross_layers: int = 2, low_rank: int = 0, hidden: Sequence[int] = (128, 64),
-                 activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False,
-                 structure: Literal["parallel", "stacked"] = "parallel"):
+    def __init__(
+        self,
+        shape: InputShape,
+        cross_layers: int = 2,
+        low_rank: int = 0,
+        hidden: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        structure: Literal["parallel", "stacked"] = "parallel",
+    ):
         super().__init__()
         if cross_layers < 1 or low_rank < 0:
             raise ValueError(f"cross_layers must be >= 1 and low_rank >= 0, got {cross_layers} and {low_rank}")

@@ -36,8 +36,15 @@ def field_width(shape: InputShape, tower: str) -> int:
 
 @register_tower("deepfm")
 class DeepFMTower(nn.Module):
-    def __init__(self, shape: InputShape, hidden: Sequence[int] = (128, 64), activation: str = "relu",
-                 dropout: float = 0.0, batch_norm: bool = False, numeric_in_fm: bool = True):
+    def __init__(
+        self,
+        shape: InputShape,
+        hidden: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        numeric_in_fm: bool = True,
+    ):
         super().__init__()
         width = field_width(shape, "deepfm")
         self.numeric_vectors = None

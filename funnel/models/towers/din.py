@@ -22,14 +22,26 @@ from funnel.models.towers.mlp import mlp_layers
 
 @register_tower("din")
 class DINTower(nn.Module):
-    def __init__(self, shape: InputShape, sequence: str | None = None, target: str = "item_id",
-                 attention: Sequence[int] = (64, 32), hidden: Sequence[int] = (128, 64), activation: str = "relu",
-                 dropout: float = 0.0, batch_norm: bool = False, normalize: Literal["softmax", "none"] = "softmax"):
+    def __init__(
+        self,
+        shape: InputShape,
+        sequence: str | None = None,
+        target: str = "item_id",
+        attention: Sequence[int] = (64, 32),
+        hidden: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        normalize: Literal["softmax", "none"] = "softmax",
+    ):
         super().__init__()
         seqs = list(shape.sequence_fields)
         if sequence is None:
             if len(seqs) != 1:
-                raise ValueError(f"din needs `sequence`: the behaviour-history feature to attend over (sequence features: {seqs or 'none'})")
+                raise ValueError(
+                    "din needs `sequence`: the behaviour-history feature to attend over "
+                    f"(sequence features: {seqs or 'none'})"
+                )
             sequence = seqs[0]
         if sequence not in seqs:
             raise ValueError(f"sequence {sequence!r} is not a `kind: sequence` feature.{did_you_mean(sequence, seqs)}")
@@ -38,8 +50,10 @@ class DINTower(nn.Module):
             raise ValueError(f"target {target!r} is not a categorical feature.{did_you_mean(target, cats)}")
         width = shape.field_dims[sequence]
         if shape.field_dims[target] != width:
-            raise ValueError(f"target {target!r} ({shape.field_dims[target]}) and sequence {sequence!r} ({width}) "
-                             "need one embedding width; share the table with `share_with`")
+            raise ValueError(
+                f"target {target!r} ({shape.field_dims[target]}) and sequence {sequence!r} ({width}) "
+                "need one embedding width; share the table with `share_with`"
+            )
         if normalize not in ("softmax", "none"):
             raise ValueError(f"normalize must be 'softmax' or 'none', got {normalize!r}")
         self.sequence, self.target, self.softmax = sequence, target, normalize == "softmax"

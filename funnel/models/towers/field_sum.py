@@ -20,8 +20,15 @@ from funnel.models.towers.mlp import mlp_layers
 
 @register_tower("field_sum")
 class FieldSumTower(nn.Module):
-    def __init__(self, shape: InputShape, groups: Mapping[str, Sequence[str]], hidden: Sequence[int] = (128, 64),
-                 activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False):
+    def __init__(
+        self,
+        shape: InputShape,
+        groups: Mapping[str, Sequence[str]],
+        hidden: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ):
         super().__init__()
         if not groups:
             raise ValueError("field_sum needs `groups`, e.g. {user: [user_id], item: [item_id, item_category]}")
@@ -32,13 +39,17 @@ class FieldSumTower(nn.Module):
                 problems.append(f"group {name!r} is empty")
             for f in members:
                 if f not in shape.field_dims:
-                    problems.append(f"group {name!r}: {f!r} is not a categorical or sequence feature.{did_you_mean(f, fields)}")
+                    problems.append(
+                        f"group {name!r}: {f!r} is not a categorical or sequence feature.{did_you_mean(f, fields)}"
+                    )
                 elif f in seen:
                     problems.append(f"group {name!r}: {f!r} is already in another group")
                 seen.add(f)
             widths = {shape.field_dims[f] for f in members if f in shape.field_dims}
             if len(widths) > 1:
-                problems.append(f"group {name!r}: its fields have embedding widths {sorted(widths)}; a sum needs one width")
+                problems.append(
+                    f"group {name!r}: its fields have embedding widths {sorted(widths)}; a sum needs one width"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         self.groups = {k: list(v) for k, v in groups.items()}
