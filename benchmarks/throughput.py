@@ -268,7 +268,7 @@ def main() -> None:
     }
     encode_s = time.perf_counter() - t0
     rss_data = peak_rss_mb()
-    vocab = [int(n) for n, _ in featurizer.layout()["tables"].values()]
+    vocab = [t.rows for t in featurizer.layout().tables]
     train = tables["train"]
     print(
         f"{args.rows:,} rows generated in {gen_s:.1f}s, encoded in {encode_s:.1f}s; train {len(train):,} rows, "

@@ -14,13 +14,14 @@ from funnel.data.sources import load_frames
 from funnel.errors import DataError
 from funnel.runs import build_graph
 from funnel.spec import load_config
-from funnel.training.trainer_args import raise_trainer_problems, trainer_data_problems
+from funnel.training.preflight import preflight
+from funnel.training.trainer_args import trainer_data_problems
 
 
 def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Return a report of the data per split; raises UserError listing every problem."""
     cfg, _ = load_config(config_path, overrides)
-    raise_trainer_problems(cfg)  # as `fit` does, before any data is read
+    preflight(cfg)  # as `fit` does, before any data is read: the Trainer arguments and the model
     graph = build_graph(cfg)
     frames = load_frames(cfg)
     featurizer = Featurizer(cfg, graph)

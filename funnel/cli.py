@@ -149,10 +149,10 @@ def _run(args: argparse.Namespace) -> int:
 
             from funnel.runs import config_to_raw
             from funnel.spec import load_config
-            from funnel.training.trainer_args import raise_trainer_problems
+            from funnel.training.preflight import preflight
 
             cfg, _ = load_config(args.config, args.overrides)
-            raise_trainer_problems(cfg)  # what fit would refuse before reading the data
+            preflight(cfg)  # what fit would refuse before reading the data
             print(yaml.safe_dump(config_to_raw(cfg), sort_keys=False), end="")
             return 0
         from funnel.training.fit import fit

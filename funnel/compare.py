@@ -21,6 +21,7 @@ from funnel.atomic import write_text
 from funnel.errors import UserError
 from funnel.spec import load_config
 from funnel.training.fit import fit
+from funnel.training.preflight import preflight
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,13 @@ def compare(
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}.")
     cfg, _ = load_config(config, overrides)  # validates the base config once, before any training
+
+    def model_overrides(model: str) -> list[str]:
+        # the config's own model keeps its arguments; another one is named plainly
+        return [] if cfg.funnel.model.type == model else [f"funnel.model={model}"]
+
     for model in models:  # every model must accept this funnel: fail before hours of training
-        load_config(config, [*overrides, f"funnel.model={model}"])
+        preflight(load_config(config, [*overrides, *model_overrides(model)])[0])
     out = (
         Path(out_dir) if out_dir else Path("runs") / "compare" / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -53,7 +59,7 @@ def compare(
                 log.info("compare: model %s, seed %d", model, seed)
                 run = fit(
                     config,
-                    [*overrides, f"funnel.model={model}", f"seed={seed}", f"run_dir={out / f'{model}-seed{seed}'}"],
+                    [*overrides, *model_overrides(model), f"seed={seed}", f"run_dir={out / f'{model}-seed{seed}'}"],
                 )
                 runs.setdefault(model, []).append(json.loads((run / "metrics.json").read_text()))
     except BaseException:

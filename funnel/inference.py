@@ -34,8 +34,8 @@ def score(model: FunnelModel, table: EncodedTable, batch_size: int, bf16: bool =
     names = model.graph.names
     for batch in BatchLoader(table, batch_size):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, _ = model.net.edge_logits(batch)
-        out = model.net.compose({k: v.float() for k, v in logits.items()})
+            logits, _ = model.edge_logits(batch)
+        out = model.compose({k: v.float() for k, v in logits.items()})
         yield (batch, *out.log_stacked(names), out.logits)
 
 

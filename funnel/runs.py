@@ -26,7 +26,7 @@ from funnel.graph import FunnelGraph
 from funnel.models.registry import FunnelModel, create_model
 from funnel.spec import Config, config_from_dict
 from funnel.spec.loader import read_yaml
-from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec, TowerSpec, TrainerSpec
+from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec, ModelSpec, TowerSpec, TrainerSpec
 
 CONFIG = "config.yaml"
 MANIFEST = "run.json"
@@ -41,7 +41,9 @@ def config_to_raw(cfg: Config) -> dict[str, Any]:
     """The YAML form of a config, with every default written out."""
 
     def conv(obj: Any) -> Any:
-        if isinstance(obj, TowerSpec):
+        if isinstance(obj, ModelSpec) and not obj.params:
+            return obj.type
+        if isinstance(obj, (TowerSpec, ModelSpec)):
             return {"type": obj.type, **{k: conv(v) for k, v in obj.params}}
         if isinstance(obj, TrainerSpec):
             own = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "lightning"}

@@ -141,7 +141,25 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "seed_text": (_set("seed", "zero"), ["seed", "zero"]),
     "stages_missing": (_drop("funnel.stages"), ["funnel.stages", "required"]),
     "stage_weight": (_set("funnel.stages.1.weight", -1), ["weight", "-1"]),
-    "oversample_not_base": (_set("funnel.oversample", 2.0), ["funnel.oversample", "base"]),
+    "oversample_not_base": (_set("funnel.oversample", 2.0), ["funnel.model.oversample", "'esmm'"]),
+    "model_argument": (_set("funnel.model", {"type": "base", "oversampel": 2}), ["oversampel", "oversample"]),
+    "model_argument_type": (_set("funnel.model", {"type": "aitm", "compose": "sum"}), ["compose", "'sum'", "direct"]),
+    "model_argument_value": (_set("funnel.model", {"type": "base", "oversample": 0.5}), ["oversample", "0.5"]),
+    "model_groups": (
+        lambda c: c["funnel"].update(
+            model="division",
+            stages=[
+                {"name": "click"},
+                {"name": "conversion", "after": "click", "group": "g"},
+                {"name": "other", "label": "click", "after": "click", "group": "g"},
+            ],
+        ),
+        ["group", "division"],
+    ),
+    "model_bottom": (
+        lambda c: c["funnel"].update(model={"type": "esmm", "share_embeddings": False}, bottom={"type": "mmoe"}),
+        ["funnel.bottom", "share_embeddings"],
+    ),
 }
 
 for _name, (_mutate, _words) in CONFIG_ERRORS.items():
@@ -150,7 +168,11 @@ for _name, (_mutate, _words) in CONFIG_ERRORS.items():
         def _config_case(ctx: Ctx, mutate=_mutate, words=_words, command=_command):
             cfg = ctx.cfg()
             mutate(cfg)
-            extra = ["--models", "esmm", "--seeds", "1", "--out", str(ctx.tmp / "cmp")] if command == "compare" else []
+            model = cfg["funnel"].get("model", "esmm")
+            model = model.get("type", "esmm") if isinstance(model, dict) else model
+            extra = (
+                ["--models", str(model), "--seeds", "1", "--out", str(ctx.tmp / "cmp")] if command == "compare" else []
+            )
             return [command, ctx.write(cfg), *extra], words
 
         case(f"{_command}-config-{_name}")(_config_case)

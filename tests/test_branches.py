@@ -10,6 +10,7 @@ import torch
 from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
 from funnel.models.net import compose
+from funnel.models.weighting import StaticWeighting
 from funnel.models.zoo import EntireSpaceLoss
 from funnel.spec import config_from_dict
 
@@ -80,7 +81,8 @@ def test_esm2_loss_is_the_weighted_sum_of_the_three_path_bces():
         want += (
             1.0 * bce(y1, click[i]) + 2.0 * bce(y1 * y2, cart[i]) + 3.0 * bce(y1 * ((1 - y2) * y4 + y2 * y3), buy[i])
         ) / 3
-    assert loss.total.item() == pytest.approx(want, rel=1e-10)
+    total = StaticWeighting(ESM2.names, [1.0, 2.0, 3.0])(loss.parts)
+    assert total.item() == pytest.approx(want, rel=1e-10)
 
 
 def _raw(model="esmm", **buy):

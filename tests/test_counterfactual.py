@@ -94,8 +94,10 @@ def test_dr_needs_shared_embeddings():
 
     raw = _raw(method="dr")
     raw["funnel"]["model"] = "base"
+    with pytest.raises(ConfigError, match="dr imputes errors from the shared embeddings"):
+        config_from_dict(raw)  # the model's declared capabilities, before any data is read
+    raw["funnel"]["model"] = {"type": "base", "share_embeddings": True}
     cfg = config_from_dict(raw)
     g = build_graph(cfg)
     feat = Featurizer(cfg, g).fit(load_frames(cfg)["train"])
-    with pytest.raises(ConfigError, match="dr imputes errors from the shared embeddings"):
-        create_model(g, cfg.funnel, feat.layout())
+    assert create_model(g, cfg.funnel, feat.layout()).regularizer is not None

@@ -4,27 +4,34 @@ from __future__ import annotations
 
 import torch
 
+from funnel.data.layout import FeatureLayout, FieldLayout, TableLayout
+from funnel.data.table import CAT, NUM, SEQ, seq_key
 from funnel.models.embedding import SharedEmbeddings
 
-LAYOUT = {
-    "tables": {"u": (5, 3), "d": (4, 2), "i": (7, 3), "pos": (3, 3)},
-    "fields": [
-        {"name": "u", "kind": "categorical", "table": "u", "column": 0, "dim": 3},
-        {"name": "d", "kind": "categorical", "table": "d", "column": 1, "dim": 2},  # another width
-        {"name": "i", "kind": "categorical", "table": "i", "column": 2, "dim": 3},
-        {"name": "i2", "kind": "categorical", "table": "i", "column": 3, "dim": 3},  # share_with: i
-        {"name": "pos", "kind": "categorical", "table": "pos", "column": 4, "dim": 3},  # excluded
-        {"name": "hist", "kind": "sequence", "table": "i", "dim": 3, "pooling": "sum"},
-    ],
-    "numeric_dim": 2,
-}
+
+def cat_field(name: str, table: str, column: int, dim: int) -> FieldLayout:
+    return FieldLayout(name, "categorical", CAT, table, dim, column=column)
+
+
+LAYOUT = FeatureLayout(
+    tables=(TableLayout("u", 5, 3), TableLayout("d", 4, 2), TableLayout("i", 7, 3), TableLayout("pos", 3, 3)),
+    fields=(
+        cat_field("u", "u", 0, 3),
+        cat_field("d", "d", 1, 2),  # another width
+        cat_field("i", "i", 2, 3),
+        cat_field("i2", "i", 3, 3),  # share_with: i
+        cat_field("pos", "pos", 4, 3),  # excluded
+        FieldLayout("hist", "sequence", SEQ, "i", 3, pooling="sum"),
+    ),
+    numeric_dim=2,
+)
 
 
 def batch() -> dict[str, torch.Tensor]:
     return {
-        "cat": torch.tensor([[1, 0, 6, 2, 1], [4, 3, 1, 1, 2]]),
-        "seq/hist": torch.tensor([[0, 2, 5], [0, 0, 0]]),
-        "num": torch.tensor([[0.5, -1.0], [2.0, 0.0]]),
+        CAT: torch.tensor([[1, 0, 6, 2, 1], [4, 3, 1, 1, 2]]),
+        seq_key("hist"): torch.tensor([[0, 2, 5], [0, 0, 0]]),
+        NUM: torch.tensor([[0.5, -1.0], [2.0, 0.0]]),
     }
 
 
@@ -46,25 +53,22 @@ def test_each_field_gets_its_own_tables_rows_and_flat_keeps_the_feature_order():
     torch.testing.assert_close(x.fields["i"], w["i"][[6, 1]])
     torch.testing.assert_close(x.fields["i2"], w["i"][[2, 1]])  # the shared table, not a copy
     torch.testing.assert_close(x.fields["hist"], torch.stack([w["i"][2] + w["i"][5], torch.zeros(3)]))
-    expected = torch.cat([x.fields[n] for n in ("u", "d", "i", "i2", "hist")] + [b["num"]], 1)
+    expected = torch.cat([x.fields[n] for n in ("u", "d", "i", "i2", "hist")] + [b[NUM]], 1)
     torch.testing.assert_close(x.flat, expected)
     assert x.flat.shape == (2, emb.shape.flat_dim) == (2, 3 + 2 + 3 + 3 + 3 + 2)
 
 
 def test_one_width_gives_the_same_flat_as_the_per_field_concatenation():
-    layout = {
-        "tables": {"a": (4, 2), "b": (6, 2)},
-        "numeric_dim": 1,
-        "fields": [
-            {"name": "a", "kind": "categorical", "table": "a", "column": 0, "dim": 2},
-            {"name": "b", "kind": "categorical", "table": "b", "column": 1, "dim": 2},
-        ],
-    }
+    layout = FeatureLayout(
+        tables=(TableLayout("a", 4, 2), TableLayout("b", 6, 2)),
+        fields=(cat_field("a", "a", 0, 2), cat_field("b", "b", 1, 2)),
+        numeric_dim=1,
+    )
     emb = SharedEmbeddings(layout)
-    b = {"cat": torch.tensor([[3, 5], [0, 1]]), "num": torch.tensor([[1.0], [2.0]])}
+    b = {CAT: torch.tensor([[3, 5], [0, 1]]), NUM: torch.tensor([[1.0], [2.0]])}
     x = emb(b)
     wa, wb = emb.table_weight("a").detach(), emb.table_weight("b").detach()
-    torch.testing.assert_close(x.flat, torch.cat([wa[[3, 0]], wb[[5, 1]], b["num"]], 1))
+    torch.testing.assert_close(x.flat, torch.cat([wa[[3, 0]], wb[[5, 1]], b[NUM]], 1))
 
 
 def test_gradients_reach_only_the_rows_looked_up():
@@ -95,15 +99,15 @@ def test_training_the_fused_tables_takes_the_same_steps_as_one_table_per_field()
     tables = {"u": "u", "d": "d", "i": "i", "i2": "i"}
 
     def per_table_flat(b):
-        fields = [per_table[tables[f]](b["cat"][:, c]) for f, c in columns.items()]
-        hist = (per_table["i"](b["seq/hist"]) * (b["seq/hist"] > 0).unsqueeze(-1)).sum(1)
-        return torch.cat([*fields, hist, b["num"]], 1)
+        fields = [per_table[tables[f]](b[CAT][:, c]) for f, c in columns.items()]
+        hist = (per_table["i"](b[seq_key("hist")]) * (b[seq_key("hist")] > 0).unsqueeze(-1)).sum(1)
+        return torch.cat([*fields, hist, b[NUM]], 1)
 
     fused_opt = torch.optim.Adam(emb.parameters(), lr=0.1)
     plain_opt = torch.optim.Adam(per_table.parameters(), lr=0.1)
     for step in range(4):
         b = batch()
-        b["cat"] = (b["cat"] + step) % torch.tensor([5, 4, 7, 7, 3])  # other rows each step
+        b[CAT] = (b[CAT] + step) % torch.tensor([5, 4, 7, 7, 3])  # other rows each step
         for opt, flat in ((fused_opt, emb(b).flat), (plain_opt, per_table_flat(b))):
             opt.zero_grad()
             torch.sigmoid(flat @ head).sum().backward()

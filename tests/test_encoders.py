@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -13,6 +14,7 @@ import torch
 from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SequenceEncoder
 from funnel.data.featurizer import Featurizer
 from funnel.data.labels import conflict_counts, encode_label, resolve_conflicts
+from funnel.data.layout import TableLayout
 from funnel.errors import DataError
 from funnel.graph import FunnelGraph
 from funnel.runs import build_graph
@@ -291,7 +293,37 @@ def test_sequence_shared_with_a_categorical_feature_uses_its_vocabulary():
     assert fz.cat["item"].vocab == ["i2", "i1"]  # history items do not enter the vocabulary
     table = fz.encode(df, "train")
     assert table.seq["history"].tolist() == [[0, 0, 0], [0, 0, 2], [0, 1, 2]]
-    assert fz.layout()["tables"] == {"item": (3, 8)}  # one table for both features
+    assert fz.layout().tables == (TableLayout("item", 3, 8),)  # one table for both features
+
+
+SHARED = [{"name": "item", "kind": "categorical"}, {"name": "shop", "kind": "categorical", "share_with": "item"}]
+
+
+def test_a_categorical_shared_with_another_is_encoded_with_its_vocabulary():
+    cfg = make_cfg(SHARED)
+    df = pd.DataFrame({"item": ["a", "b", "a"], "shop": ["b", "s1", "s2"], "click": [0, 1, 0]})
+    fz = Featurizer(cfg, build_graph(cfg)).fit(df)
+    table = fz.encode(df, "train")
+    assert table.cat[:, 1].tolist() == [2, 0, 0]  # item's id of "b"; values item never saw are unknown
+    assert fz.layout().tables == (TableLayout("item", 3, 8),)  # so every id is a row of item's table
+    assert fz.cat["shop"].cardinality == 3 and fz.encoders["shop"].state() == {}
+
+
+def test_encoders_json_that_holds_a_shared_features_own_vocabulary_keeps_encoding_with_it(tmp_path, caplog):
+    """Written before shared vocabularies: the run was trained on those ids, so they stay."""
+    cfg = make_cfg(SHARED)
+    df = pd.DataFrame({"item": ["a", "b", "a"], "shop": ["b", "s1", "b"], "click": [0, 1, 0]})
+    fz = Featurizer(cfg, build_graph(cfg)).fit(df)
+    fz.save(tmp_path / "encoders.json")
+    state = json.loads((tmp_path / "encoders.json").read_text())
+    state["features"][1]["state"] = {"vocab": ["s1", "b"], "int_vocab": False}  # what fit wrote then
+    (tmp_path / "encoders.json").write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING):
+        loaded = Featurizer.load(tmp_path / "encoders.json", cfg, fz.graph)
+    assert "its own vocabulary" in caplog.text
+    assert loaded.encode(df, "x").cat[:, 1].tolist() == [2, 1, 2]
+    loaded.save(tmp_path / "again.json")  # and it is saved again as it was
+    assert json.loads((tmp_path / "again.json").read_text())["features"][1]["state"]["vocab"] == ["s1", "b"]
 
 
 # ---- featurizer -------------------------------------------------------------------------------------------

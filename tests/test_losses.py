@@ -10,6 +10,7 @@ import torch
 from funnel.graph import FunnelGraph
 from funnel.models.losses import bce_from_log_prob, log1mexp, masked_mean
 from funnel.models.net import compose
+from funnel.models.weighting import StaticWeighting
 from funnel.models.zoo import ConditionalSubsetLoss, EntireSpaceLoss
 
 # A hand-made batch of 4 impressions: click and conversion logits and labels.
@@ -29,6 +30,13 @@ def bce(p: float, y: float) -> float:
 
 def graph(weights=(1.0, 2.0)) -> FunnelGraph:
     return FunnelGraph.chain([("click", "click", None, weights[0]), ("conversion", "conversion", "click", weights[1])])
+
+
+def weighted(result, weights=None) -> torch.Tensor:
+    """The run's total: the static weighting of the (unweighted) stage terms plus the others."""
+    names = list(result.parts)
+    w = list(weights) if weights is not None else [1.0, 2.0][: len(names)] + [1.0] * (len(names) - 2)
+    return StaticWeighting(names, w)(result.parts) + sum(result.extra.values())
 
 
 def batch(a=A, b=B, dtype=torch.float64):
@@ -52,7 +60,8 @@ def test_entire_space_loss_equals_the_hand_computed_value():
     assert set(result.parts) == {"click", "conversion"}
     assert result.parts["click"].item() == pytest.approx(click, rel=1e-12)
     assert result.parts["conversion"].item() == pytest.approx(conversion, rel=1e-12)
-    assert result.total.item() == pytest.approx(1 * click + 2 * conversion, rel=1e-12)
+    assert weighted(result).item() == pytest.approx(1 * click + 2 * conversion, rel=1e-12)
+    assert result.total is None  # the objective leaves weighting to the run's one weighting
 
 
 def test_entire_space_loss_has_no_term_on_pcvr_alone():
@@ -68,7 +77,7 @@ def test_entire_space_loss_has_no_term_on_pcvr_alone():
 
 def test_entire_space_loss_trains_the_conditional_tower_on_every_impression():
     logits, labels = batch()
-    EntireSpaceLoss(graph())(compose(graph(), logits), labels).total.backward()
+    weighted(EntireSpaceLoss(graph())(compose(graph(), logits), labels)).backward()
     assert (logits["conversion"].grad.abs() > 1e-6).all()  # unclicked rows included
     assert (logits["click"].grad.abs() > 1e-6).all()
 
@@ -83,12 +92,12 @@ def test_conditional_subset_loss_equals_the_hand_computed_value():
 
     assert result.parts["click"].item() == pytest.approx(click, rel=1e-12)
     assert result.parts["conversion"].item() == pytest.approx(conversion, rel=1e-12)
-    assert result.total.item() == pytest.approx(click + 2 * conversion, rel=1e-12)
+    assert weighted(result).item() == pytest.approx(click + 2 * conversion, rel=1e-12)
 
 
 def test_conditional_subset_loss_gives_no_gradient_from_unclicked_rows():
     logits, labels = batch()
-    ConditionalSubsetLoss(graph())(compose(graph(), logits), labels).total.backward()
+    weighted(ConditionalSubsetLoss(graph())(compose(graph(), logits), labels)).backward()
     grad = logits["conversion"].grad
     assert grad[1].item() == 0.0 and grad[3].item() == 0.0  # click = 0
     assert abs(grad[0].item()) > 1e-6 and abs(grad[2].item()) > 1e-6
@@ -101,7 +110,7 @@ def test_conditional_subset_loss_without_clicks_is_zero_not_nan():
     labels = torch.zeros(4, 2, dtype=torch.float64)
     result = ConditionalSubsetLoss(graph())(compose(graph(), logits), labels)
     assert result.parts["conversion"].item() == 0.0
-    result.total.backward()
+    weighted(result).backward()
     assert torch.isfinite(logits["conversion"].grad).all()
 
 
@@ -114,11 +123,12 @@ def test_extreme_logits_give_finite_loss_and_gradients(objective, magnitude):
     logits, labels = batch(a, b, dtype=torch.float32)
     labels = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])  # wrong and right answers
     result = objective(graph())(compose(graph(), logits), labels)
-    assert torch.isfinite(result.total)
-    result.total.backward()
+    total = weighted(result)
+    assert torch.isfinite(total)
+    total.backward()
     for t in logits.values():
         assert torch.isfinite(t.grad).all()
-    assert result.total.item() > 10  # confidently wrong rows cost a lot, not 0
+    assert total.item() > 10  # confidently wrong rows cost a lot, not 0
 
 
 def test_path_probability_near_1e_minus_12_is_finite_and_exact():
@@ -134,7 +144,7 @@ def test_path_probability_near_1e_minus_12_is_finite_and_exact():
     # row 0 (label 1): -log p; row 1 (label 0): -log(1 - p), about 1e-12
     expected = (-log_p - math.log1p(-math.exp(log_p))) / 2
     assert result.parts["c"].item() == pytest.approx(expected, rel=1e-5)
-    result.total.backward()
+    weighted(result).backward()
     for t in logits.values():
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 

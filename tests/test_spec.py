@@ -47,7 +47,7 @@ def with_overrides(mapping: dict, *overrides: str) -> Config:
 def test_minimal_config_fills_defaults():
     cfg = config_from_dict(copy.deepcopy(MINIMAL))
     assert cfg.stage_names() == ["click", "conversion"]
-    assert cfg.funnel.model == "esmm" and cfg.funnel.embed_dim == 8
+    assert cfg.funnel.model.type == "esmm" and cfg.funnel.model.kwargs == {} and cfg.funnel.embed_dim == 8
     assert cfg.optim.name == "adam" and cfg.optim.lr == 1e-3
     assert cfg.data.batch_size == 1024 and cfg.data.label_conflicts == "drop"
     assert cfg.trainer.kwargs == {"max_epochs": 1}

@@ -42,6 +42,9 @@ from funnel.spec.schema import Config
 log = logging.getLogger(__name__)
 CACHE_ENV = "FUNNEL_CACHE_DIR"
 LAYOUT = 2  # entry layout: 2 = content-keyed, with manifest.json
+# bumped when an encoder's output changes, so that entries encoded before are not reused:
+# 2 = a categorical feature with share_with is encoded with the other feature's vocabulary
+ENCODING = 2
 ENCODERS = "encoders.json"
 MANIFEST = "manifest.json"
 BLOCK = 8 << 20  # 256 KiB to 8 MiB reads measured alike; 32 MiB was slower
@@ -83,6 +86,7 @@ def cache_key(cfg: Config) -> str | None:
     shape = {
         "layout": LAYOUT,
         "format": FORMAT_VERSION,
+        "encoding": ENCODING,
         "files": files,
         "features": [dataclasses.asdict(f) for f in cfg.features],
         "stages": [[s.name, s.label_column, s.after, list(s.positive or [])] for s in cfg.funnel.stages],

@@ -98,7 +98,8 @@ class CategoricalEncoder:
             return (hashed % np.uint64(self.spec.hash_buckets)).astype(np.int64) + 1
         return self._index("str").get_indexer(tokens).astype(np.int64) + 1  # -1 (unseen) -> 0
 
-    def encode(self, col: pd.Series) -> np.ndarray:
+    def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
+        """(N,) int64 ids."""
         if self.spec.hash_buckets is None and len(self.vocab):
             ints = int_values(col)
             index = self._index("int") if ints is not None else None
@@ -108,6 +109,48 @@ class CategoricalEncoder:
 
     def state(self) -> dict[str, Any]:
         return {"vocab": self.vocab, "int_vocab": self.int_vocab}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
+        if not isinstance(self.vocab, list) or not all(isinstance(v, str) for v in self.vocab):
+            raise ValueError(f"feature {self.spec.name!r} has a vocabulary that is not a list of strings")
+        self._lookup.clear()
+
+
+@dataclass
+class SharedCategoricalEncoder:
+    """A categorical feature with ``share_with``: its ids come from the other feature's
+    vocabulary (``ids``), so that they index that feature's embedding table."""
+
+    spec: FeatureSpec
+    ids: CategoricalEncoder
+    # encoders.json written before shared vocabularies held the feature's own vocabulary;
+    # such a run keeps encoding with it, as it was trained
+    own: CategoricalEncoder | None = None
+
+    @property
+    def cardinality(self) -> int:
+        return self.ids.cardinality
+
+    def fit(self, col: pd.Series) -> SharedCategoricalEncoder:
+        return self  # the vocabulary is the other feature's, fitted on its own column
+
+    def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
+        return (self.own or self.ids).encode(col, where)
+
+    def state(self) -> dict[str, Any]:
+        return self.own.state() if self.own is not None else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state:
+            log.warning(
+                "feature %r (share_with %r): encoders.json holds its own vocabulary (written by an earlier "
+                "funnel); it keeps encoding with it, as the run was trained",
+                self.spec.name,
+                self.spec.share_with,
+            )
+            self.own = CategoricalEncoder(self.spec)
+            self.own.load_state(state)
 
 
 @dataclass
@@ -132,7 +175,12 @@ class SequenceEncoder:
         rows = exploded.index.to_numpy()
         return rows, as_tokens(exploded.reset_index(drop=True))
 
-    def encode(self, col: pd.Series) -> np.ndarray:
+    @property
+    def cardinality(self) -> int:
+        return self.ids.cardinality
+
+    def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
+        """(N, max_len) int64 ids, right-aligned, 0 = padding."""
         col = col.reset_index(drop=True)
         n, width = len(col), self.spec.max_len
         out = np.zeros((n, width), dtype=np.int64)
@@ -148,6 +196,12 @@ class SequenceEncoder:
 
     def state(self) -> dict[str, Any]:
         return self.ids.state() if self.spec.share_with is None else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.spec.share_with is None:
+            self.ids.load_state(state)
+        elif state:
+            raise ValueError(f"feature {self.spec.name!r} shares {self.spec.share_with!r} but has a state {state!r}")
 
 
 # A value whose square overflows float32 (|x| > ~1.84e19) poisons the float32 model as surely as inf.
@@ -250,6 +304,7 @@ class NumericEncoder:
         return self
 
     def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
+        """(N, width) float32: the values, then the missing flag when there is one."""
         values = self._values(col)
         missing, nonfinite = self._gaps(values)
         self._refuse(col, missing, nonfinite, where)
@@ -273,3 +328,20 @@ class NumericEncoder:
 
     def state(self) -> dict[str, Any]:
         return {"mean": self.mean, "std": self.std, "flag": self.flag}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+                raise ValueError(f"numeric feature {self.spec.name!r} has {key} {value!r}, not a finite number")
+
+
+def set_state(encoder: Any, state: dict[str, Any]) -> None:
+    """Set the fitted statistics ``state`` (from encoders.json) on ``encoder``: only the keys
+    its ``state()`` writes; keys it leaves out keep their defaults."""
+    known = encoder.state()
+    for key, value in state.items():
+        if key not in known:
+            raise ValueError(f"feature {encoder.spec.name!r} has an unknown state {key!r}")
+        setattr(encoder, key, value)

@@ -6,16 +6,16 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from funnel.atomic import write_text
-from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SequenceEncoder
+from funnel.data.kinds import Encoder, kind_of, new_encoders
 from funnel.data.labels import encode_label, resolve_conflicts
-from funnel.data.table import EncodedTable
+from funnel.data.layout import FeatureLayout
+from funnel.data.table import CAT, NUM, SEQ, EncodedTable
 from funnel.errors import DataError, UserError, did_you_mean
 from funnel.graph import FunnelGraph
 from funnel.spec.convert import build
@@ -30,20 +30,17 @@ class Featurizer:
     def __init__(self, cfg: Config, graph: FunnelGraph):
         self.cfg = cfg
         self.graph = graph
-        self.features = [f for f in cfg.features]
-        self.cat: dict[str, CategoricalEncoder] = {}
-        self.num: dict[str, NumericEncoder] = {}
-        self.seq: dict[str, SequenceEncoder] = {}
-        for f in self.features:
-            if f.kind == "categorical":
-                self.cat[f.name] = CategoricalEncoder(f)
-            elif f.kind == "numeric":
-                self.num[f.name] = NumericEncoder(f)
-        for f in self.features:
-            if f.kind == "sequence":
-                ids = self.cat[f.share_with] if f.share_with else CategoricalEncoder(f)
-                self.seq[f.name] = SequenceEncoder(f, ids)
+        self.features = list(cfg.features)
+        self.encoders: dict[str, Encoder] = new_encoders(self.features)  # by feature name, see kinds.py
         self.fitted = False
+
+    def of_kind(self, kind: str) -> dict[str, Encoder]:
+        """The encoders of one feature kind, by feature name, in feature order."""
+        return {f.name: self.encoders[f.name] for f in self.features if f.kind == kind}
+
+    @property
+    def cat(self) -> dict[str, Encoder]:
+        return self.of_kind("categorical")
 
     # ---- columns -------------------------------------------------------------------------
     def feature_columns(self) -> list[str]:
@@ -82,14 +79,8 @@ class Featurizer:
     # ---- fit / encode ----------------------------------------------------------------------
     def fit(self, df: pd.DataFrame) -> Featurizer:
         self.check_columns(df, "train", labels=True)
-        for f in self.features:
-            if f.kind == "categorical":
-                self.cat[f.name].fit(df[f.source])
-        for f in self.features:
-            if f.kind == "numeric":
-                self.num[f.name].fit(df[f.source])
-            elif f.kind == "sequence":
-                self.seq[f.name].fit(df[f.source])
+        for f in self.features:  # a feature with share_with fits nothing: its vocabulary is the other's
+            self.encoders[f.name].fit(df[f.source])
         self.fitted = True
         return self
 
@@ -97,16 +88,14 @@ class Featurizer:
         """Encode a frame; with ``labels``, label conflicts follow data.label_conflicts."""
         self.check_columns(df, where, labels=labels)
         n = len(df)
-        cats = [self.cat[f.name].encode(df[f.source]) for f in self.features if f.kind == "categorical"]
-        nums = [self.num[f.name].encode(df[f.source], where) for f in self.features if f.kind == "numeric"]
+        blocks: dict[str, dict[str, np.ndarray]] = {CAT: {}, NUM: {}, SEQ: {}}  # block -> feature -> array
+        for f in self.features:
+            blocks[kind_of(f).block][f.name] = self.encoders[f.name].encode(df[f.source], where)
+        cats, nums = list(blocks[CAT].values()), list(blocks[NUM].values())
         table = EncodedTable(
-            cat=torch.from_numpy(np.stack(cats, axis=1) if cats else np.zeros((n, 0), np.int64)),
-            num=torch.from_numpy(np.concatenate(nums, axis=1) if nums else np.zeros((n, 0), np.float32)),
-            seq={
-                f.name: torch.from_numpy(self.seq[f.name].encode(df[f.source]))
-                for f in self.features
-                if f.kind == "sequence"
-            },
+            cat=torch.from_numpy(np.stack(cats, axis=1) if cats else np.zeros((n, 0), np.int64)),  # (N, C)
+            num=torch.from_numpy(np.concatenate(nums, axis=1) if nums else np.zeros((n, 0), np.float32)),  # (N, K)
+            seq={name: torch.from_numpy(ids) for name, ids in blocks[SEQ].items()},  # (N, L) each
             rows=torch.arange(n),
         )
         truth = self.truth_columns(df)
@@ -131,56 +120,21 @@ class Featurizer:
         y = np.stack([encode_label(df[s.label_column], s) for s in stages], axis=1)
         y, keep = resolve_conflicts(y, self.graph, self.cfg.data.label_conflicts, where)
         table.labels = torch.from_numpy(y)
-        if not keep.all():
-            mask = torch.from_numpy(keep)
-            table = EncodedTable(
-                cat=table.cat[mask],
-                num=table.num[mask],
-                seq={k: v[mask] for k, v in table.seq.items()},
-                labels=table.labels[mask],
-                truth={k: v[mask] for k, v in table.truth.items()},
-                rows=table.rows[mask],
-            )
-        return table
+        return table if keep.all() else table.select(torch.from_numpy(keep))
 
     # ---- sizes the model needs ----------------------------------------------------------------
-    def layout(self) -> dict[str, Any]:
-        """Embedding tables, their sizes and which column of `cat` / which `seq` uses each."""
-        tables: dict[str, int] = {}
-        for f in self.features:
-            if f.kind in ("categorical", "sequence") and not f.share_with:
-                enc = self.cat[f.name] if f.kind == "categorical" else self.seq[f.name].ids
-                tables[f.name] = enc.cardinality
-        dim = self.cfg.funnel.embed_dim
-        owner_dim = {f.name: f.embed_dim or dim for f in self.features}
-        fields = []
-        col = 0
-        for f in self.features:
-            if f.kind == "categorical":
-                table = f.share_with or f.name
-                fields.append(
-                    {"name": f.name, "kind": "categorical", "table": table, "column": col, "dim": owner_dim[table]}
-                )
-                col += 1
-        for f in self.features:
-            if f.kind == "sequence":
-                table = f.share_with or f.name
-                fields.append(
-                    {"name": f.name, "kind": "sequence", "table": table, "dim": owner_dim[table], "pooling": f.pooling}
-                )
-        num_width = sum(self.num[f.name].width for f in self.features if f.kind == "numeric")
-        return {"tables": {t: (n, owner_dim[t]) for t, n in tables.items()}, "fields": fields, "numeric_dim": num_width}
+    def layout(self) -> FeatureLayout:
+        """Embedding tables, their sizes and which column of ``batch[CAT]`` / which sequence uses
+        each, and the numeric width (``FeatureLayout.placeholder(cfg)``: the same before fitting)."""
+        return FeatureLayout.from_encoders(self.features, self.cfg.funnel.embed_dim, self.encoders)
 
     # ---- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         state = {
             "format": FORMAT_VERSION,
-            "features": [{"spec": asdict(f), "state": self._encoder(f).state()} for f in self.features],
+            "features": [{"spec": asdict(f), "state": self.encoders[f.name].state()} for f in self.features],
         }
         write_text(path, json.dumps(state, indent=1))
-
-    def _encoder(self, f: FeatureSpec) -> Any:
-        return {"categorical": self.cat, "numeric": self.num, "sequence": self.seq}[f.kind][f.name]
 
     @classmethod
     def load(cls, path: str | Path, cfg: Config, graph: FunnelGraph) -> Featurizer:
@@ -199,14 +153,12 @@ class Featurizer:
                 spec = build(FeatureSpec, item["spec"], "features", errors, hook=False)  # every field is saved
                 if spec is None or errors:
                     raise ValueError("; ".join(errors) or "a feature spec is malformed")
-                enc = self._encoder(spec)
-                target = enc if not isinstance(enc, SequenceEncoder) else enc.ids
-                for key, value in item["state"].items():
-                    if not hasattr(target, key):
-                        raise ValueError(f"feature {spec.name!r} has an unknown state {key!r}")
-                    setattr(target, key, value)
+                if spec.kind != self.encoders[spec.name].spec.kind:
+                    raise ValueError(
+                        f"feature {spec.name!r} is {spec.kind} there, {self.encoders[spec.name].spec.kind} here"
+                    )
+                self.encoders[spec.name].load_state(item["state"])  # checks the statistics
                 seen.add(spec.name)
-            _check_loaded(self)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(
                 f"{path}: is damaged or does not belong to this config ({type(exc).__name__}: {exc}). "
@@ -220,15 +172,3 @@ class Featurizer:
             )
         self.fitted = True
         return self
-
-
-def _check_loaded(featurizer: Featurizer) -> None:
-    """Loaded statistics must be usable: finite numbers, and vocabularies that are lists of strings."""
-    for name, enc in featurizer.num.items():
-        for key in ("mean", "std"):
-            value = getattr(enc, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
-                raise ValueError(f"numeric feature {name!r} has {key} {value!r}, not a finite number")
-    for name, enc in [*featurizer.cat.items(), *((n, s.ids) for n, s in featurizer.seq.items())]:
-        if not isinstance(enc.vocab, list) or not all(isinstance(v, str) for v in enc.vocab):
-            raise ValueError(f"feature {name!r} has a vocabulary that is not a list of strings")

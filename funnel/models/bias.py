@@ -9,11 +9,12 @@ prediction the term is dropped unless ``keep_at_inference``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from funnel.data.layout import FeatureLayout
+from funnel.data.table import CAT
 from funnel.models.inputs import module_key
 from funnel.models.towers.mlp import mlp_layers
 
@@ -21,7 +22,7 @@ from funnel.models.towers.mlp import mlp_layers
 class BiasTower(nn.Module):
     def __init__(
         self,
-        layout: dict[str, Any],
+        layout: FeatureLayout,
         features: Sequence[str],
         hidden: Sequence[int] = (16,),
         keep_at_inference: bool = False,
@@ -29,14 +30,13 @@ class BiasTower(nn.Module):
         init_std: float = 0.05,
     ):
         super().__init__()
-        by_name = {f["name"]: f for f in layout["fields"]}
-        self.columns = [(module_key(name), by_name[name]["column"]) for name in features]
+        fields = [layout.field(name) for name in features]  # categorical: validation says so
+        self.columns = [(module_key(f.name), f.column) for f in fields]
         self.tables = nn.ModuleDict()
-        for name in features:
-            f = by_name[name]
-            n, dim = layout["tables"][f["table"]]
-            self.tables[module_key(name)] = nn.Embedding(n, dim)
-            nn.init.normal_(self.tables[module_key(name)].weight, std=init_std)
+        for f in fields:
+            table = layout.table(f.table)
+            self.tables[module_key(f.name)] = nn.Embedding(table.rows, table.dim)
+            nn.init.normal_(self.tables[module_key(f.name)].weight, std=init_std)
         width = sum(t.embedding_dim for t in self.tables.values())
         layers, out = mlp_layers(width, hidden)
         self.net = nn.Sequential(layers, nn.Linear(out, 1))
@@ -44,7 +44,7 @@ class BiasTower(nn.Module):
         self.feature_dropout = feature_dropout
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        cat = batch["cat"]
+        cat = batch[CAT]
         ids = [cat[:, col] for _, col in self.columns]
         if self.training and self.feature_dropout > 0:  # id 0 is the unknown id
             ids = [i.masked_fill(torch.rand(i.shape, device=i.device) < self.feature_dropout, 0) for i in ids]

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from funnel.data.layout import FeatureLayout
+from funnel.data.table import CAT, NUM, SEQ, seq_key
 from funnel.models.inputs import InputShape, TowerInput, module_key
 
 
@@ -52,35 +54,35 @@ def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
 class SharedEmbeddings(nn.Module):
     """Look up every categorical field, pool every sequence, and concatenate with numerics."""
 
-    def __init__(self, layout: dict[str, Any], init_std: float = 0.05, exclude: frozenset[str] = frozenset()):
+    def __init__(self, layout: FeatureLayout, init_std: float = 0.05, exclude: frozenset[str] = frozenset()):
         """``exclude``: features this module leaves out (the bias tower's own features)."""
         super().__init__()
-        fields = [f for f in layout["fields"] if f["name"] not in exclude]
-        used = {f["table"] for f in fields}
+        fields = [f for f in layout.fields if f.name not in exclude]
+        used = {f.table for f in fields}
         # table name -> (width key, first row, rows), in layout order
         self.slots: dict[str, tuple[str, int, int]] = {}
         rows_per_width: dict[str, int] = {}
-        for name, (n, dim) in layout["tables"].items():
-            if name in used:
-                key = f"d{int(dim)}"
-                self.slots[name] = (key, rows_per_width.get(key, 0), int(n))
-                rows_per_width[key] = rows_per_width.get(key, 0) + int(n)
+        for t in layout.tables:
+            if t.name in used:
+                key = f"d{t.dim}"
+                self.slots[t.name] = (key, rows_per_width.get(key, 0), t.rows)
+                rows_per_width[key] = rows_per_width.get(key, 0) + t.rows
         self.fused = nn.ModuleDict({key: nn.Embedding(rows, int(key[1:])) for key, rows in rows_per_width.items()})
         for table in self.fused.values():
             nn.init.normal_(table.weight, std=init_std)
-        cats = [f for f in fields if f["kind"] == "categorical"]
-        self.cat_names = [f["name"] for f in cats]
-        # per width: (field names, their columns of batch["cat"], their tables' offsets)
+        cats = [f for f in fields if f.block == CAT]
+        self.cat_names = [f.name for f in cats]
+        # per width: (field names, their columns of batch[CAT], their tables' offsets)
         self.cat_groups: dict[str, tuple[list[str], list[int], list[int]]] = {}
         for f in cats:
-            key, offset, _ = self.slots[f["table"]]
+            key, offset, _ = self.slots[f.table]
             names, columns, offsets = self.cat_groups.setdefault(key, ([], [], []))
-            names.append(f["name"])
-            columns.append(int(f["column"]))
+            names.append(f.name)
+            columns.append(f.column)
             offsets.append(offset)
-        self.seq_fields = [(f["name"], f["table"], f["pooling"]) for f in fields if f["kind"] == "sequence"]
-        self.numeric_dim = int(layout["numeric_dim"])
-        field_dims = {f["name"]: int(f["dim"]) for f in fields}
+        self.seq_fields = [(f.name, f.table, f.pooling) for f in fields if f.block == SEQ]
+        self.numeric_dim = layout.numeric_dim
+        field_dims = {f.name: f.dim for f in fields}
         self.shape = InputShape(
             flat_dim=sum(field_dims.values()) + self.numeric_dim,
             field_dims=field_dims,
@@ -125,7 +127,7 @@ class SharedEmbeddings(nn.Module):
         return lookup(self.fused[key], ids + offset)
 
     def forward(self, batch: dict[str, Tensor]) -> TowerInput:
-        cat = batch["cat"]  # (B, C)
+        cat = batch[CAT]  # (B, C)
         blocks = {key: lookup(self.fused[key], self._ids(key, cat)) for key in self.cat_groups}  # (B, fields, E)
         fields = {
             name: blocks[key][:, i] for key, (names, _, _) in self.cat_groups.items() for i, name in enumerate(names)
@@ -135,7 +137,7 @@ class SharedEmbeddings(nn.Module):
         flat_parts = [next(iter(blocks.values())).flatten(1)] if len(blocks) == 1 else list(fields.values())
         sequences = {}
         for name, table, pooling in self.seq_fields:
-            ids = batch[f"seq/{name}"]  # (B, L)
+            ids = batch[seq_key(name)]  # (B, L)
             mask = ids > 0  # id 0 is padding (and unknown items)
             emb = self._lookup(table, ids)  # (B, L, E)
             summed = (emb * mask.unsqueeze(-1)).sum(1)  # (B, E)
@@ -144,7 +146,7 @@ class SharedEmbeddings(nn.Module):
             fields[name] = summed
             flat_parts.append(summed)
             sequences[name] = (emb, mask)
-        numeric = batch["num"]  # (B, K)
+        numeric = batch[NUM]  # (B, K)
         flat = torch.cat([*flat_parts, numeric], dim=1)  # (B, flat_dim)
         return TowerInput(flat=flat, fields=fields, numeric=numeric, sequences=sequences)
 

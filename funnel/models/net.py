@@ -14,23 +14,16 @@ softmax with a fixed 0 logit for "none of them": log p_cond(m) = logit_m - log(1
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
-from funnel.models.bias import BiasTower
-from funnel.models.bottoms import build_bottom
-from funnel.models.embedding import SharedEmbeddings
-from funnel.models.inputs import TowerInput, module_key
+from funnel.models.inputs import InputShape, TowerInput, module_key
 from funnel.models.losses import log1mexp
-from funnel.models.towers import build_tower
-from funnel.models.transfer import AdaptiveTransfer
-from funnel.spec.schema import FunnelSpec, TowerSpec
 
 
 @dataclass
@@ -54,68 +47,46 @@ class FunnelOutput:
 
 
 class FunnelNet(nn.Module):
+    """The edge network, assembled by a builder from parts (see funnel/models/parts.py):
+    input tables (``embeddings`` shared by every tower, or ``private`` tables per tower),
+    an optional ``bottom``, one tower and logit head per edge, an optional ``transfer``
+    between adjacent towers, an optional position-``bias`` tower, and a compose function
+    that turns edge logits into funnel probabilities."""
+
     def __init__(
         self,
         graph: FunnelGraph,
-        spec: FunnelSpec,
-        layout: dict[str, Any],
-        share_embeddings: bool = True,
-        direct: bool = False,
-        transfer: bool = False,
+        towers: nn.ModuleDict,
+        heads: nn.ModuleDict,
+        compose_fn: Callable[[FunnelGraph, dict[str, Tensor]], FunnelOutput],
+        embeddings: nn.Module | None = None,
+        private: nn.ModuleDict | None = None,
+        bottom: nn.Module | None = None,
+        transfer: nn.ModuleDict | None = None,
+        bias: nn.Module | None = None,
+        bias_stage: str | None = None,
+        shape: InputShape | None = None,
     ):
-        """``direct``: each tower predicts its stage's path probability itself (DIVISION)
-        instead of a conditional probability that is multiplied along the path."""
         super().__init__()
+        if (embeddings is None) == (private is None):
+            raise ValueError("give either shared `embeddings` or `private` tables per tower")
         self.graph = graph
-        self.shared = share_embeddings
-        self.direct = direct
-        bias = spec.bias_tower
-        exclude = frozenset(bias.features) if bias is not None else frozenset()
-        if share_embeddings:
-            self.embeddings = SharedEmbeddings(layout, exclude=exclude)
-        else:  # each tower owns a full set of tables (ESMM-NS, the paper's BASE)
-            self.private = nn.ModuleDict(
-                {module_key(t): SharedEmbeddings(layout, exclude=exclude) for t in graph.towers}
-            )
-        shape = self.embeddings.shape if share_embeddings else next(iter(self.private.values())).shape
-        self.bottom = None
-        if spec.bottom is not None and spec.bottom.type != "none":
-            if not share_embeddings:
-                raise ConfigError(
-                    f"funnel.bottom: a shared bottom needs shared embeddings, but model {spec.model!r} gives every "
-                    "tower its own tables; use esmm or aitm, or set funnel.share_embeddings: true."
-                )
-            self.bottom = build_bottom(spec.bottom, shape, graph.names)
-            shape = dataclasses.replace(shape, flat_dim=self.bottom.out_dim)
-        self.shape = shape
-        self.bias = None
-        self.bias_stage = None
-        if bias is not None:
-            self.bias_stage = bias.stage or graph.names[0]
-            self.bias = BiasTower(layout, bias.features, bias.hidden, bias.keep_at_inference, bias.feature_dropout)
-        tower_spec = {s.name: s.tower or spec.tower for s in spec.stages}
-        self.towers = nn.ModuleDict()
-        self.heads = nn.ModuleDict()
-        for stage in graph.stages:
-            for edge in stage.edges:
-                t: TowerSpec = tower_spec.get(stage.name, spec.tower)  # every branch tower of a stage alike
-                tower = build_tower(t, shape, f"funnel.stages.{stage.name}.tower")
-                self.towers[module_key(edge.tower)] = tower
-                self.heads[module_key(edge.tower)] = nn.Linear(tower.out_dim, 1)
+        self.shared = embeddings is not None
+        if embeddings is not None:
+            self.embeddings = embeddings
+        else:
+            self.private = private
+        self.bottom = bottom
+        self.bias = bias
+        self.bias_stage = bias_stage
+        self.towers = towers
+        self.heads = heads
+        self.transfer = transfer
+        self.compose_fn = compose_fn
+        self.direct = compose_fn is compose_direct
+        self.shape = shape  # what the towers read (the bottom's width when there is one)
         self.edge_names = {module_key(t): t for t in graph.towers}
         self.stage_towers = {s.name: [module_key(e.tower) for e in s.edges] for s in graph.stages}
-        self.transfer = None
-        if transfer:  # AITM: each stage after the first receives from its parent
-            widths = {t.out_dim for t in self.towers.values()}
-            if len(widths) != 1 or any(len(s.edges) != 1 for s in graph.stages):
-                raise ConfigError(
-                    "funnel.transfer: ait needs a chain whose towers all have the same output width "
-                    f"(got widths {sorted(widths)}); give every stage the same tower."
-                )
-            width = widths.pop()
-            self.transfer = nn.ModuleDict(
-                {module_key(s.name): AdaptiveTransfer(width) for s in graph.stages if s.after}
-            )
 
     def edge_logits(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], TowerInput | None]:
         x = None
@@ -149,8 +120,8 @@ class FunnelNet(nn.Module):
         return out
 
     def compose(self, logits: dict[str, Tensor]) -> FunnelOutput:
-        """Funnel probabilities from edge logits, the way this network is configured."""
-        return compose_direct(self.graph, logits) if self.direct else compose(self.graph, logits)
+        """Funnel probabilities from edge logits, with this network's compose function."""
+        return self.compose_fn(self.graph, logits)
 
 
 def compose(graph: FunnelGraph, logits: dict[str, Tensor]) -> FunnelOutput:

@@ -21,10 +21,14 @@ from torch import Tensor, nn
 
 
 class StaticWeighting(nn.Module):
+    learned = False  # the weights change during training (they are logged as weight/<stage>)
+
     def __init__(self, names: list[str], weights: list[float]):
         super().__init__()
         self.names = names
+        self._weights = [float(w) for w in weights]
         self.register_buffer("static", torch.tensor(weights, dtype=torch.float32))
+        self.register_load_state_dict_pre_hook(_static_from_config)
 
     def dynamic(self) -> Tensor:
         return torch.ones_like(self.static)
@@ -42,6 +46,8 @@ class StaticWeighting(nn.Module):
 
 
 class UncertaintyWeighting(StaticWeighting):
+    learned = True
+
     def __init__(self, names: list[str], weights: list[float]):
         super().__init__(names, weights)
         self.log_var = nn.Parameter(torch.zeros(len(names)))  # s_k, trained with the model
@@ -54,6 +60,8 @@ class UncertaintyWeighting(StaticWeighting):
 
 
 class DWAWeighting(StaticWeighting):
+    learned = True
+
     def __init__(self, names: list[str], weights: list[float], temperature: float = 2.0):
         super().__init__(names, weights)
         self.temperature = temperature
@@ -81,6 +89,8 @@ class GradNormWeighting(StaticWeighting):
     stage whose gradients on W are small, or whose loss falls slowly, gains weight. The
     returned total includes L_grad (its gradient reaches only the weights).
     """
+
+    learned = True
 
     def __init__(self, names: list[str], weights: list[float], alpha: float = 1.5):
         super().__init__(names, weights)
@@ -110,6 +120,13 @@ class GradNormWeighting(StaticWeighting):
         ratio = losses.detach().float() / self.initial.clamp(min=1e-12)
         target = (big_g.mean() * (ratio / ratio.mean()) ** self.alpha).detach()
         return model_loss + (big_g - target).abs().sum()
+
+
+def _static_from_config(module: StaticWeighting, state: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """The stage weights come from the config: a checkpoint without them (a static run from
+    before every model had a weighting module) loads, and one with them is checked."""
+    key = f"{prefix}static"
+    state.setdefault(key, torch.tensor(module._weights, dtype=torch.float32))
 
 
 def build_weighting(

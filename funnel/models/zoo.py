@@ -10,21 +10,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from funnel.graph import FunnelGraph
+from funnel.models.inputs import TowerInput
 from funnel.models.losses import bce_from_log_prob, masked_mean
 from funnel.models.net import FunnelNet, FunnelOutput
-from funnel.models.registry import FunnelModel, LossResult, register_model
+from funnel.models.parts import funnel_net
+from funnel.models.registry import Capabilities, LossResult, model_loss, register_model
 from funnel.spec.schema import FunnelSpec
 
 
 class EntireSpaceLoss:
-    """Σ_s w_s · mean over ALL impressions of BCE(P(reach s), y_s).
+    """Per stage: the mean over ALL impressions of BCE(P(reach s), y_s) (unweighted; the
+    run's weighting combines them).
 
     Only path probabilities are supervised: a conditional tower (pCVR) learns through
     the product, never from a loss on the clicked subset (ESMM, Ma et al. 2018).
@@ -32,20 +36,17 @@ class EntireSpaceLoss:
 
     def __init__(self, graph: FunnelGraph, calibrator: float = 0.0):
         self.names = graph.names
-        self.weights = [s.weight for s in graph.stages]
         self.calibrator = calibrator  # AITM's α; only meaningful when heads predict paths directly
         self.parents = [(s.name, s.after) for s in graph.stages if s.after is not None]
 
     def __call__(self, out: FunnelOutput, labels: Tensor) -> LossResult:
         parts = {name: bce_from_log_prob(out.log_reach[name], labels[:, j]).mean() for j, name in enumerate(self.names)}
-        total = sum(w * parts[n] for w, n in zip(self.weights, self.names, strict=True))
         extra = {}
         if self.calibrator > 0 and self.parents:
             # α · mean over the batch of Σ_t max(ŷ_t − ŷ_parent(t), 0): a later stage may not be likelier
             gaps = sum((out.log_reach[c].exp() - out.log_reach[p].exp()).clamp(min=0) for c, p in self.parents)
             extra["calibrator"] = self.calibrator * gaps.mean()
-            total = total + extra["calibrator"]
-        return LossResult(total=total, parts=parts, extra=extra)
+        return LossResult(total=None, parts=parts, extra=extra)
 
 
 class ConditionalSubsetLoss:
@@ -62,8 +63,7 @@ class ConditionalSubsetLoss:
         _chain_only(graph, type(self).__name__)
         self.oversample = oversample
         self.stages = [
-            (j, s.name, s.edges[0].tower, graph.index(s.after) if s.after else None, s.weight)
-            for j, s in enumerate(graph.stages)
+            (j, s.name, s.edges[0].tower, graph.index(s.after) if s.after else None) for j, s in enumerate(graph.stages)
         ]
 
     def row_mask(self, labels: Tensor, parent: int | None) -> Tensor:
@@ -71,15 +71,14 @@ class ConditionalSubsetLoss:
 
     def __call__(self, out: FunnelOutput, labels: Tensor) -> LossResult:
         parts = {}
-        for j, name, tower, parent, _ in self.stages:
+        for j, name, tower, parent in self.stages:
             y = labels[:, j]
             per_row = F.binary_cross_entropy_with_logits(out.logits[tower], y, reduction="none")
             weight = self.row_mask(labels, parent).to(per_row.dtype)
             if parent is not None and self.oversample != 1.0:
                 weight = weight * torch.where(y > 0, self.oversample, 1.0)
             parts[name] = masked_mean(per_row, weight)
-        total = sum(w * parts[name] for _, name, _, _, w in self.stages)
-        return LossResult(total=total, parts=parts)
+        return LossResult(total=None, parts=parts)
 
 
 class ObservedLabelLoss(ConditionalSubsetLoss):
@@ -94,75 +93,174 @@ class ObservedLabelLoss(ConditionalSubsetLoss):
         return torch.ones_like(labels[:, 0], dtype=torch.bool)
 
 
-def _share(spec: FunnelSpec, default: bool) -> bool:
-    return default if spec.share_embeddings is None else spec.share_embeddings
+class Model(nn.Module):
+    """A FunnelNet and the objective that trains it (composition, not subclassing): the
+    built-in implementation of the :class:`~funnel.models.registry.FunnelModel` contract."""
+
+    def __init__(self, net: FunnelNet, objective: Objective):
+        super().__init__()
+        self.net = net
+        self.objective = objective  # (out, labels) -> unweighted LossResult
+        self.weighting: nn.Module | None = None  # set by create_model
+        self.regularizer: nn.Module | None = None  # counterfactual terms (IPS / DR), set by create_model
+
+    @property
+    def graph(self) -> FunnelGraph:
+        return self.net.graph
+
+    @property
+    def input_dim(self) -> int | None:
+        return self.net.embeddings.shape.flat_dim if self.net.shared else None
+
+    def edge_logits(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], TowerInput | None]:
+        return self.net.edge_logits(batch)
+
+    def compose(self, logits: dict[str, Tensor]) -> FunnelOutput:
+        return self.net.compose(logits)
+
+    def forward(self, batch: dict[str, Tensor]) -> FunnelOutput:
+        return self.net(batch)
+
+    def loss(self, out: FunnelOutput, labels: Tensor) -> LossResult:
+        return model_loss(self, out, labels)
+
+    def logged(self) -> dict[str, Tensor]:
+        gates = getattr(self.net.bottom, "gates", None) or {}  # MMoE/PLE: mean gate weight per expert
+        return {f"gate/{s}/{i}": w[i] for s, w in gates.items() for i in range(len(w))}
+
+    def shared_parameters(self) -> list[nn.Parameter] | None:
+        return list(self.net.embeddings.parameters()) if self.net.shared else None
+
+
+class Objective(Protocol):
+    def __call__(self, out: FunnelOutput, labels: Tensor) -> LossResult: ...
+
+
+def _product_capabilities(share: bool) -> Callable[[dict[str, Any]], Capabilities]:
+    """Conditional towers multiplied along the path express branches and groups; direct
+    heads or information transfer need a chain; shared tables allow a bottom, gradnorm, DR."""
+
+    def capabilities(args: dict[str, Any]) -> Capabilities:
+        shared = args.get("share_embeddings", share)
+        chain = args.get("compose", "product") == "direct" or args.get("transfer", "none") == "ait"
+        return Capabilities(
+            branches=not chain,
+            groups=not chain,
+            bottom=shared,
+            gradnorm=shared,
+            counterfactual=("ips", "dr") if shared else ("ips",),
+        )
+
+    return capabilities
 
 
 def _entire_space(
-    graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any], share: bool, transfer: str, compose: str
-) -> FunnelModel:
+    graph: FunnelGraph,
+    spec: FunnelSpec,
+    layout: Any,
+    share_embeddings: bool,
+    transfer: str,
+    compose: str,
+    calibrator: float,
+) -> Model:
     """Path losses on all impressions over conditional (product) or path (direct) heads."""
-    transfer = spec.transfer or transfer
-    compose = spec.compose or compose
+    if calibrator < 0:
+        raise ValueError(f"calibrator must be >= 0, got {calibrator}")
     direct = compose == "direct"
-    if direct:
-        _chain_only(graph, f"compose: direct ({spec.model})")
-    net = FunnelNet(
-        graph, spec, layout, share_embeddings=_share(spec, share), direct=direct, transfer=transfer == "ait"
-    )
-    return FunnelModel(net, EntireSpaceLoss(graph, calibrator=spec.calibrator if direct else 0.0))
+    if direct or transfer == "ait":
+        _chain_only(graph, f"model {spec.model.type!r} with compose: {compose}, transfer: {transfer}")
+    net = funnel_net(graph, spec, layout, shared=share_embeddings, direct=direct, transfer=transfer == "ait")
+    return Model(net, EntireSpaceLoss(graph, calibrator=calibrator if direct else 0.0))
 
 
-@register_model("esmm")
-def build_esmm(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
-    """ESMM: conditional towers, products along the path, path losses on all impressions."""
-    return _entire_space(graph, spec, layout, share=True, transfer="none", compose="product")
+Transfer = Literal["none", "ait"]
+Compose = Literal["product", "direct"]
 
 
-build_esmm.supports_branches = True  # ESM²: a `via` stage is a mixture of two towers
-build_esmm.takes_transfer = True  # funnel.transfer / compose / calibrator apply
+@register_model("esmm", capabilities=_product_capabilities(share=True))
+def build_esmm(
+    graph: FunnelGraph,
+    spec: FunnelSpec,
+    layout: Any,
+    share_embeddings: bool = True,
+    transfer: Transfer = "none",
+    compose: Compose = "product",
+    calibrator: float = 0.6,
+) -> Model:
+    """ESMM: conditional towers, products along the path, path losses on all impressions.
+    ``share_embeddings``: one set of tables for every tower; ``transfer: ait`` adds AITM's
+    information transfer between adjacent towers; ``compose: direct`` makes each head predict
+    its path probability, kept monotone by the ``calibrator`` loss (α)."""
+    return _entire_space(graph, spec, layout, share_embeddings, transfer, compose, calibrator)
 
 
-@register_model("esmm_ns")
-def build_esmm_ns(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+@register_model("esmm_ns", capabilities=_product_capabilities(share=False))
+def build_esmm_ns(
+    graph: FunnelGraph,
+    spec: FunnelSpec,
+    layout: Any,
+    share_embeddings: bool = False,
+    transfer: Transfer = "none",
+    compose: Compose = "product",
+    calibrator: float = 0.6,
+) -> Model:
     """ESMM-NS: ESMM without shared embeddings (each tower has its own tables)."""
-    return _entire_space(graph, spec, layout, share=False, transfer="none", compose="product")
+    return _entire_space(graph, spec, layout, share_embeddings, transfer, compose, calibrator)
 
 
-build_esmm_ns.supports_branches = True
-build_esmm_ns.takes_transfer = True
-
-
-@register_model("aitm")
-def build_aitm(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+@register_model("aitm", capabilities=_product_capabilities(share=True))
+def build_aitm(
+    graph: FunnelGraph,
+    spec: FunnelSpec,
+    layout: Any,
+    share_embeddings: bool = True,
+    transfer: Transfer = "ait",
+    compose: Compose = "direct",
+    calibrator: float = 0.6,
+) -> Model:
     """AITM: shared embeddings, adaptive information transfer between adjacent towers, each
     head predicting its path probability directly, trained with BCE plus the calibrator."""
-    return _entire_space(graph, spec, layout, share=True, transfer="ait", compose="direct")
+    return _entire_space(graph, spec, layout, share_embeddings, transfer, compose, calibrator)
 
 
-build_aitm.takes_transfer = True
+def _subset_capabilities(args: dict[str, Any]) -> Capabilities:
+    shared = args.get("share_embeddings", False)
+    return Capabilities(
+        groups=True, bottom=shared, gradnorm=shared, counterfactual=("ips", "dr") if shared else ("ips",)
+    )
 
 
-@register_model("division")
-def build_division(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+@register_model(
+    "division",
+    capabilities=lambda args: Capabilities(
+        bottom=args.get("share_embeddings", False),
+        gradnorm=args.get("share_embeddings", False),
+        counterfactual=("ips", "dr") if args.get("share_embeddings", False) else ("ips",),
+    ),
+)
+def build_division(graph: FunnelGraph, spec: FunnelSpec, layout: Any, share_embeddings: bool = False) -> Model:
     """DIVISION: separate networks predict every path probability (pCTR, pCTCVR) on all
     impressions; pCVR = pCTCVR / pCTR, clipped at 1."""
     _chain_only(graph, "model division")
-    net = FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False), direct=True)
-    return FunnelModel(net, EntireSpaceLoss(graph))
+    return Model(funnel_net(graph, spec, layout, shared=share_embeddings, direct=True), EntireSpaceLoss(graph))
 
 
-@register_model("base")
-def build_base(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
-    """BASE: each conditional tower on its parent-positive rows only (optionally oversampled)."""
-    net = FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False))
-    return FunnelModel(net, ConditionalSubsetLoss(graph, oversample=spec.oversample))
+@register_model("base", capabilities=_subset_capabilities)
+def build_base(
+    graph: FunnelGraph, spec: FunnelSpec, layout: Any, share_embeddings: bool = False, oversample: float = 1.0
+) -> Model:
+    """BASE: each conditional tower on its parent-positive rows only. ``oversample`` = k counts
+    every positive of a conditional tower k times (the paper's OVERSAMPLING baseline)."""
+    if oversample < 1:
+        raise ValueError(f"oversample must be >= 1 (a duplication factor), got {oversample}")
+    net = funnel_net(graph, spec, layout, shared=share_embeddings)
+    return Model(net, ConditionalSubsetLoss(graph, oversample=oversample))
 
 
-@register_model("naive")
-def build_naive(graph: FunnelGraph, spec: FunnelSpec, layout: dict[str, Any]) -> FunnelModel:
+@register_model("naive", capabilities=_subset_capabilities)
+def build_naive(graph: FunnelGraph, spec: FunnelSpec, layout: Any, share_embeddings: bool = False) -> Model:
     """NAIVE: independent towers, each trained on its own observed label over all rows."""
-    return FunnelModel(FunnelNet(graph, spec, layout, share_embeddings=_share(spec, False)), ObservedLabelLoss(graph))
+    return Model(funnel_net(graph, spec, layout, shared=share_embeddings), ObservedLabelLoss(graph))
 
 
 def _chain_only(graph: FunnelGraph, what: str) -> None:

@@ -7,6 +7,7 @@ Layering: dataclass defaults < the YAML file < command-line overrides. Every pro
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ import yaml
 
 from funnel.errors import ConfigError, did_you_mean
 from funnel.spec.convert import build
-from funnel.spec.schema import Config
+from funnel.spec.schema import FLAT_MODEL_KEYS, Config
 from funnel.spec.validate import config_problems
+
+log = logging.getLogger(__name__)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -105,6 +108,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     plugins = raw.get("plugins") or []
     if isinstance(plugins, list):
         import_plugins([str(p) for p in plugins])
+    _move_flat_model_keys(raw)
     _default_synthetic_stages(raw)
     errors: list[str] = []
     cfg = build(Config, raw, "", errors)
@@ -113,6 +117,33 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def _move_flat_model_keys(raw: dict[str, Any]) -> None:
+    """Model-specific keys written flat under `funnel:` (the format before models took
+    arguments) become the model's arguments, with a message saying how to write them now."""
+    funnel = raw.get("funnel")
+    if not isinstance(funnel, dict):
+        return
+    flat = {k: funnel.pop(k) for k in FLAT_MODEL_KEYS if k in funnel}
+    flat = {k: v for k, v in flat.items() if v is not None}  # null meant "the model's default"
+    if not flat:
+        return
+    model = funnel.get("model", "esmm")
+    model = {"type": model} if isinstance(model, str) else dict(model) if isinstance(model, dict) else model
+    if not isinstance(model, dict):
+        return  # a malformed model: its own check reports it
+    for key, value in flat.items():
+        model.setdefault(key, value)
+    funnel["model"] = model
+    args = ", ".join(f"{k}: {v}" for k, v in flat.items())
+    log.warning(
+        "funnel.%s: deprecated flat key(s); they are arguments of the model now. Write "
+        "`funnel.model: {type: %s, %s}` (the flat form is accepted until the next release).",
+        ", funnel.".join(flat),
+        model.get("type", "esmm"),
+        args,
+    )
 
 
 def _default_synthetic_stages(raw: dict[str, Any]) -> None:

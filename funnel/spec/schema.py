@@ -114,6 +114,24 @@ class FeatureSpec:
 FEATURE_OPTIONS_ALL = frozenset().union(*FEATURE_OPTIONS.values())
 
 
+def _named_from_raw(cls: type, raw: Any, path: str, errors: list[str], default: str, example: str) -> Any:
+    """A plug-in spec from YAML: a name (shorthand) or ``{type: name, **arguments}``."""
+    if raw is None:
+        return cls()
+    if isinstance(raw, str):
+        return cls(type=raw)
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a name or a mapping like {example}, got {describe(raw)}.")
+        return None
+    raw = dict(raw)
+    kind = raw.pop("type", default)
+    if not isinstance(kind, str):
+        errors.append(f"{path}.type: expected a name, got {describe(kind)}.")
+        return None
+    params = tuple(sorted((str(k), _freeze(v)) for k, v in raw.items()))
+    return cls(type=kind, params=params)
+
+
 @dataclass(frozen=True)
 class TowerSpec:
     """A tower type from the tower registry plus its constructor arguments.
@@ -131,20 +149,27 @@ class TowerSpec:
 
     @classmethod
     def __from_raw__(cls, raw: Any, path: str, errors: list[str]) -> TowerSpec | None:
-        if raw is None:
-            return cls()
-        if isinstance(raw, str):
-            return cls(type=raw)
-        if not isinstance(raw, dict):
-            errors.append(f"{path}: expected a mapping like {{type: mlp, hidden: [64]}}, got {describe(raw)}.")
-            return None
-        raw = dict(raw)
-        kind = raw.pop("type", "mlp")
-        if not isinstance(kind, str):
-            errors.append(f"{path}.type: expected a tower name, got {describe(kind)}.")
-            return None
-        params = tuple(sorted((str(k), _freeze(v)) for k, v in raw.items()))
-        return cls(type=kind, params=params)
+        return _named_from_raw(cls, raw, path, errors, "mlp", "{type: mlp, hidden: [64]}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A funnel model from the model registry plus its builder's arguments.
+
+    YAML: ``model: esmm`` or ``model: {type: base, oversample: 3}``. The arguments are
+    checked against the builder's signature (names and types) in ``validate.py``.
+    """
+
+    type: str = "esmm"
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @classmethod
+    def __from_raw__(cls, raw: Any, path: str, errors: list[str]) -> ModelSpec | None:
+        return _named_from_raw(cls, raw, path, errors, "esmm", "{type: base, oversample: 3}")
 
 
 def _freeze(value: Any) -> Any:
@@ -226,28 +251,20 @@ class BiasTowerSpec:
             raise ValueError(f"feature_dropout must lie in [0, 1), got {self.feature_dropout}")
 
 
+# Keys that were flat under `funnel:` before models took arguments; the loader moves them
+# into `funnel.model` with a deprecation message (for one release).
+FLAT_MODEL_KEYS = ("share_embeddings", "oversample", "transfer", "compose", "calibrator")
+
+
 @dataclass(frozen=True)
 class FunnelSpec:
     stages: tuple[StageSpec, ...]
-    model: str = "esmm"
+    # a registered model and its arguments (funnel/models/zoo.py documents each), e.g.
+    # esmm | {type: esmm, share_embeddings: false} | {type: aitm, calibrator: 0.3} | {type: base, oversample: 3}
+    model: ModelSpec = field(default_factory=ModelSpec)
     embed_dim: int = 8
     tower: TowerSpec = field(default_factory=TowerSpec)
-    # One embedding table per feature shared by all towers (true), or a private set of
-    # tables per tower (false). None: the model's own default (esmm: true; base: false,
-    # as the ESMM paper's BASE is a stand-alone CVR network).
-    share_embeddings: bool | None = None
-    # model base only: positives of each conditional tower count this many times in its
-    # loss, exactly as if they were duplicated in the parent-positive sample (OVERSAMPLING)
-    oversample: float = 1.0
     loss_weighting: WeightingSpec = field(default_factory=WeightingSpec)
-    # AITM (esmm, esmm_ns, aitm; chains): `ait` adds adaptive information transfer between
-    # adjacent towers. None: the model's default (aitm: ait, others: none).
-    transfer: Literal["none", "ait"] | None = None
-    # product: towers give conditionals multiplied along the path (funnel's default);
-    # direct: each head predicts its path probability itself (the AITM paper), with the
-    # calibrator loss below keeping them monotone. None: the model's default (aitm: direct).
-    compose: Literal["product", "direct"] | None = None
-    calibrator: float = 0.6  # direct compose: α · mean Σ_t max(ŷ_t − ŷ_parent, 0)
     counterfactual: CounterfactualSpec = field(default_factory=CounterfactualSpec)
     # between the shared embeddings and the towers: none | shared_bottom | mmoe | ple
     # (funnel/models/bottoms.py), e.g. {type: mmoe, experts: 4}
@@ -258,10 +275,6 @@ class FunnelSpec:
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
-        if self.calibrator < 0:
-            raise ValueError(f"calibrator must be >= 0, got {self.calibrator}")
-        if self.oversample < 1:
-            raise ValueError(f"oversample must be >= 1 (a duplication factor), got {self.oversample}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ METRIC_PREFIXES = ("auc", "auc_cond", "logloss", "calib")
 
 
 def config_problems(cfg: Config) -> list[str]:
-    from funnel.models import MODELS
+    from funnel.models import MODELS  # registers the built-in models
     from funnel.models.bottoms import bottom_problems
     from funnel.models.towers import tower_problems
 
@@ -26,33 +26,10 @@ def config_problems(cfg: Config) -> list[str]:
         )
     problems += graph_errors
     f = cfg.funnel
-    builder = MODELS.get(f.model) if f.model in MODELS else None
-    if builder is None:
-        problems.append(MODELS.unknown(f.model))
-    branched = [s.name for s in stages if s.via is not None]
-    if branched and builder is not None and not getattr(builder, "supports_branches", False):
-        supported = [m for m in MODELS.names() if getattr(MODELS.get(m), "supports_branches", False)]
-        problems.append(
-            f"funnel.model: {cfg.funnel.model!r} supports chains only, but stage {branched[0]!r} has `via`. "
-            f"Models with branches: {', '.join(supported)}."
-        )
-    custom = [k for k in ("transfer", "compose") if getattr(f, k) is not None]
-    if builder is not None and custom and not getattr(builder, "takes_transfer", False):
-        problems.append(f"funnel.{custom[0]}: applies to models esmm, esmm_ns and aitm, not {f.model!r}; remove it.")
-    chain_only = f.model == "aitm" or f.transfer == "ait" or f.compose == "direct"
-    if branched and chain_only and getattr(builder, "takes_transfer", False):
-        problems.append(
-            f"funnel: information transfer and direct compose need a chain, but stage {branched[0]!r} has `via`; "
-            "remove `via` or use model esmm with compose: product and transfer: none."
-        )
-    group_size = {g: sum(s.group == g for s in stages) for g in {s.group for s in stages} - {None}}
-    grouped = [s.name for s in stages if group_size.get(s.group, 0) > 1]
-    if grouped and (f.model == "division" or (chain_only and getattr(builder, "takes_transfer", False))):
-        problems.append(
-            f"funnel: stage {grouped[0]!r} is in a group of exclusive outcomes, which needs conditional towers "
-            f"multiplied along the path; model {f.model!r} with direct compose cannot express it. "
-            "Use esmm, esmm_ns, base or naive, or remove `group`."
-        )
+    if f.model.type not in MODELS:
+        problems.append(MODELS.unknown(f.model.type))
+    else:
+        problems += model_problems(cfg, stages)
     names = [s.name for s in stages]
     for k, name in enumerate(f.counterfactual.stages):
         if name not in names:
@@ -62,11 +39,6 @@ def config_problems(cfg: Config) -> list[str]:
                 f"funnel.counterfactual.stages[{k}]: {name!r} follows the impression; only conditional stages "
                 "(with `after`) have a propensity to correct for."
             )
-    if cfg.funnel.oversample != 1.0 and cfg.funnel.model != "base":
-        problems.append(
-            f"funnel.oversample: {cfg.funnel.oversample} only applies to model base (it duplicates the "
-            "positives of the clicked-only sample); remove it or set funnel.model: base."
-        )
     problems += tower_problems(cfg.funnel.tower, "funnel.tower")
     problems += bottom_problems(cfg.funnel.bottom)
     if cfg.optim.sparse_embeddings and cfg.funnel.loss_weighting.method == "gradnorm":
@@ -154,6 +126,68 @@ def config_problems(cfg: Config) -> list[str]:
                 f"Choose from: {', '.join(valid)}."
             )
     return problems
+
+
+def model_problems(cfg: Config, stages: list) -> list[str]:
+    """The model's arguments against its builder, and what the config asks of the model
+    against the capabilities it declares (with those arguments)."""
+    from funnel.models.registry import MODELS, argument_problems, model_arguments
+
+    f = cfg.funnel
+    problems = argument_problems(f)
+    if problems:
+        return problems
+    name = f.model.type
+    caps = MODELS.get(name).capabilities_for(model_arguments(f))
+
+    def able(what: str) -> str:
+        able = [
+            m
+            for m in MODELS.names()
+            if getattr(MODELS.get(m).capabilities_for(model_arguments(_with_model(f, m))), what)
+        ]
+        return ", ".join(able) or "none"
+
+    args = f" with {dict(f.model.params)}" if f.model.params else ""
+    branched = [s.name for s in stages if s.via is not None]
+    if branched and not caps.branches:
+        problems.append(
+            f"funnel.model: {name!r}{args} supports chains only, but stage {branched[0]!r} has `via`. "
+            f"Models with branches: {able('branches')} (conditional towers multiplied along the path)."
+        )
+    group_size = {g: sum(s.group == g for s in stages) for g in {s.group for s in stages} - {None}}
+    grouped = [s.name for s in stages if group_size.get(s.group, 0) > 1]
+    if grouped and not caps.groups:
+        problems.append(
+            f"funnel.model: stage {grouped[0]!r} is in a group of exclusive outcomes, which needs conditional "
+            f"towers multiplied along the path; model {name!r}{args} cannot express it. Models with groups: "
+            f"{able('groups')}; or remove `group`."
+        )
+    if f.bottom is not None and f.bottom.type != "none" and not caps.bottom:
+        problems.append(
+            f"funnel.bottom: a shared bottom needs shared embeddings, but model {name!r}{args} gives every tower "
+            f"its own tables. Models with a bottom: {able('bottom')}; or set funnel.model.share_embeddings: true."
+        )
+    if f.loss_weighting.method == "gradnorm" and not caps.gradnorm:
+        problems.append(
+            f"funnel.loss_weighting: gradnorm balances gradients on the shared embeddings, but model {name!r}{args} "
+            "has private tables; set funnel.model.share_embeddings: true or pick another method."
+        )
+    if f.counterfactual.method != "none" and f.counterfactual.method not in caps.counterfactual:
+        problems.append(
+            f"funnel.counterfactual: {f.counterfactual.method} imputes errors from the shared embeddings, but model "
+            f"{name!r}{args} has private tables; set funnel.model.share_embeddings: true or use "
+            f"{' or '.join(caps.counterfactual)}."
+        )
+    return problems
+
+
+def _with_model(f, name: str):
+    import dataclasses
+
+    from funnel.spec.schema import ModelSpec
+
+    return dataclasses.replace(f, model=ModelSpec(type=name))
 
 
 def _bias_tower_problems(cfg: Config, stages: list) -> list[str]:

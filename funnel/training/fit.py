@@ -1,7 +1,8 @@
 """`funnel fit`: config → data → model → Lightning Trainer → run directory.
 
 Order of work, so that nothing is lost and no half-made run is left behind:
-1. the config and the Trainer arguments are validated (no data read yet);
+1. the config, the Trainer arguments and the model (built on the meta device) are validated
+   (no data read yet, see funnel/training/preflight.py);
 2. the run directory is claimed (exclusive mkdir and lock, see funnel/claim.py);
 3. data is read, encoded and checked; the model and the Trainer are built: a user error
    here removes the claimed directory again;
@@ -48,6 +49,7 @@ from funnel.training.guards import DivergenceGuard, TrainingDiverged
 from funnel.training.metrics import free_stages
 from funnel.training.module import FunnelLightningModule
 from funnel.training.monitor import choose_monitor
+from funnel.training.preflight import preflight
 from funnel.training.trainer_args import quiet_lightning, raise_trainer_problems
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def fit(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def fit_config(cfg: Config, config_path: str | Path = "config.yaml") -> Path:
-    raise_trainer_problems(cfg)
+    preflight(cfg)
     claim = claim_new(cfg.run_dir, config_path, refused_hint=_resume_hint(cfg.run_dir))
     return _train(cfg, claim, resume_from=None)
 
@@ -74,7 +76,7 @@ def resume(run_dir: str | Path, trust_plugins: bool = False) -> Path:
             f"--resume: {run_dir} finished training already (it has {BEST}); nothing to resume. "
             "Evaluate it with `funnel evaluate`, or train a new run."
         )
-    raise_trainer_problems(cfg)
+    preflight(cfg)
     claim = claim_existing(run_dir)
     last = run_dir / LAST
     if not last.is_file():

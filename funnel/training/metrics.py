@@ -24,13 +24,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
 
+from funnel.data.table import truth_of as batch_truth
 from funnel.graph import FunnelGraph
 from funnel.models.losses import bce_from_log_prob
 
 
 def truth_of(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The generator's true probabilities of a batch (``truth/<kind>`` keys), by kind."""
-    return {k.split("/", 1)[1]: v for k, v in batch.items() if k.startswith("truth/")}
+    """The generator's true probabilities of a batch (its ``truth_key(kind)`` keys), by kind."""
+    return batch_truth(batch)
 
 
 # View: (pred, target, mask) from the batch's predictions, labels and truth.

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from funnel.models.registry import FunnelModel
+from funnel.models.registry import FunnelModel, model_loss
 from funnel.spec.schema import OptimSpec
 from funnel.training.lazy_adam import LazyAdam
 from funnel.training.metrics import FunnelMetrics, truth_of
@@ -31,7 +31,7 @@ class FunnelLightningModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model(batch)
-        loss = self.model.loss(out, batch["labels"])
+        loss = model_loss(self.model, out, batch["labels"])
         bs = batch["labels"].shape[0]
         self.log("train/loss", loss.total, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         # epoch means of the total and of every term, summed here and logged once per epoch:
@@ -49,14 +49,9 @@ class FunnelLightningModule(pl.LightningModule):
             self.manual_backward(loss.total)
             optimizers[0].step()  # through Lightning: counts one global step per batch
             optimizers[1].optimizer.step()  # the raw torch optimiser: no second count
-        gates = getattr(self.model.net.bottom, "gates", None)  # MMoE/PLE: mean gate weight per expert
-        if gates:
-            self.log_dict(
-                {f"gate/{s}/{i}": w[i] for s, w in gates.items() for i in range(len(w))},
-                on_step=False,
-                on_epoch=True,
-                batch_size=bs,
-            )
+        logged = self.model.logged()  # e.g. MMoE/PLE: mean gate weight per expert
+        if logged:
+            self.log_dict(logged, on_step=False, on_epoch=True, batch_size=bs)
         return loss.total
 
     def on_train_epoch_start(self) -> None:
@@ -72,7 +67,7 @@ class FunnelLightningModule(pl.LightningModule):
         }
         self.log_dict(epoch, sync_dist=True)
         weighting = self.model.weighting
-        if weighting is None:
+        if not weighting.learned:
             return
         epoch_losses = {n: epoch[f"train/loss/{n}"] for n in self.names if f"train/loss/{n}" in epoch}
         if len(epoch_losses) == len(self.names):
@@ -81,7 +76,7 @@ class FunnelLightningModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, Tensor], metrics: FunnelMetrics, prefix: str) -> None:
         out = self.model(batch)
-        loss = self.model.loss(out, batch["labels"])
+        loss = model_loss(self.model, out, batch["labels"])
         self.log(f"{prefix}/loss", loss.total, on_epoch=True, batch_size=batch["labels"].shape[0])
         metrics.update(*out.log_stacked(self.names), batch["labels"], truth_of(batch))
 
