@@ -14,6 +14,7 @@ from funnel.data.sources import load_frames
 from funnel.errors import DataError
 from funnel.runs import build_graph
 from funnel.spec import load_config
+from funnel.spec.validate import default_monitor
 from funnel.training.preflight import preflight
 from funnel.training.trainer_args import trainer_data_problems
 
@@ -59,7 +60,7 @@ def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict
             tables = {split: featurizer.encode(df, split) for split, df in frames.items()}
             check_degenerate(tables, graph, cfg)
             problems += trainer_data_problems(cfg, len(tables["train"]))
-            monitor = cfg.trainer.monitor or f"val/auc/{graph.names[-1]}"
+            monitor = cfg.trainer.monitor or default_monitor(graph)
             undefined = monitor_undefined(tables["valid"], graph, monitor)
             if undefined:
                 report["warnings"] = [

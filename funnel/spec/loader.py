@@ -168,21 +168,19 @@ def _default_synthetic_stages(raw: dict[str, Any]) -> None:
 
 
 def _parent_first(stages: list[Any]) -> list[Any]:
-    """Raw stage mappings with every parent before its children (as listed when that fails)."""
-    ordered: list[Any] = []
-    done: set[Any] = {None}
-    pending = [s for s in stages if isinstance(s, dict)]
-    group_of = {s.get("name"): s.get("group") for s in pending if s.get("group")}
-    while pending:
-        waiting = ({s.get("name") for s in pending} | {group_of.get(s.get("name")) for s in pending}) - {None}
-        ready = [s for s in pending if s.get("after") in done and s.get("via") not in waiting]
-        if not ready:  # a broken graph: validation reports it
-            return stages
-        for s in ready:
-            ordered.append(s)
-            done.add(s.get("name"))
-            pending.remove(s)
-    return ordered
+    """Raw stage mappings in the graph's own topological order (as listed when the stages do
+    not form a valid graph yet: validation reports that)."""
+    from funnel.graph import FunnelGraph
+
+    try:
+        graph = FunnelGraph.build(
+            [(s["name"], s.get("label") or s["name"], s.get("after"), 1.0, s.get("via")) for s in stages],
+            groups={s["name"]: s["group"] for s in stages if s.get("group")},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return stages
+    by_name = {s["name"]: s for s in stages}
+    return [by_name[name] for name in graph.names]
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, Any]]:

@@ -117,8 +117,8 @@ def config_problems(cfg: Config) -> list[str]:
     if d.csv.header is False and not d.csv.names:
         problems.append("data.csv.names: a file without header needs the column names listed here.")
 
-    if stages:
-        monitor = cfg.trainer.monitor or f"val/auc/{stages[-1].name}"
+    if stages and complete and not graph_errors:
+        monitor = cfg.trainer.monitor or default_monitor(FunnelGraph.from_stages(stages))
         valid = [f"val/{m}/{s.name}" for m in METRIC_PREFIXES for s in stages] + ["val/loss"]
         if monitor not in valid:
             problems.append(
@@ -126,6 +126,12 @@ def config_problems(cfg: Config) -> list[str]:
                 f"Choose from: {', '.join(valid)}."
             )
     return problems
+
+
+def default_monitor(graph: FunnelGraph) -> str:
+    """The metric that picks the best checkpoint when trainer.monitor is not set: the path AUC of
+    the graph's last stage (its topological order, not the order the stages are listed in)."""
+    return f"val/auc/{graph.names[-1]}"
 
 
 def model_problems(cfg: Config, stages: list) -> list[str]:

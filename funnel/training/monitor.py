@@ -12,6 +12,7 @@ import logging
 from funnel.data.table import EncodedTable
 from funnel.graph import FunnelGraph
 from funnel.spec.schema import Config
+from funnel.spec.validate import default_monitor
 
 log = logging.getLogger(__name__)
 FALLBACK = ("val/loss", "min")
@@ -21,7 +22,7 @@ def choose_monitor(cfg: Config, graph: FunnelGraph, valid: EncodedTable) -> tupl
     """(metric, mode) to monitor: the configured one, or val/loss when it is undefined on ``valid``."""
     from funnel.data.degenerate import monitor_undefined
 
-    monitor = cfg.trainer.monitor or f"val/auc/{graph.names[-1]}"
+    monitor = cfg.trainer.monitor or default_monitor(graph)
     reason = monitor_undefined(valid, graph, monitor)
     if reason is None:
         return monitor, cfg.trainer.mode
