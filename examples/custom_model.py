@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from funnel.data.layout import FeatureLayout
 from funnel.graph import FunnelGraph
 from funnel.models import register_model
 from funnel.models.losses import log1mexp
@@ -41,7 +41,7 @@ class FocalESMM(nn.Module):
     """Shared embeddings, one tower per edge, conditionals multiplied along the path (funnel's
     parts), trained with a focal BCE on every path probability over all impressions."""
 
-    def __init__(self, graph: FunnelGraph, spec: FunnelSpec, layout: Any, gamma: float):
+    def __init__(self, graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout, gamma: float):
         super().__init__()
         self.graph = graph
         self.gamma = gamma
@@ -81,7 +81,7 @@ class FocalESMM(nn.Module):
     "esmm_focal",
     capabilities=Capabilities(branches=True, groups=True, bottom=True, gradnorm=True, counterfactual=("ips", "dr")),
 )
-def build_esmm_focal(graph: FunnelGraph, spec: FunnelSpec, layout: Any, gamma: float = 2.0) -> FocalESMM:
+def build_esmm_focal(graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout, gamma: float = 2.0) -> FocalESMM:
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     return FocalESMM(graph, spec, layout, gamma)

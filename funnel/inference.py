@@ -16,7 +16,7 @@ import torch
 from funnel.atomic import same_file, write_text
 from funnel.data.io import TableWriter, iter_table, output_format, prefetched, read_table, resolve_path, table_columns
 from funnel.data.loader import BatchLoader
-from funnel.data.table import EncodedTable
+from funnel.data.table import LABELS, EncodedTable
 from funnel.errors import UserError
 from funnel.graph import FunnelGraph
 from funnel.models.registry import FunnelModel
@@ -70,7 +70,7 @@ def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16
 
     metrics = FunnelMetrics(model.graph, with_truth=bool(table.truth), free=free_stages(model.graph, table.truth))
     for batch, log_reach, log_cond, _ in score(model, table, batch_size):
-        metrics.update(log_reach, log_cond, batch["labels"], truth_of(batch))
+        metrics.update(log_reach, log_cond, batch[LABELS], truth_of(batch))
     values = metrics.compute()
     values = {k: (None if math.isnan(v) else round(v, 6)) for k, v in values.items()}
     values["rows"] = len(table)

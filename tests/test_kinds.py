@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from funnel.data.encoders import CategoricalEncoder, SequenceEncoder, SharedCategoricalEncoder
-from funnel.data.kinds import FEATURE_KINDS, new_encoders
+from funnel.data.kinds import FEATURE_KINDS, Block, new_encoders
 from funnel.data.table import CAT, NUM, SEQ
 from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec
 
@@ -28,6 +28,7 @@ def test_every_kind_of_the_schema_has_one_entry_with_its_options():
     for name, kind in FEATURE_KINDS.items():
         assert kind.name == name and kind.options == FEATURE_OPTIONS[name]
         assert kind.block in (CAT, NUM, SEQ)
+    assert get_args(Block) == (CAT, NUM, SEQ)
 
 
 @pytest.mark.parametrize("name", list(FEATURE_KINDS))

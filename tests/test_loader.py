@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from funnel.data.loader import BatchLoader
-from funnel.data.table import EncodedTable
+from funnel.data.table import CAT, LABELS, NUM, EncodedTable, seq_key
 
 N = 103  # not a multiple of the batch size or of the world size
 
@@ -25,10 +25,10 @@ def table(n: int = N) -> EncodedTable:
 def epoch(loader: BatchLoader) -> list[list[int]]:
     batches = []
     for b in loader:
-        rows = b["cat"][:, 0]
+        rows = b[CAT][:, 0]
         # every tensor of a batch holds the same rows
-        assert torch.equal(b["num"][:, 0].long(), rows) and torch.equal(b["seq/hist"][:, 2], rows)
-        assert torch.equal(b["labels"][:, 0].long(), rows)
+        assert torch.equal(b[NUM][:, 0].long(), rows) and torch.equal(b[seq_key("hist")][:, 2], rows)
+        assert torch.equal(b[LABELS][:, 0].long(), rows)
         batches.append(rows.tolist())
     return batches
 

@@ -136,7 +136,7 @@ class SharedCategoricalEncoder:
         return self  # the vocabulary is the other feature's, fitted on its own column
 
     def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
-        return (self.own or self.ids).encode(col, where)
+        return (self.own if self.own is not None else self.ids).encode(col, where)
 
     def state(self) -> dict[str, Any]:
         return self.own.state() if self.own is not None else {}

@@ -40,6 +40,7 @@ class Featurizer:
 
     @property
     def cat(self) -> dict[str, Encoder]:
+        """The categorical encoders (``.cardinality``, ``.vocab``), by feature name."""
         return self.of_kind("categorical")
 
     # ---- columns -------------------------------------------------------------------------
@@ -153,11 +154,10 @@ class Featurizer:
                 spec = build(FeatureSpec, item["spec"], "features", errors, hook=False)  # every field is saved
                 if spec is None or errors:
                     raise ValueError("; ".join(errors) or "a feature spec is malformed")
-                if spec.kind != self.encoders[spec.name].spec.kind:
-                    raise ValueError(
-                        f"feature {spec.name!r} is {spec.kind} there, {self.encoders[spec.name].spec.kind} here"
-                    )
-                self.encoders[spec.name].load_state(item["state"])  # checks the statistics
+                enc = self.encoders[spec.name]
+                if spec.kind != enc.spec.kind:
+                    raise ValueError(f"feature {spec.name!r} is {spec.kind} there, {enc.spec.kind} here")
+                enc.load_state(item["state"])  # each encoder checks its statistics
                 seen.add(spec.name)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(

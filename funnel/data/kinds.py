@@ -28,7 +28,7 @@ from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SequenceEnc
 from funnel.data.table import CAT, NUM, SEQ
 from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec
 
-Block = Literal["cat", "num", "seq"]
+Block = Literal["cat", "num", "seq"]  # CAT, NUM, SEQ of table.py: the EncodedTable field a kind fills
 
 
 class Encoder(Protocol):

@@ -8,10 +8,10 @@ random initialisation, and so every trained result, does not depend on which bui
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from torch import nn
 
+from funnel.data.layout import FeatureLayout
 from funnel.errors import ConfigError
 from funnel.graph import FunnelGraph
 from funnel.models.bias import BiasTower
@@ -25,7 +25,7 @@ from funnel.spec.schema import FunnelSpec, TowerSpec
 
 
 def input_tables(
-    graph: FunnelGraph, spec: FunnelSpec, layout: Any, shared: bool
+    graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout, shared: bool
 ) -> tuple[SharedEmbeddings | None, nn.ModuleDict | None, InputShape]:
     """Shared tables read by every tower, or a full private set per tower (ESMM-NS, BASE).
     The bias tower's features are left out: that tower reads them alone."""
@@ -53,7 +53,7 @@ def bottom(
     return module, dataclasses.replace(shape, flat_dim=module.out_dim)
 
 
-def bias_tower(graph: FunnelGraph, spec: FunnelSpec, layout: Any) -> tuple[BiasTower | None, str | None]:
+def bias_tower(graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout) -> tuple[BiasTower | None, str | None]:
     """The position-bias tower and the stage whose logit it shifts in training (None without one)."""
     b = spec.bias_tower
     if b is None:
@@ -87,7 +87,12 @@ def ait_transfer(graph: FunnelGraph, towers: nn.ModuleDict) -> nn.ModuleDict:
 
 
 def funnel_net(
-    graph: FunnelGraph, spec: FunnelSpec, layout: Any, shared: bool, direct: bool = False, transfer: bool = False
+    graph: FunnelGraph,
+    spec: FunnelSpec,
+    layout: FeatureLayout,
+    shared: bool,
+    direct: bool = False,
+    transfer: bool = False,
 ) -> FunnelNet:
     """The usual assembly: inputs → [bottom] → towers and heads → [transfer] → compose.
     ``direct``: each head predicts its stage's path probability (DIVISION, AITM) instead of a

@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from funnel.data.layout import FeatureLayout
 from funnel.errors import ConfigError, did_you_mean
 from funnel.graph import FunnelGraph
 from funnel.models.counterfactual import build_regularizer
@@ -151,7 +152,7 @@ def argument_problems(spec: FunnelSpec) -> list[str]:
     return problems
 
 
-def create_model(graph: FunnelGraph, spec: FunnelSpec, layout: Any) -> FunnelModel:
+def create_model(graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout) -> FunnelModel:
     """Build the configured model and give it the run's weighting and regularisers."""
     import funnel.models.zoo  # noqa: F401  (registers the built-in models)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from funnel.data.layout import FeatureLayout
 from funnel.graph import FunnelGraph
 from funnel.models.inputs import TowerInput
 from funnel.models.losses import bce_from_log_prob, masked_mean
@@ -157,7 +158,7 @@ def _product_capabilities(share: bool) -> Callable[[dict[str, Any]], Capabilitie
 def _entire_space(
     graph: FunnelGraph,
     spec: FunnelSpec,
-    layout: Any,
+    layout: FeatureLayout,
     share_embeddings: bool,
     transfer: str,
     compose: str,
@@ -181,7 +182,7 @@ Compose = Literal["product", "direct"]
 def build_esmm(
     graph: FunnelGraph,
     spec: FunnelSpec,
-    layout: Any,
+    layout: FeatureLayout,
     share_embeddings: bool = True,
     transfer: Transfer = "none",
     compose: Compose = "product",
@@ -198,7 +199,7 @@ def build_esmm(
 def build_esmm_ns(
     graph: FunnelGraph,
     spec: FunnelSpec,
-    layout: Any,
+    layout: FeatureLayout,
     share_embeddings: bool = False,
     transfer: Transfer = "none",
     compose: Compose = "product",
@@ -212,7 +213,7 @@ def build_esmm_ns(
 def build_aitm(
     graph: FunnelGraph,
     spec: FunnelSpec,
-    layout: Any,
+    layout: FeatureLayout,
     share_embeddings: bool = True,
     transfer: Transfer = "ait",
     compose: Compose = "direct",
@@ -238,7 +239,9 @@ def _subset_capabilities(args: dict[str, Any]) -> Capabilities:
         counterfactual=("ips", "dr") if args.get("share_embeddings", False) else ("ips",),
     ),
 )
-def build_division(graph: FunnelGraph, spec: FunnelSpec, layout: Any, share_embeddings: bool = False) -> Model:
+def build_division(
+    graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout, share_embeddings: bool = False
+) -> Model:
     """DIVISION: separate networks predict every path probability (pCTR, pCTCVR) on all
     impressions; pCVR = pCTCVR / pCTR, clipped at 1."""
     _chain_only(graph, "model division")
@@ -247,7 +250,7 @@ def build_division(graph: FunnelGraph, spec: FunnelSpec, layout: Any, share_embe
 
 @register_model("base", capabilities=_subset_capabilities)
 def build_base(
-    graph: FunnelGraph, spec: FunnelSpec, layout: Any, share_embeddings: bool = False, oversample: float = 1.0
+    graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout, share_embeddings: bool = False, oversample: float = 1.0
 ) -> Model:
     """BASE: each conditional tower on its parent-positive rows only. ``oversample`` = k counts
     every positive of a conditional tower k times (the paper's OVERSAMPLING baseline)."""
@@ -258,7 +261,7 @@ def build_base(
 
 
 @register_model("naive", capabilities=_subset_capabilities)
-def build_naive(graph: FunnelGraph, spec: FunnelSpec, layout: Any, share_embeddings: bool = False) -> Model:
+def build_naive(graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout, share_embeddings: bool = False) -> Model:
     """NAIVE: independent towers, each trained on its own observed label over all rows."""
     return Model(funnel_net(graph, spec, layout, shared=share_embeddings), ObservedLabelLoss(graph))
 

@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from funnel.data.table import LABELS
 from funnel.models.registry import FunnelModel, model_loss
 from funnel.spec.schema import OptimSpec
 from funnel.training.lazy_adam import LazyAdam
@@ -31,8 +32,8 @@ class FunnelLightningModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model(batch)
-        loss = model_loss(self.model, out, batch["labels"])
-        bs = batch["labels"].shape[0]
+        loss = model_loss(self.model, out, batch[LABELS])
+        bs = batch[LABELS].shape[0]
         self.log("train/loss", loss.total, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         # epoch means of the total and of every term, summed here and logged once per epoch:
         # one self.log per step instead of one per term (Lightning's per-call cost adds up)
@@ -76,9 +77,9 @@ class FunnelLightningModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, Tensor], metrics: FunnelMetrics, prefix: str) -> None:
         out = self.model(batch)
-        loss = model_loss(self.model, out, batch["labels"])
-        self.log(f"{prefix}/loss", loss.total, on_epoch=True, batch_size=batch["labels"].shape[0])
-        metrics.update(*out.log_stacked(self.names), batch["labels"], truth_of(batch))
+        loss = model_loss(self.model, out, batch[LABELS])
+        self.log(f"{prefix}/loss", loss.total, on_epoch=True, batch_size=batch[LABELS].shape[0])
+        metrics.update(*out.log_stacked(self.names), batch[LABELS], truth_of(batch))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from funnel.data.featurizer import Featurizer
+from funnel.data.layout import FeatureLayout
 from funnel.errors import ConfigError, UserError
 from funnel.graph import FunnelGraph
 from funnel.spec.schema import Config
@@ -25,7 +25,7 @@ def model_build_problems(cfg: Config, graph: FunnelGraph | None = None) -> list[
     from funnel.models.registry import create_model
 
     graph = graph or FunnelGraph.from_stages(cfg.funnel.stages)
-    layout = Featurizer(cfg, graph).layout()  # unfitted: one-row tables, no missing-flag columns
+    layout = FeatureLayout.placeholder(cfg, rows=2)  # exact widths and sharing; table sizes are placeholders
     try:
         with torch.device("meta"):
             create_model(graph, cfg.funnel, layout)

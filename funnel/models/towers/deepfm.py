@@ -29,7 +29,7 @@ def field_width(shape: InputShape, tower: str) -> int:
     if len(widths) != 1:
         raise ValueError(
             f"{tower} needs every categorical/sequence feature embedded at one width, got "
-            f"{dict(shape.field_dims)}; drop the per-feature `dim` overrides or set them equal."
+            f"{dict(shape.field_dims)}; drop the per-feature `embed_dim` overrides or set them equal."
         )
     return widths.pop()
 
