@@ -45,7 +45,6 @@ class Stage:
     label: str
     after: str | None
     edges: tuple[Edge, ...]
-    weight: float = 1.0
     group: str | None = None  # mutually exclusive siblings share a group (one softmax)
 
 
@@ -99,32 +98,33 @@ class FunnelGraph:
         return list(edges) if len(edges) > 1 else []
 
     @classmethod
-    def chain(cls, specs: Sequence[tuple[str, str, str | None, float]]) -> FunnelGraph:
-        """Build from ``(name, label, after, weight)`` tuples; raises ValueError listing problems."""
-        return cls.build([(n, lab, a, w, None) for n, lab, a, w in specs])
+    def chain(cls, specs: Sequence[tuple[str, str, str | None]]) -> FunnelGraph:
+        """Build from ``(name, label, after)`` tuples; raises ValueError listing problems."""
+        return cls.build([(n, lab, a, None) for n, lab, a in specs])
 
     @classmethod
     def from_stages(cls, stages: Sequence) -> FunnelGraph:
-        """Build from ``StageSpec``-like objects (name, label_column, after, weight, via, group)."""
+        """Build from ``StageSpec``-like objects (name, label_column, after, via, group). The graph
+        is the funnel's structure only: loss weights belong to the run's weighting."""
         return cls.build(
-            [(s.name, s.label_column, s.after, s.weight, s.via) for s in stages],
+            [(s.name, s.label_column, s.after, s.via) for s in stages],
             groups={s.name: s.group for s in stages if s.group is not None},
         )
 
     @classmethod
     def build(
-        cls, specs: Sequence[tuple[str, str, str | None, float, str | None]], groups: Mapping[str, str] | None = None
+        cls, specs: Sequence[tuple[str, str, str | None, str | None]], groups: Mapping[str, str] | None = None
     ) -> FunnelGraph:
-        """Build from ``(name, label, after, weight, via)`` tuples; ``groups`` maps stage -> group.
+        """Build from ``(name, label, after, via)`` tuples; ``groups`` maps stage -> group.
 
         ``via`` names a branch stage B (with the same ``after``): the stage then has two
         towers, one for rows where B happened and one where it did not (ESM²). ``via`` may
         also name a group: one tower per member and one for "none of them".
         """
         groups = dict(groups or {})
-        problems = graph_problems([(n, lab, a) for n, lab, a, _, _ in specs])
-        problems += group_problems([(n, a, groups.get(n)) for n, _, a, _, _ in specs])
-        problems += branch_problems([(n, a, v) for n, _, a, _, v in specs], groups)
+        problems = graph_problems([(n, lab, a) for n, lab, a, _ in specs])
+        problems += group_problems([(n, a, groups.get(n)) for n, _, a, _ in specs])
+        problems += branch_problems([(n, a, v) for n, _, a, v in specs], groups)
         if problems:
             raise ValueError("; ".join(problems))
         members: dict[str, list[str]] = {}
@@ -137,7 +137,7 @@ class FunnelGraph:
         pending = [s[0] for s in specs]
         while pending:
             for n in list(pending):
-                _, lab, a, w, via = by_name[n]
+                _, lab, a, via = by_name[n]
                 via_done = all(m in done for m in members[via]) if via in members else via in done
                 if a in done and via_done:
                     if via is None:
@@ -148,7 +148,7 @@ class FunnelGraph:
                             *(Edge(tower=f"{n}@{m}", source=m) for m in outcomes),
                             Edge(tower=f"{n}@not_{via}", source=via, negated=True),
                         )
-                    ordered.append(Stage(n, lab, a, edges, w, groups.get(n)))
+                    ordered.append(Stage(n, lab, a, edges, groups.get(n)))
                     done.add(n)
                     pending.remove(n)
         return cls(tuple(ordered))

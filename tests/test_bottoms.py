@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import uuid
 
 import pytest
 import torch
+from torch import nn
 
 from funnel.data.featurizer import Featurizer
 from funnel.data.table import take
 from funnel.errors import ConfigError
 from funnel.models import create_model
-from funnel.models.bottoms import MMoE, build_bottom
+from funnel.models.bottoms import BOTTOMS, MMoE, build_bottom, register_bottom
 from funnel.models.inputs import InputShape, TowerInput
 from funnel.runs import build_graph
 from funnel.spec import config_from_dict
@@ -27,23 +29,61 @@ def toy() -> tuple[InputShape, TowerInput]:
     return InputShape(flat_dim=5, field_dims={}, numeric_dim=5), TowerInput(flat, {}, flat, {})
 
 
-@pytest.mark.parametrize(
-    ("kind", "params"),
-    [
-        ("shared_bottom", {"hidden": [8]}),
-        ("mmoe", {"experts": 3, "expert_hidden": [8]}),
-        ("ple", {"layers": 2, "shared_experts": 2, "specific_experts": 1, "expert_hidden": [8]}),
-    ],
-)
-def test_every_bottom_gives_one_vector_per_stage(kind, params):
+# Every registered bottom is tested: the parameter lists come from the registry.
+BOTTOM_NAMES = BOTTOMS.names()
+
+# Small arguments with an output width of 8 for the built-ins; other bottoms take their defaults.
+PARAMS = {
+    "shared_bottom": {"hidden": [8]},
+    "mmoe": {"experts": 3, "expert_hidden": [8]},
+    "ple": {"layers": 2, "shared_experts": 2, "specific_experts": 1, "expert_hidden": [8]},
+}
+
+
+def check_bottom(kind: str) -> None:
+    """The check every registered bottom gets: one finite (B, out_dim) vector per stage, finite
+    gradients, and gate weights (if it logs any) that are a distribution per stage."""
     shape, x = toy()
-    bottom = build_bottom(TowerSpec(type=kind, params=tuple(params.items())), shape, STAGES)
+    x = TowerInput(x.flat.clone().requires_grad_(True), {}, x.numeric, {})
+    bottom = build_bottom(TowerSpec(type=kind, params=tuple(PARAMS.get(kind, {}).items())), shape, STAGES)
     out = bottom(x)
-    assert set(out) == set(STAGES) and all(v.shape == (6, bottom.out_dim) for v in out.values())
-    assert bottom.out_dim == 8
-    if kind != "shared_bottom":  # gated: the logged gate weights are a distribution per stage
-        for w in bottom.gates.values():
-            assert torch.isclose(w.sum(), torch.tensor(1.0))
+    assert set(out) == set(STAGES), kind
+    assert all(v.shape == (6, bottom.out_dim) and torch.isfinite(v).all() for v in out.values()), kind
+    if kind in PARAMS:
+        assert bottom.out_dim == 8
+    sum(v.sum() for v in out.values()).backward()
+    assert x.flat.grad is not None and torch.isfinite(x.flat.grad).all(), kind
+    if kind in ("mmoe", "ple"):
+        assert set(bottom.gates) == set(STAGES)
+    for w in getattr(bottom, "gates", {}).values():  # gated: the logged gate weights
+        assert torch.isclose(w.sum(), torch.tensor(1.0)), kind
+
+
+def test_every_registered_bottom_is_parametrised():
+    assert BOTTOMS.names() == BOTTOM_NAMES
+    assert set(PARAMS) <= set(BOTTOMS.names())
+    assert {"shared_bottom", "mmoe", "ple"} <= set(BOTTOM_NAMES)
+
+
+@pytest.mark.parametrize("kind", BOTTOM_NAMES)
+def test_every_bottom_gives_one_vector_per_stage(kind):
+    check_bottom(kind)
+
+
+def _throwaway_bottom(fill: float):
+    class Throwaway(nn.Module):
+        def __init__(self, shape: InputShape, stages, width: int = 3):
+            super().__init__()
+            self.stages = list(stages)
+            self.layer = nn.Linear(shape.flat_dim, width)
+            self.fill = fill
+            self.out_dim = width
+
+        def forward(self, x: TowerInput) -> dict[str, torch.Tensor]:
+            h = torch.tanh(self.layer(x.flat)) + self.fill
+            return {s: h for s in self.stages}
+
+    return Throwaway
 
 
 def test_mmoe_output_is_the_gate_weighted_sum_of_experts():
@@ -89,14 +129,35 @@ def build(frame, **funnel):
     return create_model(graph, cfg.funnel, fz.layout()), take(fz.encode(frame, "train").tensors(), slice(0, 50))
 
 
-@pytest.mark.parametrize("kind", ["shared_bottom", "mmoe", "ple"])
+@pytest.mark.parametrize("kind", BOTTOM_NAMES)
 @pytest.mark.parametrize("model", ["esmm", "aitm"])
 def test_bottoms_train_inside_funnel_models(frame, kind, model):
+    check_bottom_in_model(frame, kind, model)
+
+
+def check_bottom_in_model(frame, kind: str, model: str) -> None:
     m, batch = build(frame, model=model, bottom={"type": kind})
     loss = m.loss(m(batch), batch["labels"])
     loss.total.backward()
-    assert torch.isfinite(loss.total)
-    assert m.net.embeddings.table_grad("user_id").abs().sum() > 0
+    assert torch.isfinite(loss.total), kind
+    assert m.net.embeddings.table_grad("user_id").abs().sum() > 0, kind
+
+
+def test_a_newly_registered_bottom_gets_the_same_checks_and_a_broken_one_fails_them(frame):
+    kind = f"tmp_bottom_{uuid.uuid4().hex[:8]}"
+    assert kind not in BOTTOM_NAMES
+    try:
+        register_bottom(kind)(_throwaway_bottom(0.0))
+        assert kind in BOTTOMS.names()  # what BOTTOM_NAMES holds when the registering module is imported first
+        check_bottom(kind)
+        for model in ("esmm", "aitm"):
+            check_bottom_in_model(frame, kind, model)
+        BOTTOMS._items[kind] = _throwaway_bottom(float("nan"))  # a bottom that puts out NaN is caught
+        with pytest.raises(AssertionError, match=kind):
+            check_bottom(kind)
+    finally:
+        del BOTTOMS._items[kind]
+    assert BOTTOMS.names() == BOTTOM_NAMES
 
 
 def test_bottom_problems_are_reported_at_validation():
@@ -181,7 +242,7 @@ def test_position_free_auc_is_logged_for_the_first_stage(frame):
     assert 0 <= values["auc_free/click"] <= 1 and "auc_free/conversion" not in values
 
 
-@pytest.mark.parametrize("kind", ["shared_bottom", "mmoe", "ple"])
+@pytest.mark.parametrize("kind", BOTTOM_NAMES)
 def test_bottoms_score_in_bf16_close_to_float32(frame, kind):
     from funnel.data.table import EncodedTable
     from funnel.inference import dense_layers_to_bf16, predict_table

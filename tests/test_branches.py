@@ -17,9 +17,9 @@ from funnel.spec import config_from_dict
 # click -> {cart | no cart} -> buy
 ESM2 = FunnelGraph.build(
     [
-        ("click", "click", None, 1.0, None),
-        ("buy", "buy", "click", 3.0, "cart"),  # listed before its branch: order is derived
-        ("cart", "cart", "click", 2.0, None),
+        ("click", "click", None, None),
+        ("buy", "buy", "click", "cart"),  # listed before its branch: order is derived
+        ("cart", "cart", "click", None),
     ]
 )
 L1, L2, L3, L4 = [1.0, -2.0, 0.3], [0.5, 2.5, -1.0], [2.0, -0.5, 0.0], [-1.0, 1.0, -3.0]  # 3 rows
@@ -160,10 +160,10 @@ def test_esm2_config_trains_and_predicts_every_stage_and_branch(tmp_path):
 # k-way branch: click -> {cart | wish | neither} -> buy, cart and wish in group "action"
 KWAY = FunnelGraph.build(
     [
-        ("click", "click", None, 1.0, None),
-        ("cart", "cart", "click", 1.0, None),
-        ("wish", "wish", "click", 1.0, None),
-        ("buy", "buy", "click", 1.0, "action"),
+        ("click", "click", None, None),
+        ("cart", "cart", "click", None),
+        ("wish", "wish", "click", None),
+        ("buy", "buy", "click", "action"),
     ],
     groups={"cart": "action", "wish": "action"},
 )
@@ -204,9 +204,9 @@ def test_kway_group_is_a_softmax_and_the_mixture_matches_hand_values():
 def test_a_group_of_one_stage_is_the_plain_sigmoid():
     single = FunnelGraph.build(
         [
-            ("click", "click", None, 1.0, None),
-            ("cart", "cart", "click", 1.0, None),
-            ("buy", "buy", "click", 1.0, "cart"),
+            ("click", "click", None, None),
+            ("cart", "cart", "click", None),
+            ("buy", "buy", "click", "cart"),
         ],
         groups={"cart": "g"},
     )
@@ -214,7 +214,7 @@ def test_a_group_of_one_stage_is_the_plain_sigmoid():
     assert torch.allclose(a.log_cond["cart"], b.log_cond["cart"])
     with_none = {**logits(), "buy@not_g": logits()["buy@not_cart"]}
     single_via = FunnelGraph.build(
-        [("click", "click", None, 1.0, None), ("cart", "cart", "click", 1.0, None), ("buy", "buy", "click", 1.0, "g")],
+        [("click", "click", None, None), ("cart", "cart", "click", None), ("buy", "buy", "click", "g")],
         groups={"cart": "g"},
     )
     assert torch.allclose(compose(single_via, with_none).log_reach["buy"], b.log_reach["buy"])

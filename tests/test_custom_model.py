@@ -60,7 +60,7 @@ import custom_model
 from funnel.graph import FunnelGraph
 from funnel.models.net import compose
 from funnel.models.zoo import EntireSpaceLoss
-g = FunnelGraph.chain([("click", "click", None, 1.0), ("conversion", "conversion", "click", 1.0)])
+g = FunnelGraph.chain([("click", "click", None), ("conversion", "conversion", "click")])
 logits = {{"click": torch.tensor([0.3, -1.2, 2.0, 0.1], dtype=torch.float64),
           "conversion": torch.tensor([-0.5, 1.1, 0.4, -2.0], dtype=torch.float64)}}
 labels = torch.tensor([[1, 1], [0, 0], [1, 0], [0, 0]], dtype=torch.float64)

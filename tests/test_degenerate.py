@@ -25,7 +25,7 @@ def table(labels: list[list[int]], stages: int = 2) -> EncodedTable:
 
 def chain() -> FunnelGraph:
     """click -> conversion, conversion read from the column "bought"."""
-    return FunnelGraph.chain([("click", "click", None, 1.0), ("conversion", "bought", "click", 1.0)])
+    return FunnelGraph.chain([("click", "click", None), ("conversion", "bought", "click")])
 
 
 GOOD = [[1, 1], [1, 0], [0, 0], [0, 0]]  # both classes in both stages
@@ -131,9 +131,9 @@ def test_auc_cond_of_a_branch_stage_uses_the_rows_of_its_after_stage():
     # ESM²: buy is reached via cart or not-cart, both after click; stage order click, cart, buy
     graph = FunnelGraph.build(
         [
-            ("click", "click", None, 1.0, None),
-            ("cart", "cart", "click", 1.0, None),
-            ("buy", "buy", "click", 1.0, "cart"),
+            ("click", "click", None, None),
+            ("cart", "cart", "click", None),
+            ("buy", "buy", "click", "cart"),
         ]
     )
     assert graph.names == ["click", "cart", "buy"] and graph.stage("buy").after == "click"

@@ -458,7 +458,7 @@ CONFLICT_Y = CONFLICT[["click", "conversion"]].to_numpy(np.float32)
 
 
 def two_stage_graph() -> FunnelGraph:
-    return FunnelGraph.chain([("click", "click", None, 1.0), ("conversion", "conversion", "click", 1.0)])
+    return FunnelGraph.chain([("click", "click", None), ("conversion", "conversion", "click")])
 
 
 def test_conflict_counts_per_child_stage():
@@ -487,7 +487,7 @@ def test_conflict_policy_error_counts_the_conflicts():
 
 
 def test_zero_policy_cascades_down_a_chain():
-    graph = FunnelGraph.chain([("a", "a", None, 1.0), ("b", "b", "a", 1.0), ("c", "c", "b", 1.0)])
+    graph = FunnelGraph.chain([("a", "a", None), ("b", "b", "a"), ("c", "c", "b")])
     y = np.array([[0, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=np.float32)
     zeroed, _ = resolve_conflicts(y, graph, "zero", "t")
     assert zeroed.tolist() == [[0, 0, 0], [1, 0, 0], [1, 1, 1]]

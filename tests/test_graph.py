@@ -11,16 +11,16 @@ from funnel.graph import Edge, FunnelGraph, graph_problems
 from funnel.spec import config_from_dict
 
 FIVE = [
-    ("click", "click", None, 1.0),
-    ("cart", "cart", "click", 1.0),
-    ("checkout", "checkout", "cart", 1.0),
-    ("pay", "pay", "checkout", 2.0),
-    ("review", "review", "pay", 0.5),
+    ("click", "click", None),
+    ("cart", "cart", "click"),
+    ("checkout", "checkout", "cart"),
+    ("pay", "pay", "checkout"),
+    ("review", "review", "pay"),
 ]
 
 
 def triples(specs):
-    return [(n, lab, a) for n, lab, a, _ in specs]
+    return [(n, lab, a) for n, lab, a in specs]
 
 
 def test_valid_chain_has_no_problems():
@@ -71,7 +71,7 @@ def test_empty_stage_list_is_reported():
 
 def test_chain_raises_value_error_listing_problems():
     with pytest.raises(ValueError) as err:
-        FunnelGraph.chain([("a", "a", "a", 1.0), ("a", "b", "a", 1.0)])
+        FunnelGraph.chain([("a", "a", "a"), ("a", "b", "a")])
     msg = str(err.value)
     assert "'a' is used twice" in msg and "cannot follow itself" in msg and "no stage follows" in msg
 
@@ -83,7 +83,8 @@ def test_five_stage_chain_orders_stages_and_paths():
     assert graph.path("cart") == ["click", "cart"]
     assert graph.path("click") == ["click"]
     assert graph.index("pay") == 3
-    assert graph.stage("pay").weight == 2.0 and graph.stage("pay").after == "checkout"
+    assert graph.stage("pay").after == "checkout"
+    assert not hasattr(graph.stage("pay"), "weight")  # loss weights belong to the weighting, not the graph
     # one tower per stage, named after it, fed by the parent stage
     assert graph.towers == graph.names
     assert graph.stage("cart").edges == (Edge(tower="cart", source="click"),)
@@ -100,10 +101,10 @@ def test_stages_listed_child_first_are_put_in_parent_order():
 def test_branching_stages_order_parents_first():
     graph = FunnelGraph.chain(
         [
-            ("buy", "buy", "cart", 1.0),
-            ("cart", "cart", "click", 1.0),
-            ("share", "share", "click", 1.0),
-            ("click", "click", None, 1.0),
+            ("buy", "buy", "cart"),
+            ("cart", "cart", "click"),
+            ("share", "share", "click"),
+            ("click", "click", None),
         ]
     )
     names = graph.names

@@ -28,8 +28,8 @@ def bce(p: float, y: float) -> float:
     return -(y * math.log(p) + (1.0 - y) * math.log(1.0 - p))
 
 
-def graph(weights=(1.0, 2.0)) -> FunnelGraph:
-    return FunnelGraph.chain([("click", "click", None, weights[0]), ("conversion", "conversion", "click", weights[1])])
+def graph() -> FunnelGraph:
+    return FunnelGraph.chain([("click", "click", None), ("conversion", "conversion", "click")])
 
 
 def weighted(result, weights=None) -> torch.Tensor:
@@ -132,7 +132,7 @@ def test_extreme_logits_give_finite_loss_and_gradients(objective, magnitude):
 
 
 def test_path_probability_near_1e_minus_12_is_finite_and_exact():
-    g = FunnelGraph.chain([("a", "a", None, 1.0), ("b", "b", "a", 1.0), ("c", "c", "b", 1.0)])
+    g = FunnelGraph.chain([("a", "a", None), ("b", "b", "a"), ("c", "c", "b")])
     logits = {n: torch.full((2,), -9.2, requires_grad=True) for n in ("a", "b", "c")}
     labels = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     out = compose(g, logits)

@@ -11,7 +11,7 @@ import torch
 from funnel.graph import FunnelGraph
 from funnel.training.metrics import FunnelMetrics
 
-GRAPH = FunnelGraph.chain([("click", "click", None, 1.0), ("conversion", "conversion", "click", 1.0)])
+GRAPH = FunnelGraph.chain([("click", "click", None), ("conversion", "conversion", "click")])
 
 # 8 impressions: 4 clicked, 2 of them converted (no label conflicts).
 Y_CLICK = [1, 1, 1, 1, 0, 0, 0, 0]

@@ -24,7 +24,7 @@ from funnel.spec import config_from_dict
 from funnel.spec.schema import TowerSpec
 from funnel.synthetic import SyntheticSpec, generate
 
-THREE = FunnelGraph.chain([("click", "click", None, 1.0), ("cart", "cart", "click", 1.0), ("buy", "buy", "cart", 1.0)])
+THREE = FunnelGraph.chain([("click", "click", None), ("cart", "cart", "click"), ("buy", "buy", "cart")])
 
 
 def test_compose_chains_log_probabilities():

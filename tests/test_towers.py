@@ -6,14 +6,16 @@ from __future__ import annotations
 import copy
 import sys
 import textwrap
+import uuid
 
 import pytest
 import torch
+from torch import nn
 
 from funnel.data.featurizer import Featurizer
 from funnel.data.table import take
 from funnel.errors import ConfigError
-from funnel.models import TOWERS, create_model
+from funnel.models import TOWERS, create_model, register_tower
 from funnel.models.inputs import InputShape, TowerInput
 from funnel.models.towers import build_tower
 from funnel.models.towers.dcn import CrossLayer
@@ -23,11 +25,12 @@ from funnel.spec import config_from_dict
 from funnel.spec.schema import TowerSpec
 from funnel.synthetic import SyntheticSpec, generate
 
-# Minimal arguments per built-in tower (the rest are defaults); a new built-in must be listed.
+# Every registered tower is tested: the parameter lists below come from the registry, so a
+# new tower (built-in or registered by a plug-in imported at collection) gets the same tests.
+TOWER_NAMES = TOWERS.names()
+
+# Arguments a tower cannot do without (the rest are defaults); towers not listed take none.
 ARGS = {
-    "mlp": {},
-    "deepfm": {},
-    "dcn": {},
     "din": {"sequence": "history"},
     "field_sum": {"groups": {"user": ["user_id"], "item": ["item_id", "history"]}},
 }
@@ -54,20 +57,62 @@ def toy_input(batch: int = 5, width: int = 4, length: int = 3) -> tuple[InputSha
 
 def tower(name: str, **extra):
     shape, _ = toy_input()
-    params = tuple((ARGS[name] | extra).items())
+    params = tuple((ARGS.get(name, {}) | extra).items())
     return build_tower(TowerSpec(type=name, params=params), shape, "funnel.tower")
 
 
-def test_every_builtin_tower_is_listed_here():
-    assert set(ARGS) <= set(TOWERS.names())
-
-
-@pytest.mark.parametrize("name", sorted(ARGS))
-def test_every_builtin_tower_gives_out_dim_finite_values(name):
+def check_tower(name: str) -> None:
+    """The check every registered tower gets: (B, out_dim) finite values, finite gradients."""
     _, x = toy_input()
+    x.flat.requires_grad_(True)
     t = tower(name)
     h = t(x)
-    assert h.shape == (5, t.out_dim) and torch.isfinite(h).all()
+    assert h.shape == (5, t.out_dim) and torch.isfinite(h).all(), name
+    h.sum().backward()
+    assert x.flat.grad is None or torch.isfinite(x.flat.grad).all(), name
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in t.parameters()), name
+
+
+def test_every_registered_tower_is_parametrised_and_the_argument_table_names_registered_towers():
+    assert TOWERS.names() == TOWER_NAMES
+    assert set(ARGS) <= set(TOWERS.names())
+    assert {"mlp", "deepfm", "dcn", "din", "field_sum"} <= set(TOWER_NAMES)
+
+
+@pytest.mark.parametrize("name", TOWER_NAMES)
+def test_every_builtin_tower_gives_out_dim_finite_values(name):
+    check_tower(name)
+
+
+def _throwaway_tower(fill: float):
+    class Throwaway(nn.Module):
+        def __init__(self, shape: InputShape, width: int = 3):
+            super().__init__()
+            self.layer = nn.Linear(shape.flat_dim, width)
+            self.fill = fill
+            self.out_dim = width
+
+        def forward(self, x: TowerInput) -> torch.Tensor:
+            return torch.tanh(self.layer(x.flat)) + self.fill
+
+    return Throwaway
+
+
+def test_a_newly_registered_tower_gets_the_same_checks_and_a_broken_one_fails_them(frames):
+    name = f"tmp_tower_{uuid.uuid4().hex[:8]}"
+    assert name not in TOWER_NAMES
+    try:
+        register_tower(name)(_throwaway_tower(0.0))
+        assert name in TOWERS.names()  # what TOWER_NAMES holds when the registering module is imported first
+        check_tower(name)
+        for funnel in FUNNELS:
+            check_tower_in_model(frames, name, funnel)
+        TOWERS._items[name] = _throwaway_tower(float("nan"))  # a tower that puts out NaN is caught
+        with pytest.raises(AssertionError, match=name):
+            check_tower(name)
+    finally:
+        del TOWERS._items[name]
+    assert TOWERS.names() == TOWER_NAMES
 
 
 def test_fm_term_is_the_sum_of_pairwise_inner_products():
@@ -218,7 +263,7 @@ def tower_model(frames, name: str, funnel: str):
     raw = {
         "data": {"train": "unused.csv"},
         "features": FEATURES,
-        "funnel": copy.deepcopy(FUNNELS[funnel]) | {"embed_dim": 4, "tower": {"type": name, **ARGS[name]}},
+        "funnel": copy.deepcopy(FUNNELS[funnel]) | {"embed_dim": 4, "tower": {"type": name, **ARGS.get(name, {})}},
     }
     cfg = config_from_dict(raw)
     graph = build_graph(cfg)
@@ -229,8 +274,12 @@ def tower_model(frames, name: str, funnel: str):
 
 
 @pytest.mark.parametrize("funnel", sorted(FUNNELS))
-@pytest.mark.parametrize("name", sorted(ARGS))
+@pytest.mark.parametrize("name", TOWER_NAMES)
 def test_every_tower_in_every_model_reaches_the_shared_embeddings(frames, name, funnel):
+    check_tower_in_model(frames, name, funnel)
+
+
+def check_tower_in_model(frames, name: str, funnel: str) -> None:
     model, fz, frame = tower_model(frames, name, funnel)
     graph = model.graph
     batch = take(fz.encode(frame, "train").tensors(), slice(0, 64))
@@ -245,7 +294,7 @@ def test_every_tower_in_every_model_reaches_the_shared_embeddings(frames, name, 
 
 
 @pytest.mark.parametrize("funnel", sorted(FUNNELS))
-@pytest.mark.parametrize("name", sorted(ARGS))
+@pytest.mark.parametrize("name", TOWER_NAMES)
 def test_every_tower_in_every_model_scores_in_bf16_close_to_float32(frames, name, funnel):
     """`funnel predict --bf16`: dense layers cast to bfloat16 once, the rest under autocast."""
     from funnel.inference import dense_layers_to_bf16, predict_table

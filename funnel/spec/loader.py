@@ -174,7 +174,7 @@ def _parent_first(stages: list[Any]) -> list[Any]:
 
     try:
         graph = FunnelGraph.build(
-            [(s["name"], s.get("label") or s["name"], s.get("after"), 1.0, s.get("via")) for s in stages],
+            [(s["name"], s.get("label") or s["name"], s.get("after"), s.get("via")) for s in stages],
             groups={s["name"]: s["group"] for s in stages if s.get("group")},
         )
     except (KeyError, TypeError, ValueError, AttributeError):
