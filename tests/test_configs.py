@@ -61,7 +61,7 @@ MODEL_RUNS = [
     (p, m)
     for p in SYNTHETIC
     for m in MODELS.names()
-    if not _branched(p) or getattr(MODELS.get(m), "supports_branches", False)
+    if not _branched(p) or MODELS.get(m).capabilities_for({}).branches  # the model's declared capability
 ]
 
 

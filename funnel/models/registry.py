@@ -104,8 +104,12 @@ class ModelEntry:
     capabilities: CapabilitiesOf = Capabilities()
 
     def capabilities_for(self, kwargs: dict[str, Any]) -> Capabilities:
+        """The capabilities with these arguments (the builder's defaults fill the rest)."""
         caps = self.capabilities
-        return caps(kwargs) if callable(caps) else caps
+        if not callable(caps):
+            return caps
+        defaults = {n: p.default for n, p in _arguments(self.build).items() if p.default is not p.empty}
+        return caps({**defaults, **kwargs})
 
 
 MODELS: Registry[ModelEntry] = Registry("model", "funnel.model")
@@ -128,10 +132,8 @@ def _arguments(build: Builder) -> dict[str, inspect.Parameter]:
 
 
 def model_arguments(spec: FunnelSpec) -> dict[str, Any]:
-    """The model's arguments with the builder's defaults filled in (for its capabilities)."""
-    entry = MODELS.get(spec.model.type)
-    defaults = {n: p.default for n, p in _arguments(entry.build).items() if p.default is not p.empty}
-    return {**defaults, **spec.model.kwargs}
+    """The model's arguments as given in the config."""
+    return dict(spec.model.kwargs)
 
 
 def argument_problems(spec: FunnelSpec) -> list[str]:
