@@ -22,7 +22,6 @@ Run this file to train it on the synthetic funnel (2 epochs):
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -88,22 +87,10 @@ def build_esmm_focal(graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout
 
 
 def main(overrides: list[str]) -> int:
-    from funnel.cli import main as cli
+    from plugin_demo import fit_with_plugin
 
-    # This file is both the script and the plugin module: make `import custom_model` find it
-    # instead of running (and registering) it a second time.
-    sys.modules.setdefault("custom_model", sys.modules[__name__])
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    config = Path(__file__).resolve().parents[1] / "configs/esmm.yaml"
-    return cli(
-        [
-            "fit",
-            str(config),
-            "plugins=[custom_model]",
-            "funnel.model={type: esmm_focal, gamma: 2.0}",
-            "trainer.max_epochs=2",
-            *overrides,
-        ]
+    return fit_with_plugin(
+        sys.modules[__name__], "custom_model", ["funnel.model={type: esmm_focal, gamma: 2.0}", *overrides]
     )
 
 

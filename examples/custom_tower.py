@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,22 +54,10 @@ class GatedMLPTower(nn.Module):
 
 
 def main(overrides: list[str]) -> int:
-    from funnel.cli import main as cli
+    from plugin_demo import fit_with_plugin
 
-    # This file is both the script and the plugin module: make `import custom_tower` find it
-    # instead of running (and registering) it a second time.
-    sys.modules.setdefault("custom_tower", sys.modules[__name__])
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    config = Path(__file__).resolve().parents[1] / "configs/esmm.yaml"
-    return cli(
-        [
-            "fit",
-            str(config),
-            "plugins=[custom_tower]",
-            "funnel.tower={type: gated_mlp, hidden: [64, 32]}",
-            "trainer.max_epochs=2",
-            *overrides,
-        ]
+    return fit_with_plugin(
+        sys.modules[__name__], "custom_tower", ["funnel.tower={type: gated_mlp, hidden: [64, 32]}", *overrides]
     )
 
 

@@ -287,37 +287,10 @@ def test_predict_names_missing_feature_columns_before_reading_rows(fitted, tmp_p
     err = capsys.readouterr().err
     assert "column 'user_id' is missing" in err and "Traceback" not in err
     assert not (tmp_path / "p.csv").exists()
-    assert (
-        main(
-            [
-                "predict",
-                str(fitted.run),
-                "--data",
-                str(fitted.data / "test.csv"),
-                "--out",
-                str(tmp_path / "p.csv"),
-                "--chunk-rows",
-                "0",
-            ]
-        )
-        == 2
-    )
+    predict = ["predict", str(fitted.run), "--data", str(fitted.data / "test.csv"), "--out", str(tmp_path / "p.csv")]
+    assert main([*predict, "--chunk-rows", "0"]) == 2
     assert "--chunk-rows must be >= 1" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "predict",
-                str(fitted.run),
-                "--data",
-                str(fitted.data / "test.csv"),
-                "--out",
-                str(tmp_path / "p.csv"),
-                "--batch-size",
-                "0",
-            ]
-        )
-        == 2
-    )
+    assert main([*predict, "--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
 

@@ -137,108 +137,75 @@ class Objective(Protocol):
     def __call__(self, out: FunnelOutput, labels: Tensor) -> LossResult: ...
 
 
-def _product_capabilities(share: bool) -> Callable[[dict[str, Any]], Capabilities]:
-    """Conditional towers multiplied along the path express branches and groups; direct
-    heads or information transfer need a chain; shared tables allow a bottom, gradnorm, DR."""
-
-    def capabilities(args: dict[str, Any]) -> Capabilities:
-        shared = args.get("share_embeddings", share)
-        chain = args.get("compose", "product") == "direct" or args.get("transfer", "none") == "ait"
-        return Capabilities(
-            branches=not chain,
-            groups=not chain,
-            bottom=shared,
-            gradnorm=shared,
-            counterfactual=("ips", "dr") if shared else ("ips",),
-        )
-
-    return capabilities
+def _capabilities(args: dict[str, Any], branches: bool, groups: bool) -> Capabilities:
+    """Shared tables allow a bottom, gradnorm and DR; the funnel shapes are the model's own."""
+    shared = args["share_embeddings"]
+    methods = ("ips", "dr") if shared else ("ips",)
+    return Capabilities(branches=branches, groups=groups, bottom=shared, gradnorm=shared, counterfactual=methods)
 
 
-def _entire_space(
-    graph: FunnelGraph,
-    spec: FunnelSpec,
-    layout: FeatureLayout,
-    share_embeddings: bool,
-    transfer: str,
-    compose: str,
-    calibrator: float,
-) -> Model:
-    """Path losses on all impressions over conditional (product) or path (direct) heads."""
-    if calibrator < 0:
-        raise ValueError(f"calibrator must be >= 0, got {calibrator}")
-    direct = compose == "direct"
-    if direct or transfer == "ait":
-        _chain_only(graph, f"model {spec.model.type!r} with compose: {compose}, transfer: {transfer}")
-    net = funnel_net(graph, spec, layout, shared=share_embeddings, direct=direct, transfer=transfer == "ait")
-    return Model(net, EntireSpaceLoss(graph, calibrator=calibrator if direct else 0.0))
+def _entire_space_capabilities(args: dict[str, Any]) -> Capabilities:
+    """Conditional towers multiplied along the path express branches and groups; direct heads
+    or information transfer need a chain."""
+    chain = args["compose"] == "direct" or args["transfer"] == "ait"
+    return _capabilities(args, branches=not chain, groups=not chain)
 
 
 Transfer = Literal["none", "ait"]
 Compose = Literal["product", "direct"]
 
 
-@register_model("esmm", capabilities=_product_capabilities(share=True))
-def build_esmm(
-    graph: FunnelGraph,
-    spec: FunnelSpec,
-    layout: FeatureLayout,
-    share_embeddings: bool = True,
-    transfer: Transfer = "none",
-    compose: Compose = "product",
-    calibrator: float = 0.6,
-) -> Model:
-    """ESMM: conditional towers, products along the path, path losses on all impressions.
-    ``share_embeddings``: one set of tables for every tower; ``transfer: ait`` adds AITM's
-    information transfer between adjacent towers; ``compose: direct`` makes each head predict
-    its path probability, kept monotone by the ``calibrator`` loss (α)."""
-    return _entire_space(graph, spec, layout, share_embeddings, transfer, compose, calibrator)
+def _entire_space_builder(share: bool, transfer: Transfer, compose: Compose, doc: str) -> Callable[..., Model]:
+    """A builder of path losses on all impressions over conditional (product) or path (direct)
+    heads; the three models differ only in their arguments' defaults."""
+
+    def build(
+        graph: FunnelGraph,
+        spec: FunnelSpec,
+        layout: FeatureLayout,
+        share_embeddings: bool = share,
+        transfer: Transfer = transfer,
+        compose: Compose = compose,
+        calibrator: float = 0.6,
+    ) -> Model:
+        if calibrator < 0:
+            raise ValueError(f"calibrator must be >= 0, got {calibrator}")
+        direct = compose == "direct"
+        if direct or transfer == "ait":
+            _chain_only(graph, f"model {spec.model.type!r} with compose: {compose}, transfer: {transfer}")
+        net = funnel_net(graph, spec, layout, shared=share_embeddings, direct=direct, transfer=transfer == "ait")
+        return Model(net, EntireSpaceLoss(graph, calibrator=calibrator if direct else 0.0))
+
+    build.__doc__ = doc
+    return build
 
 
-@register_model("esmm_ns", capabilities=_product_capabilities(share=False))
-def build_esmm_ns(
-    graph: FunnelGraph,
-    spec: FunnelSpec,
-    layout: FeatureLayout,
-    share_embeddings: bool = False,
-    transfer: Transfer = "none",
-    compose: Compose = "product",
-    calibrator: float = 0.6,
-) -> Model:
-    """ESMM-NS: ESMM without shared embeddings (each tower has its own tables)."""
-    return _entire_space(graph, spec, layout, share_embeddings, transfer, compose, calibrator)
-
-
-@register_model("aitm", capabilities=_product_capabilities(share=True))
-def build_aitm(
-    graph: FunnelGraph,
-    spec: FunnelSpec,
-    layout: FeatureLayout,
-    share_embeddings: bool = True,
-    transfer: Transfer = "ait",
-    compose: Compose = "direct",
-    calibrator: float = 0.6,
-) -> Model:
-    """AITM: shared embeddings, adaptive information transfer between adjacent towers, each
-    head predicting its path probability directly, trained with BCE plus the calibrator."""
-    return _entire_space(graph, spec, layout, share_embeddings, transfer, compose, calibrator)
-
-
-def _subset_capabilities(args: dict[str, Any]) -> Capabilities:
-    shared = args.get("share_embeddings", False)
-    return Capabilities(
-        groups=True, bottom=shared, gradnorm=shared, counterfactual=("ips", "dr") if shared else ("ips",)
+build_esmm = register_model("esmm", capabilities=_entire_space_capabilities)(
+    _entire_space_builder(
+        True,
+        "none",
+        "product",
+        """ESMM: conditional towers, products along the path, path losses on all impressions.
+        ``share_embeddings``: one set of tables for every tower; ``transfer: ait`` adds AITM's
+        information transfer between adjacent towers; ``compose: direct`` makes each head predict
+        its path probability, kept monotone by the ``calibrator`` loss (α).""",
     )
-
-
-@register_model(
-    "division",
-    capabilities=lambda args: Capabilities(
-        bottom=args.get("share_embeddings", False),
-        gradnorm=args.get("share_embeddings", False),
-        counterfactual=("ips", "dr") if args.get("share_embeddings", False) else ("ips",),
-    ),
 )
+build_esmm_ns = register_model("esmm_ns", capabilities=_entire_space_capabilities)(
+    _entire_space_builder(False, "none", "product", "ESMM-NS: ESMM without shared embeddings (own tables per tower).")
+)
+build_aitm = register_model("aitm", capabilities=_entire_space_capabilities)(
+    _entire_space_builder(
+        True,
+        "ait",
+        "direct",
+        """AITM: shared embeddings, adaptive information transfer between adjacent towers, each
+        head predicting its path probability directly, trained with BCE plus the calibrator.""",
+    )
+)
+
+
+@register_model("division", capabilities=lambda args: _capabilities(args, branches=False, groups=False))
 def build_division(
     graph: FunnelGraph, spec: FunnelSpec, layout: FeatureLayout, share_embeddings: bool = False
 ) -> Model:
@@ -246,6 +213,11 @@ def build_division(
     impressions; pCVR = pCTCVR / pCTR, clipped at 1."""
     _chain_only(graph, "model division")
     return Model(funnel_net(graph, spec, layout, shared=share_embeddings, direct=True), EntireSpaceLoss(graph))
+
+
+def _subset_capabilities(args: dict[str, Any]) -> Capabilities:
+    """Own losses per tower: groups (one softmax) work, branches need the entire-space mixture."""
+    return _capabilities(args, branches=False, groups=True)
 
 
 @register_model("base", capabilities=_subset_capabilities)
