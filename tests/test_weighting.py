@@ -168,3 +168,13 @@ def test_fused_adam_takes_the_same_steps_as_the_default_adam():
             opt.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_without_the_static_weights_loads_them_from_the_config():
+    """Static runs written before every model had a weighting module have no `static` buffer."""
+    from funnel.models.weighting import StaticWeighting
+
+    w = StaticWeighting(["click", "conversion"], [1.0, 3.0])
+    missing, unexpected = w.load_state_dict({}, strict=False)
+    assert missing == [] and unexpected == []
+    assert w.static.tolist() == [1.0, 3.0]

@@ -259,3 +259,13 @@ def test_transfer_needs_towers_of_one_width():
 def test_transfer_options_are_refused_for_models_without_them():
     with pytest.raises(ConfigError, match="funnel.model.transfer: model 'base' has no argument 'transfer'"):
         config_from_dict(_config({"type": "base", "transfer": "ait"}))
+
+
+def test_a_config_yaml_of_an_earlier_release_loads_unchanged(caplog):
+    """Run directories written before models took arguments list every flat default."""
+    old = {"share_embeddings": None, "oversample": 1.0, "transfer": None, "compose": None, "calibrator": 0.6}
+    cfg = config_from_dict(_config("esmm", **old))
+    assert cfg.funnel.model.type == "esmm" and cfg.funnel.model.kwargs == {}
+    assert "deprecated" not in caplog.text  # the defaults said nothing: nothing to warn about
+    cfg = config_from_dict(_config("base", **{**old, "oversample": 2.0}))
+    assert cfg.funnel.model.kwargs == {"oversample": 2.0} and "deprecated" in caplog.text

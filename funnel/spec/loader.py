@@ -15,7 +15,7 @@ import yaml
 
 from funnel.errors import ConfigError, did_you_mean
 from funnel.spec.convert import build
-from funnel.spec.schema import FLAT_MODEL_KEYS, Config
+from funnel.spec.schema import FLAT_MODEL_DEFAULTS, FLAT_MODEL_KEYS, Config
 from funnel.spec.validate import config_problems
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ def _move_flat_model_keys(raw: dict[str, Any]) -> None:
     if not isinstance(funnel, dict):
         return
     flat = {k: funnel.pop(k) for k in FLAT_MODEL_KEYS if k in funnel}
-    flat = {k: v for k, v in flat.items() if v is not None}  # null meant "the model's default"
+    # the old defaults said nothing (a run directory's config.yaml wrote every one of them out)
+    flat = {k: v for k, v in flat.items() if v != FLAT_MODEL_DEFAULTS[k]}
     if not flat:
         return
     model = funnel.get("model", "esmm")

@@ -253,7 +253,14 @@ class BiasTowerSpec:
 
 # Keys that were flat under `funnel:` before models took arguments; the loader moves them
 # into `funnel.model` with a deprecation message (for one release).
-FLAT_MODEL_KEYS = ("share_embeddings", "oversample", "transfer", "compose", "calibrator")
+FLAT_MODEL_DEFAULTS = {
+    "share_embeddings": None,
+    "oversample": 1.0,
+    "transfer": None,
+    "compose": None,
+    "calibrator": 0.6,
+}
+FLAT_MODEL_KEYS = tuple(FLAT_MODEL_DEFAULTS)
 
 
 @dataclass(frozen=True)
