@@ -83,7 +83,6 @@ class FunnelNet(nn.Module):
         self.heads = heads
         self.transfer = transfer
         self.compose_fn = compose_fn
-        self.direct = compose_fn is compose_direct
         self.shape = shape  # what the towers read (the bottom's width when there is one)
         self.edge_names = {module_key(t): t for t in graph.towers}
         self.stage_towers = {s.name: [module_key(e.tower) for e in s.edges] for s in graph.stages}

@@ -103,13 +103,15 @@ class ModelEntry:
     build: Builder
     capabilities: CapabilitiesOf = Capabilities()
 
+    def arguments(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with the builder's defaults filled in for the arguments not given."""
+        defaults = {n: p.default for n, p in _arguments(self.build).items() if p.default is not p.empty}
+        return {**defaults, **kwargs}
+
     def capabilities_for(self, kwargs: dict[str, Any]) -> Capabilities:
         """The capabilities with these arguments (the builder's defaults fill the rest)."""
         caps = self.capabilities
-        if not callable(caps):
-            return caps
-        defaults = {n: p.default for n, p in _arguments(self.build).items() if p.default is not p.empty}
-        return caps({**defaults, **kwargs})
+        return caps(self.arguments(kwargs)) if callable(caps) else caps
 
 
 MODELS: Registry[ModelEntry] = Registry("model", "funnel.model")
@@ -132,8 +134,8 @@ def _arguments(build: Builder) -> dict[str, inspect.Parameter]:
 
 
 def model_arguments(spec: FunnelSpec) -> dict[str, Any]:
-    """The model's arguments as given in the config."""
-    return dict(spec.model.kwargs)
+    """The configured model's arguments, the builder's defaults filled in."""
+    return MODELS.get(spec.model.type).arguments(spec.model.kwargs)
 
 
 def argument_problems(spec: FunnelSpec) -> list[str]:

@@ -137,21 +137,17 @@ def default_monitor(graph: FunnelGraph) -> str:
 def model_problems(cfg: Config, stages: list) -> list[str]:
     """The model's arguments against its builder, and what the config asks of the model
     against the capabilities it declares (with those arguments)."""
-    from funnel.models.registry import MODELS, argument_problems, model_arguments
+    from funnel.models.registry import MODELS, argument_problems
 
     f = cfg.funnel
     problems = argument_problems(f)
     if problems:
         return problems
     name = f.model.type
-    caps = MODELS.get(name).capabilities_for(model_arguments(f))
+    caps = MODELS.get(name).capabilities_for(f.model.kwargs)
 
-    def able(what: str) -> str:
-        able = [
-            m
-            for m in MODELS.names()
-            if getattr(MODELS.get(m).capabilities_for(model_arguments(_with_model(f, m))), what)
-        ]
+    def able(what: str) -> str:  # the models that can, with their default arguments
+        able = [m for m in MODELS.names() if getattr(MODELS.get(m).capabilities_for({}), what)]
         return ", ".join(able) or "none"
 
     args = f" with {dict(f.model.params)}" if f.model.params else ""
@@ -186,14 +182,6 @@ def model_problems(cfg: Config, stages: list) -> list[str]:
             f"{' or '.join(caps.counterfactual)}."
         )
     return problems
-
-
-def _with_model(f, name: str):
-    import dataclasses
-
-    from funnel.spec.schema import ModelSpec
-
-    return dataclasses.replace(f, model=ModelSpec(type=name))
 
 
 def _bias_tower_problems(cfg: Config, stages: list) -> list[str]:

@@ -50,7 +50,7 @@ from funnel.training.metrics import free_stages
 from funnel.training.module import FunnelLightningModule
 from funnel.training.monitor import choose_monitor
 from funnel.training.preflight import preflight
-from funnel.training.trainer_args import quiet_lightning, raise_trainer_problems
+from funnel.training.trainer_args import quiet_lightning, raise_trainer_data_problems
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _build(cfg: Config, run_dir: Path, resuming: bool):
     featurizer = Featurizer.load(run_dir / ENCODERS, cfg, graph) if resuming else None
     dm = FunnelDataModule(cfg, graph, featurizer)
     dm.prepare()
-    raise_trainer_problems(cfg, train_rows=len(dm.tables["train"]))
+    raise_trainer_data_problems(cfg, train_rows=len(dm.tables["train"]))
     model = create_model(graph, cfg.funnel, dm.featurizer.layout())
     valid = dm.tables["valid"]
     module = FunnelLightningModule(

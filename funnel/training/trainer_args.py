@@ -123,7 +123,8 @@ def trainer_data_problems(cfg: Config, train_rows: int) -> list[str]:
     return []
 
 
-def raise_trainer_problems(cfg: Config, train_rows: int | None = None) -> None:
-    problems = trainer_problems(cfg) if train_rows is None else trainer_data_problems(cfg, train_rows)
+def raise_trainer_data_problems(cfg: Config, train_rows: int) -> None:
+    """Raise the problems of :func:`trainer_data_problems` (the rest runs in preflight)."""
+    problems = trainer_data_problems(cfg, train_rows)
     if problems:
         raise ConfigError(problems)
