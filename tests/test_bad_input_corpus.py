@@ -248,13 +248,15 @@ def _(ctx):
     return ["compare", ctx.write(cfg), "--seeds", "1"], ["plugins", "nonexistent_dependency_xyz"]
 
 
-# ---- data: each is fed to fit and check ------------------------------------------------------------------
+# ---- data: each is fed to fit, check and prepare ---------------------------------------------------------
 def _data_case(make: Callable[[Ctx], tuple[dict, list[str]]]) -> Callable[[str], None]:
     def register(name: str) -> None:
-        for command in ("fit", "check"):
+        for command in ("fit", "check", "prepare"):
 
             def run(ctx: Ctx, command=command):
                 cfg, words = make(ctx)
+                if command == "prepare":  # it writes the cache (the session's, outside the case folder)
+                    cfg["data"]["cache"] = True
                 return [command, ctx.write(cfg)], words
 
             case(f"{command}-data-{name}")(run)
@@ -279,6 +281,35 @@ _data_case(lambda c: (c.with_train(c.frame().assign(click=1, conversion=1)), ["c
     "stage_no_negatives"
 )
 _data_case(lambda c: (c.with_train(c.frame().assign(price=-1.0)), ["price", "log1p"]))("log1p_negative")
+
+
+def _train_at(path: str) -> Callable[[Ctx], tuple[dict, list[str]]]:
+    """data.train pointed at a folder or glob (made under the case folder) that holds no usable shard."""
+
+    def make(ctx: Ctx):
+        cfg = ctx.cfg()
+        (ctx.tmp / "shards").mkdir(exist_ok=True)
+        cfg["data"]["train"] = str(ctx.tmp / path)
+        return cfg, ["data.train", "holds no data file"]
+
+    return make
+
+
+_data_case(_train_at("shards"))("train_empty_folder")
+_data_case(_train_at("shards/part-*.parquet"))("train_glob_matches_nothing")
+
+
+def _mixed_shards(ctx: Ctx):
+    cfg = ctx.cfg()
+    shards = ctx.tmp / "mixed"
+    shards.mkdir(exist_ok=True)
+    ctx.frame().head(10).to_csv(shards / "a.csv", index=False)
+    ctx.frame().head(10).to_parquet(shards / "b.parquet", index=False)
+    cfg["data"]["train"] = str(shards)
+    return cfg, ["data.train", "mixes CSV and Parquet"]
+
+
+_data_case(_mixed_shards)("train_mixed_formats")
 
 
 def _inf_with_error_policy(ctx: Ctx):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from funnel.data import cache, datamodule, sources
+from funnel.data import cache, prepare
 from funnel.data.datamodule import FunnelDataModule
 from funnel.runs import build_graph
 from funnel.spec import config_from_dict
@@ -21,6 +21,8 @@ def prepared(raw: dict) -> FunnelDataModule:
     cfg = config_from_dict(raw)
     dm = FunnelDataModule(cfg, build_graph(cfg))
     dm.prepare()
+    for table in dm.tables.values():  # copied out of the memory-mapped entry: a test below edits its files
+        table.cat, table.num, table.labels = table.cat.clone(), table.num.clone(), table.labels.clone()
     return dm
 
 
@@ -41,7 +43,7 @@ def test_second_prepare_on_the_same_files_skips_parsing(base_config, tmp_path, m
     def no_parsing(*args, **kwargs):
         raise AssertionError("the data was parsed again")
 
-    monkeypatch.setattr(sources, "read_table", no_parsing)
+    monkeypatch.setattr(prepare, "iter_table", no_parsing)
     second = prepared(base_config)
     assert same_tables(first, second)
     assert second.featurizer.layout() == first.featurizer.layout()
@@ -66,7 +68,7 @@ def test_a_damaged_entry_is_a_miss_not_a_failure(base_config, tmp_path, caplog):
     base_config["data"]["cache_dir"] = str(tmp_path / "c")
     first = prepared(base_config)
     (entry,) = (tmp_path / "c").iterdir()
-    (entry / "train.pt").write_bytes(b"not a tensor file")
+    (entry / "train.json").write_bytes(b"not a store file")
     second = prepared(base_config)
     assert same_tables(first, second)
     assert "ignoring the damaged cache entry" in caplog.text
@@ -87,10 +89,10 @@ def test_cache_off_and_synthetic_data_write_nothing(base_config, tmp_path):
 def test_a_failing_cache_write_only_warns(base_config, tmp_path, caplog, monkeypatch):
     base_config["data"]["cache_dir"] = str(tmp_path / "c")
 
-    def full_disk(self, path):
+    def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache.Featurizer, "save", full_disk)
+    monkeypatch.setattr(cache, "publish", full_disk)
     assert prepared(base_config).tables["train"].cat.shape[0] > 0
     assert "could not write the data cache" in caplog.text
     assert not list((tmp_path / "c").iterdir())  # neither an entry nor a half-written temporary folder
@@ -102,9 +104,10 @@ def only_entry(root) -> Path:
 
 
 def count_frame_reads(monkeypatch) -> list[int]:
+    """Counts the preparations that read the files (one per prepare: fit and encode read train twice)."""
     calls = []
-    real = datamodule.load_frames
-    monkeypatch.setattr(datamodule, "load_frames", lambda cfg: calls.append(1) or real(cfg))
+    real = prepare.prepare_store
+    monkeypatch.setattr(cache, "prepare_store", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -112,10 +115,10 @@ def test_a_valid_entry_hits_without_reading_the_frames(base_config, tmp_path, mo
     base_config["data"]["cache_dir"] = str(tmp_path / "c")
     first = prepared(base_config)
 
-    def no_reading(cfg):
-        raise AssertionError("the frames were read again")
+    def no_reading(*args):
+        raise AssertionError("the files were read again")
 
-    monkeypatch.setattr(datamodule, "load_frames", no_reading)
+    monkeypatch.setattr(cache, "prepare_store", no_reading)
     second = prepared(base_config)
     assert same_tables(first, second)
     assert sorted(second.tables) == ["test", "train", "valid"]
@@ -145,33 +148,36 @@ def test_a_same_size_edit_with_the_old_mtime_is_a_miss_that_reads_the_new_bytes(
     assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 2  # a new entry
 
 
-def test_an_edited_tensor_file_is_detected_warned_and_replaced(base_config, tmp_path, monkeypatch, caplog):
+def test_an_edited_array_file_is_detected_warned_and_replaced(base_config, tmp_path, monkeypatch, caplog):
     base_config["data"]["cache_dir"] = str(tmp_path / "c")
     first = prepared(base_config)
     entry = only_entry(tmp_path / "c")
-    original = (entry / "train.pt").read_bytes()
+    original = (entry / CAT_FILE).read_bytes()
     flipped = bytearray(original)
-    flipped[len(flipped) // 2] ^= 0xFF  # same size, one byte of the tensor data changed
-    (entry / "train.pt").write_bytes(bytes(flipped))
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, one byte of the ids changed
+    (entry / CAT_FILE).write_bytes(bytes(flipped))
 
     reads = count_frame_reads(monkeypatch)
     second = prepared(base_config)
     assert reads == [1]
-    assert f"ignoring the damaged cache entry {entry} (train.pt does not match its checksum)" in caplog.text
+    assert f"ignoring the damaged cache entry {entry} ({CAT_FILE} does not match its checksum)" in caplog.text
     assert same_tables(first, second)
-    assert (entry / "train.pt").read_bytes() == original  # rebuilt in place
+    assert (entry / CAT_FILE).read_bytes() == original  # rebuilt in place
     assert cache.problem(entry, entry.name, ["train", "valid", "test"]) is None
     assert prepared(base_config) and reads == [1]  # and the rebuilt entry hits
 
 
+CAT_FILE = "train.a00.bin"  # the ids of the train split (the first array of the store)
+
+
 def _inject_test_split(entry: Path) -> None:
-    shutil.copy(entry / "valid.pt", entry / "test.pt")
+    shutil.copy(entry / "valid.json", entry / "test.json")
 
 
 def _inject_test_split_into_the_manifest_too(entry: Path) -> None:
     _inject_test_split(entry)
     manifest = json.loads((entry / "manifest.json").read_text())
-    manifest["files"]["test.pt"] = manifest["files"]["valid.pt"]  # a consistent checksum
+    manifest["files"]["test.json"] = manifest["files"]["valid.json"]  # a consistent checksum
     (entry / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -183,17 +189,18 @@ def _rekey_manifest(entry: Path) -> None:
 @pytest.mark.parametrize(
     ("tamper", "reason"),
     [
-        pytest.param(_inject_test_split, "files not in manifest.json: ['test.pt'], missing: []", id="injected-test.pt"),
+        pytest.param(
+            _inject_test_split, "files not in manifest.json: ['test.json'], missing: []", id="injected-test-split"
+        ),
         pytest.param(
             _inject_test_split_into_the_manifest_too,
-            "it holds ['encoders.json', 'test.pt', 'train.pt', 'valid.pt'], "
-            "the config needs ['encoders.json', 'train.pt', 'valid.pt']",
+            "it holds the splits ['test', 'train', 'valid'], the config needs ['train', 'valid']",
             id="split-the-config-lacks",
         ),
         pytest.param(lambda e: (e / "manifest.json").unlink(), "no manifest.json", id="missing-manifest"),
         pytest.param(lambda e: (e / "manifest.json").write_text("{"), "unreadable manifest.json", id="broken-manifest"),
         pytest.param(_rekey_manifest, "manifest.json belongs to another entry", id="manifest-of-another-key"),
-        pytest.param(lambda e: (e / "valid.pt").unlink(), "missing: ['valid.pt']", id="missing-split"),
+        pytest.param(lambda e: (e / "valid.json").unlink(), "missing: ['valid.json']", id="missing-split"),
     ],
 )
 def test_an_entry_its_manifest_does_not_vouch_for_is_a_miss_and_is_rebuilt(
@@ -213,7 +220,8 @@ def test_an_entry_its_manifest_does_not_vouch_for_is_a_miss_and_is_rebuilt(
     assert sorted(second.tables) == ["train", "valid"]
     assert same_tables(first, second)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [entry.name]  # nothing aside, no temporary folder
-    assert sorted(p.name for p in entry.iterdir()) == ["encoders.json", "manifest.json", "train.pt", "valid.pt"]
+    names = sorted(p.name for p in entry.iterdir())
+    assert names[:2] == ["encoders.json", "manifest.json"] and "train.json" in names and "valid.json" in names
 
 
 def test_save_replaces_a_damaged_entry_but_keeps_a_valid_one(base_config, tmp_path, caplog):
@@ -222,12 +230,17 @@ def test_save_replaces_a_damaged_entry_but_keeps_a_valid_one(base_config, tmp_pa
     first = prepared(base_config)
     entry = only_entry(tmp_path / "c")
     kept = (entry / "manifest.json").stat().st_ino
-    cache.save(cfg, entry.name, first.featurizer, first.tables)  # another process got there first
+    graph = build_graph(cfg)
+
+    def build() -> Path:
+        return cache.build(cfg, graph, cache.Featurizer(cfg, graph), entry.name, lambda tables: None)
+
+    assert build() == entry  # another process got there first
     assert (entry / "manifest.json").stat().st_ino == kept
     assert "cache entry" not in caplog.text
 
     (entry / "manifest.json").unlink()
-    cache.save(cfg, entry.name, first.featurizer, first.tables)
+    assert build() == entry
     assert f"replacing the damaged cache entry {entry} (no manifest.json)" in caplog.text
     assert cache.problem(entry, entry.name, ["train", "valid", "test"]) is None
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [entry.name]
@@ -241,9 +254,9 @@ def test_stale_temporary_folders_are_removed_and_fresh_ones_kept(base_config, tm
     def folder(name: str, *, old_folder: bool, old_file: bool) -> Path:
         path = root / name
         path.mkdir(parents=True)
-        (path / "train.pt").write_bytes(b"partial")
+        (path / CAT_FILE).write_bytes(b"partial")
         if old_file:
-            os.utime(path / "train.pt", (two_hours_ago, two_hours_ago))
+            os.utime(path / CAT_FILE, (two_hours_ago, two_hours_ago))
         if old_folder:
             os.utime(path, (two_hours_ago, two_hours_ago))
         return path

@@ -1,4 +1,4 @@
-"""An on-disk cache of fitted encoders and encoded tensors for file-based data.
+"""An on-disk cache of fitted encoders and encoded data for file-based data: the encoded store.
 
 The key is a hash of every input file's bytes plus everything that shapes the encoding
 (features, stage labels, CSV options, the validation hold-out, the seed, the
@@ -7,8 +7,9 @@ trusted: an edited file is a miss even when its size and mtime are unchanged, wh
 copied or touched file with the same bytes still hits. The hash is sha256, the fastest of
 hashlib's where the CPU has SHA instructions (~1.5 GB/s from the page cache, blake2b ~0.8).
 
-An entry holds ``encoders.json``, one ``<split>.pt`` per split (loaded with
-``weights_only=True``) and ``manifest.json``, written last, with every file's size and
+An entry is an encoded store (funnel/data/store.py: ``encoders.json``, per split a
+``<split>.json`` and its memory-mapped array files), written by the streaming prepare pass
+(funnel/data/prepare.py), and ``manifest.json``, written last, with every file's size and
 sha256. A hit is only used when the manifest lists exactly the files in the entry, every
 checksum matches and the splits are the ones the config expects; anything else is
 logged, deleted and treated as a miss, so the next write replaces it. Entries are written
@@ -29,19 +30,21 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from funnel.data import store
 from funnel.data.featurizer import FORMAT_VERSION, Featurizer
-from funnel.data.io import resolve_path
+from funnel.data.io import input_files, resolve_path
+from funnel.data.prepare import prepare_store
 from funnel.data.table import EncodedTable
+from funnel.errors import DataError
 from funnel.graph import FunnelGraph
 from funnel.spec.schema import Config
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "FUNNEL_CACHE_DIR"
-LAYOUT = 2  # entry layout: 2 = content-keyed, with manifest.json
+LAYOUT = 3  # entry layout: 2 = content-keyed, with manifest.json; 3 = an encoded store
 # bumped when an encoder's output changes, so that entries encoded before are not reused:
 # 2 = a categorical feature with share_with is encoded with the other feature's vocabulary
 ENCODING = 2
@@ -78,10 +81,9 @@ def cache_key(cfg: Config) -> str | None:
     for split in ("train", "valid", "test"):
         path = getattr(d, split)
         if path:
-            p = resolve_path(path)
-            try:
-                files[split] = [p.stat().st_size, digest(p)]
-            except OSError:
+            try:  # every shard of a directory or glob, in order
+                files[split] = [[p.stat().st_size, digest(p)] for p in input_files(path, f"data.{split}")]
+            except (OSError, DataError):
                 return None  # reading the data reports the missing or unreadable file with its fix
     shape = {
         "layout": LAYOUT,
@@ -91,6 +93,7 @@ def cache_key(cfg: Config) -> str | None:
         "features": [dataclasses.asdict(f) for f in cfg.features],
         "stages": [[s.name, s.label_column, s.after, list(s.positive or [])] for s in cfg.funnel.stages],
         "csv": dataclasses.asdict(d.csv),
+        "chunk_rows": d.chunk_rows,  # label conflicts are dropped per chunk: the same rows, but keyed safely
         "valid_split": d.valid_split if not d.valid else None,
         "seed": cfg.seed if not d.valid else None,
         "label_conflicts": d.label_conflicts,
@@ -115,9 +118,10 @@ def problem(entry: Path, key: str, splits: list[str]) -> str | None:
         return f"no {MANIFEST}"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable {MANIFEST}: {exc}"
-    wanted = {ENCODERS} | {f"{s}.pt" for s in splits}
-    if set(listed) != wanted:
-        return f"it holds {sorted(listed)}, the config needs {sorted(wanted)}"
+    listed_splits = sorted(n.removesuffix(".json") for n in listed if n.endswith(".json") and n != ENCODERS)
+    if ENCODERS not in listed or listed_splits != sorted(splits):
+        return f"it holds the splits {listed_splits}, the config needs {sorted(splits)}"
+    wanted = set(listed)
     if present != wanted:
         return f"files not in {MANIFEST}: {sorted(present - wanted)}, missing: {sorted(wanted - present)}"
     for name, meta in listed.items():
@@ -131,7 +135,7 @@ def problem(entry: Path, key: str, splits: list[str]) -> str | None:
 
 
 def load(cfg: Config, graph: FunnelGraph, key: str) -> tuple[Featurizer, dict[str, EncodedTable]] | None:
-    """The cached encoders and tables, or None (a miss); a damaged entry is deleted."""
+    """The cached encoders and tables (memory-mapped), or None (a miss); a damaged entry is deleted."""
     root = cache_root(cfg)
     sweep(root)
     entry = root / key
@@ -141,12 +145,7 @@ def load(cfg: Config, graph: FunnelGraph, key: str) -> tuple[Featurizer, dict[st
     reason = problem(entry, key, splits)
     if reason is None:
         try:
-            featurizer = Featurizer.load(entry / ENCODERS, cfg, graph)
-            tables = {}
-            for split in splits:
-                state = torch.load(entry / f"{split}.pt", map_location="cpu", weights_only=True)
-                tables[split] = EncodedTable(**state)
-            return featurizer, tables
+            return open_store(entry, cfg, graph, splits)
         except Exception as exc:  # noqa: BLE001  (a damaged entry is a miss, never a failure)
             reason = str(exc)
     log.warning("ignoring the damaged cache entry %s (%s); deleting it so that it is rebuilt", entry, reason)
@@ -154,33 +153,60 @@ def load(cfg: Config, graph: FunnelGraph, key: str) -> tuple[Featurizer, dict[st
     return None
 
 
-def save(cfg: Config, key: str, featurizer: Featurizer, tables: dict[str, EncodedTable]) -> None:
-    """Write the entry for `key`; a valid entry already there is kept, a damaged one replaced."""
+def open_store(
+    directory: Path, cfg: Config, graph: FunnelGraph, splits: list[str]
+) -> tuple[Featurizer, dict[str, EncodedTable]]:
+    featurizer = Featurizer.load(directory / ENCODERS, cfg, graph)
+    return featurizer, {split: store.open_split(directory, split) for split in splits}
+
+
+Check = Callable[[dict[str, EncodedTable]], None]
+
+
+def build(cfg: Config, graph: FunnelGraph, featurizer: Featurizer, key: str | None, check: Check) -> Path:
+    """Prepare the store for ``cfg`` and return its folder: the cache entry ``key``, or, without a
+    key (cache off, a fitted featurizer) or when the cache cannot be written, a scratch folder the
+    caller removes once the files are mapped. ``check`` runs on the opened tables before the
+    entry is published: unusable data is never stored."""
     root = cache_root(cfg)
-    tmp = None
+    if key is not None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            sweep(root)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        except OSError as exc:  # a read-only or full disk must not stop training
+            log.warning("could not write the data cache under %s (%s); set data.cache: false to skip it", root, exc)
+            key = None
+    if key is None:
+        tmp = Path(tempfile.mkdtemp(prefix="funnel-prepared-"))
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        sweep(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-        featurizer.save(tmp / ENCODERS)
-        for split, table in tables.items():  # the tensors themselves, not copies
-            torch.save({f.name: getattr(table, f.name) for f in dataclasses.fields(table)}, tmp / f"{split}.pt")
-        files = {p.name: {"size": p.stat().st_size, "sha256": digest(p)} for p in sorted(tmp.iterdir())}
+        prepare_store(cfg, featurizer, tmp)
+        check(open_store(tmp, cfg, graph, expected_splits(cfg))[1])
+        if key is None:
+            return tmp
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": digest(p)} for p in sorted(tmp.iterdir()) if p.name != MANIFEST
+        }
         (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": files}, indent=1))  # last: it vouches for the rest
-        publish(tmp, root / key, key, list(tables))
-    except OSError as exc:  # a read-only or full disk must not stop training
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("could not write the data cache under %s (%s); set data.cache: false to skip it", root, exc)
+        return publish(tmp, root / key, key, expected_splits(cfg))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if key is None:
+            raise
+        log.warning("could not write the data cache under %s (%s); preparing without it", root, exc)
+        return build(cfg, graph, featurizer, None, check)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def publish(tmp: Path, entry: Path, key: str, splits: list[str]) -> None:
+def publish(tmp: Path, entry: Path, key: str, splits: list[str]) -> Path:
     """Rename the finished `tmp` to `entry`, unless another process already wrote a valid one."""
     if os.path.lexists(entry):
         reason = problem(entry, key, splits)
         if reason is None:  # another process got there first
             shutil.rmtree(tmp, ignore_errors=True)
-            return
+            return entry
         log.warning("replacing the damaged cache entry %s (%s)", entry, reason)
         discard(entry)
     try:
@@ -189,6 +215,7 @@ def publish(tmp: Path, entry: Path, key: str, splits: list[str]) -> None:
         if not os.path.lexists(entry):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process got there first, just now
+    return entry
 
 
 def discard(entry: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from funnel.atomic import write_text
 from funnel.data.kinds import Encoder, kind_of, new_encoders
 from funnel.data.labels import encode_label, resolve_conflicts
 from funnel.data.layout import FeatureLayout
-from funnel.data.table import CAT, NUM, SEQ, EncodedTable
+from funnel.data.table import BAG, CAT, NUM, SEQ, EncodedTable
 from funnel.errors import DataError, UserError, did_you_mean
 from funnel.graph import FunnelGraph
 from funnel.spec.convert import build
@@ -24,6 +25,11 @@ from funnel.spec.schema import Config, FeatureSpec
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+
+
+def _weights(spec: FeatureSpec) -> str | None:
+    """The per-id weight column of a multi-hot feature, else None."""
+    return getattr(spec, "weights", None)
 
 
 class Featurizer:
@@ -45,7 +51,20 @@ class Featurizer:
 
     # ---- columns -------------------------------------------------------------------------
     def feature_columns(self) -> list[str]:
-        return list(dict.fromkeys(f.source for f in self.features))
+        """Every column the features read: their sources, and the weight columns of multi-hot ones."""
+        return list(dict.fromkeys(c for f in self.features for c in (f.source, _weights(f)) if c))
+
+    def wanted_columns(self, header: list[str], labels: bool = True) -> list[str]:
+        """The columns of a file with ``header`` that encoding reads (those it has: a missing one
+        is reported by ``check_columns``): features, labels and, when the file has all of them,
+        the synthetic generator's truth columns."""
+        wanted = self.feature_columns() + (self.label_columns() if labels else [])
+        truth = self.truth_columns(pd.DataFrame(columns=header))
+        if truth:
+            wanted += [c for group in truth.values() for c in group]
+            wanted += [f"cf_{c}_free" for c in self.label_columns()]
+        present = set(header)
+        return [c for c in dict.fromkeys(wanted) if c in present]
 
     def label_columns(self) -> list[str]:
         return [self.cfg.funnel.stages[self._spec_index(s.name)].label_column for s in self.graph.stages]
@@ -79,9 +98,20 @@ class Featurizer:
 
     # ---- fit / encode ----------------------------------------------------------------------
     def fit(self, df: pd.DataFrame) -> Featurizer:
+        self.observe(df)
+        return self.finalize()
+
+    def observe(self, df: pd.DataFrame) -> None:
+        """Add one chunk of the train split to the encoders' statistics (see ``finalize``): the
+        streaming prepare pass fits data larger than memory chunk by chunk, with the result
+        of one ``fit`` on all of it."""
         self.check_columns(df, "train", labels=True)
         for f in self.features:  # a feature with share_with fits nothing: its vocabulary is the other's
-            self.encoders[f.name].fit(df[f.source])
+            self.encoders[f.name].observe(df[f.source])
+
+    def finalize(self) -> Featurizer:
+        for f in self.features:
+            self.encoders[f.name].finalize()
         self.fitted = True
         return self
 
@@ -89,14 +119,19 @@ class Featurizer:
         """Encode a frame; with ``labels``, label conflicts follow data.label_conflicts."""
         self.check_columns(df, where, labels=labels)
         n = len(df)
-        blocks: dict[str, dict[str, np.ndarray]] = {CAT: {}, NUM: {}, SEQ: {}}  # block -> feature -> array
+        blocks: dict[str, dict[str, Any]] = {CAT: {}, NUM: {}, SEQ: {}, BAG: {}}  # block -> feature -> array
         for f in self.features:
-            blocks[kind_of(f).block][f.name] = self.encoders[f.name].encode(df[f.source], where)
+            enc = self.encoders[f.name]
+            if _weights(f):
+                blocks[kind_of(f).block][f.name] = enc.encode(df[f.source], where, weights=df[_weights(f)])
+            else:
+                blocks[kind_of(f).block][f.name] = enc.encode(df[f.source], where)
         cats, nums = list(blocks[CAT].values()), list(blocks[NUM].values())
         table = EncodedTable(
             cat=torch.from_numpy(np.stack(cats, axis=1) if cats else np.zeros((n, 0), np.int64)),  # (N, C)
             num=torch.from_numpy(np.concatenate(nums, axis=1) if nums else np.zeros((n, 0), np.float32)),  # (N, K)
             seq={name: torch.from_numpy(ids) for name, ids in blocks[SEQ].items()},  # (N, L) each
+            bags=dict(blocks[BAG]),  # Ragged each
             rows=torch.arange(n),
         )
         truth = self.truth_columns(df)

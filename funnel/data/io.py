@@ -46,6 +46,40 @@ def _require_pyarrow(path: Path) -> None:
         ) from None
 
 
+GLOB_CHARS = "*?["
+
+
+def input_files(path: str | Path, key: str = "data") -> list[Path]:
+    """The files of one data input: a file, a directory of shards (every .parquet/.pq/.csv
+    file in it, sorted by name) or a glob pattern (``shards/part-*.parquet``), sorted.
+    A directory or glob that matches nothing, or mixes CSV and Parquet, is refused."""
+    text = str(path)
+    resolved = resolve_path(text)
+    if any(c in text for c in GLOB_CHARS):
+        anchor = Path(resolved.anchor) if resolved.is_absolute() else Path(".")
+        files = sorted(p for p in anchor.glob(str(resolved.relative_to(anchor))) if p.is_file())
+        what = f"the pattern {text!r}"
+    elif resolved.is_dir():
+        files = sorted(p for p in resolved.iterdir() if p.is_file() and p.suffix.lower() in TABLE_EXT)
+        what = f"the directory {text!r} (shards: *.parquet, *.pq or *.csv)"
+    else:
+        return [_existing(resolved)]
+    if not files:
+        raise DataError(f"{key}: {what} holds no data file. Point {key} at a file, a folder of shards or a glob.")
+    kinds = {f.suffix.lower() in PARQUET_EXT for f in files}
+    if len(kinds) > 1:
+        raise DataError(f"{key}: {what} mixes CSV and Parquet files; keep one format per input.")
+    return files
+
+
+def _list_as_arrow(dtype: Any) -> Any:
+    """Parquet list columns stay Arrow-backed in pandas (``pd.ArrowDtype``): multi-hot encoders
+    flatten them without a Python loop over rows."""
+    import pyarrow as pa
+
+    return pd.ArrowDtype(dtype) if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) else None
+
+
 def _existing(path: str | Path) -> Path:
     """The resolved path of an existing file, else a DataError that says where to look."""
     path = resolve_path(str(path))
@@ -91,12 +125,24 @@ def _parquet_errors() -> tuple[type[Exception], ...]:
     return (pa.ArrowException, OSError, ValueError)
 
 
-def read_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-    path = _existing(path)
+def read_table(
+    path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None, key: str = "data"
+) -> pd.DataFrame:
+    """A whole table: a file, or the shards of a directory or glob (see ``input_files``) one after
+    another. ``key``: the config key or flag that named ``path``, for the error messages."""
+    files = input_files(path, key)
+    if len(files) > 1:
+        return pd.concat([_read_file(f, csv, columns) for f in files], ignore_index=True)
+    return _read_file(files[0], csv, columns)
+
+
+def _read_file(path: Path, csv: CsvSpec | None, columns: list[str] | None) -> pd.DataFrame:
     if path.suffix.lower() in PARQUET_EXT:
         _require_pyarrow(path)
+        import pyarrow.parquet as pq
+
         try:
-            return pd.read_parquet(path, columns=columns)
+            return pq.read_table(path, columns=columns).to_pandas(types_mapper=_list_as_arrow)
         except _parquet_errors() as exc:
             raise _parquet_error(path, exc) from None
     try:
@@ -105,9 +151,9 @@ def read_table(path: str | Path, csv: CsvSpec | None = None, columns: list[str] 
         raise _csv_error(path, exc) from None
 
 
-def table_columns(path: str | Path, csv: CsvSpec | None = None) -> list[str]:
-    """The column names of a CSV or Parquet file, without reading its rows."""
-    path = _existing(path)
+def table_columns(path: str | Path, csv: CsvSpec | None = None, key: str = "data") -> list[str]:
+    """The column names of a CSV or Parquet file (of the first shard), without reading its rows."""
+    path = input_files(path, key)[0]
     if path.suffix.lower() in PARQUET_EXT:
         _require_pyarrow(path)
         import pyarrow.parquet as pq
@@ -125,15 +171,20 @@ def table_columns(path: str | Path, csv: CsvSpec | None = None) -> list[str]:
 def iter_table(
     path: str | Path, csv: CsvSpec | None = None, columns: list[str] | None = None, chunk_rows: int = 262_144
 ) -> Iterator[pd.DataFrame]:
-    """The table in chunks of at most ``chunk_rows`` rows, so memory stays flat for any file size."""
-    path = _existing(path)
+    """The table (every shard in turn) in chunks of at most ``chunk_rows`` rows, so memory stays
+    flat for any data size."""
+    for file in input_files(path):
+        yield from _iter_file(file, csv, columns, chunk_rows)
+
+
+def _iter_file(path: Path, csv: CsvSpec | None, columns: list[str] | None, chunk_rows: int) -> Iterator[pd.DataFrame]:
     if path.suffix.lower() in PARQUET_EXT:
         _require_pyarrow(path)
         import pyarrow.parquet as pq
 
         try:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
-                yield batch.to_pandas()
+                yield batch.to_pandas(types_mapper=_list_as_arrow)
         except _parquet_errors() as exc:
             raise _parquet_error(path, exc) from None
         return

@@ -22,14 +22,14 @@ def load_frames(cfg: Config) -> dict[str, pd.DataFrame]:
         spec = d.synthetic
         log.info("generating the synthetic funnel: %d rows, stages %s, seed %d", spec.rows, spec.stages, spec.seed)
         return synthetic.split_frames(synthetic.generate(spec), spec)
-    frames = {"train": read_table(d.train, d.csv)}
+    frames = {"train": read_table(d.train, d.csv, key="data.train")}
     if d.valid:
-        frames["valid"] = read_table(d.valid, d.csv)
+        frames["valid"] = read_table(d.valid, d.csv, key="data.valid")
     else:
         frames["train"], frames["valid"] = holdout(frames["train"], d.valid_split, cfg.seed)
         log.info("no data.valid: holding out %.0f%% of train for validation", 100 * d.valid_split)
     if d.test:
-        frames["test"] = read_table(d.test, d.csv)
+        frames["test"] = read_table(d.test, d.csv, key="data.test")
     return frames
 
 
