@@ -58,6 +58,7 @@ def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict
             featurizer.fit(frames["train"])
             # with labels: under label_conflicts: error no split reaching this point has a conflict
             tables = {split: featurizer.encode(df, split) for split, df in frames.items()}
+            report["truncated"] = truncation_report(featurizer.encoders, list(frames))
             check_degenerate(tables, graph, cfg)
             problems += trainer_data_problems(cfg, len(tables["train"]))
             monitor = cfg.trainer.monitor or default_monitor(graph)
@@ -74,6 +75,17 @@ def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict
     if problems:
         raise DataError(problems)
     report["features"] = {
-        f.name: (featurizer.cat[f.name].cardinality if f.kind == "categorical" else f.kind) for f in cfg.features
+        f.name: (featurizer.encoders[f.name].cardinality if f.kind in ("categorical", "multi_hot") else f.kind)
+        for f in cfg.features
     }
+    return report
+
+
+def truncation_report(encoders: dict[str, Any], splits: list[str]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per split, the features whose ``max_len`` cut rows: {"rows": rows cut, "ids": ids dropped}
+    (an empty mapping: nothing was cut in that split)."""
+    report: dict[str, dict[str, dict[str, int]]] = {split: {} for split in splits}
+    for name, encoder in encoders.items():
+        for split, (rows, ids) in getattr(encoder, "truncation", {}).items():
+            report.setdefault(split, {})[name] = {"rows": rows, "ids": ids}
     return report

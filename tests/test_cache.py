@@ -224,10 +224,10 @@ def test_an_entry_its_manifest_does_not_vouch_for_is_a_miss_and_is_rebuilt(
     assert names[:2] == ["encoders.json", "manifest.json"] and "train.json" in names and "valid.json" in names
 
 
-def test_save_replaces_a_damaged_entry_but_keeps_a_valid_one(base_config, tmp_path, caplog):
+def test_build_replaces_a_damaged_entry_but_keeps_a_valid_one(base_config, tmp_path, caplog):
     base_config["data"]["cache_dir"] = str(tmp_path / "c")
     cfg = config_from_dict(base_config)
-    first = prepared(base_config)
+    prepared(base_config)
     entry = only_entry(tmp_path / "c")
     kept = (entry / "manifest.json").stat().st_ino
     graph = build_graph(cfg)

@@ -539,3 +539,126 @@ def test_integer_fast_path_gives_the_ids_of_the_string_path():
     assert restored.encode(probe).tolist() == [3, 4, 0, 1]
     legacy = CategoricalEncoder(spec, vocab=fast.vocab)  # saved before int_vocab existed: checked instead
     assert legacy.encode(probe).tolist() == [3, 4, 0, 1]
+
+
+# ---- streaming fit: observe chunk by chunk, then finalize -------------------------------------------------------
+
+
+def chunked(encoder, chunks):
+    for chunk in chunks:
+        encoder.observe(chunk)
+    return encoder.finalize()
+
+
+def split(col: pd.Series, sizes: list[int]) -> list[pd.Series]:
+    bounds = np.cumsum([0, *sizes])
+    return [col.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [pd.Series([5, 7, 7]), pd.Series([12, 5, 7]), pd.Series([3])],  # integer-coded
+        [pd.Series([5.0, 7.0, 7.0]), pd.Series([12, 5, 7]), pd.Series([3.0, np.nan])],  # float-integral, missing
+        [pd.Series(["b", "a"]), pd.Series(["a", None, "c"])],  # strings, missing
+        [pd.Series([5, 7, 7]), pd.Series(["7", "x", "5"]), pd.Series([12.0, 5.0])],  # mixed: tokens are strings
+        [pd.Series([1.5, 2.0]), pd.Series([2.0, 3.0])],  # a float with a fraction: 2.0 is "2" in both chunks
+    ],
+    ids=["int", "float_integral", "string", "mixed", "fraction"],
+)
+@pytest.mark.parametrize("min_count", [1, 2])
+def test_a_chunked_categorical_fit_equals_one_fit_of_the_concatenation(chunks, min_count):
+    spec = cat(min_count=min_count)
+    whole = CategoricalEncoder(spec).fit(pd.concat(chunks, ignore_index=True))
+    streamed = chunked(CategoricalEncoder(spec), chunks)
+    assert streamed.state() == whole.state()
+    probe = pd.concat(chunks, ignore_index=True)
+    np.testing.assert_array_equal(streamed.encode(probe), whole.encode(probe))
+
+
+def test_counts_are_merged_across_chunks_before_min_count_and_ties_keep_their_order():
+    chunks = [pd.Series([1, 2, 3]), pd.Series([3, 4]), pd.Series([2, 10])]  # 1, 4, 10 once; 2, 3 twice
+    assert chunked(CategoricalEncoder(cat(min_count=2)), chunks).vocab == ["2", "3"]
+    assert chunked(CategoricalEncoder(cat()), chunks).vocab == ["2", "3", "1", "10", "4"]  # ties by text
+    assert chunked(CategoricalEncoder(cat()), chunks).int_vocab
+    with_text = [*chunks, pd.Series(["4"])]  # one chunk of strings: a vocabulary of strings, 4 now counted twice
+    enc = chunked(CategoricalEncoder(cat()), with_text)
+    assert enc.vocab == ["2", "3", "4", "1", "10"] and not enc.int_vocab
+
+
+def test_pending_counts_are_merged_when_they_grow(monkeypatch):
+    import funnel.data.streaming as streaming
+
+    monkeypatch.setattr(streaming, "MERGE_AT", 5)
+    rng = np.random.default_rng(0)
+    chunks = [pd.Series(rng.integers(0, 20, 50)) for _ in range(30)] + [pd.Series(rng.choice(list("abc"), 9))]
+    enc = CategoricalEncoder(cat(min_count=3))
+    for chunk in chunks:
+        enc.observe(chunk)
+        assert len(enc._counts.ints) <= 3  # merged: memory in the distinct values, not the chunks
+    enc.finalize()
+    whole = CategoricalEncoder(cat(min_count=3)).fit(pd.concat(chunks, ignore_index=True))
+    assert enc.state() == whole.state()
+    assert enc._counts.ints == [] and enc._counts.strings == []  # finalize starts afresh
+
+
+def test_a_hashed_feature_observes_nothing():
+    enc = chunked(CategoricalEncoder(cat(hash_buckets=5)), [pd.Series(["a"]), pd.Series(["b"])])
+    assert enc.vocab == [] and enc.cardinality == 6 and enc._counts.ints == enc._counts.strings == []
+
+
+@pytest.mark.parametrize("transform", ["standardize", "log1p", "none"])
+def test_a_chunked_numeric_fit_equals_np_mean_and_np_std_of_the_whole_column(transform):
+    rng = np.random.default_rng(1)
+    values = rng.lognormal(3, 1, 10_000)
+    values[rng.random(10_000) < 0.05] = np.nan
+    values[[7, 9_000]] = np.inf
+    col = pd.Series(values)
+    whole = NumericEncoder(num(transform=transform)).fit(col)
+    streamed = chunked(NumericEncoder(num(transform=transform)), split(col, [1, 999, 4_000, 3_333, 1_667]))
+    x = values[np.isfinite(values)]
+    x = np.log1p(x) if transform == "log1p" else x
+    for enc in (whole, streamed):
+        assert enc.mean == pytest.approx(np.mean(x), rel=1e-12) and enc.std == pytest.approx(np.std(x), rel=1e-12)
+        assert enc.flag
+    assert whole.mean == float(np.mean(x)) and whole.std == float(np.std(x))  # one chunk: numpy's numbers exactly
+
+
+def test_a_numeric_chunk_without_present_values_changes_nothing(caplog):
+    chunks = [pd.Series([np.nan, np.nan]), pd.Series([1.0, 3.0]), pd.Series([], dtype=float)]
+    with caplog.at_level(logging.INFO, logger="funnel.data.encoders"):
+        enc = chunked(NumericEncoder(num()), chunks)
+    assert (enc.mean, enc.std, enc.flag) == (2.0, 1.0, True)
+    [record] = caplog.records  # one summary for the whole split, not one per chunk
+    assert "2 missing and 0 non-finite" in record.getMessage()
+
+
+def test_chunked_sequence_and_multi_hot_fits_equal_one_fit():
+    from funnel.data.encoders import MultiHotEncoder
+
+    col = pd.Series(["3|1|2", "5", "", None, "2|9|9", "1"])
+    for spec, make in ((seq(max_len=2), SequenceEncoder), (FeatureSpec(name="x", kind="multi_hot"), MultiHotEncoder)):
+        whole = make(spec, CategoricalEncoder(spec)).fit(col)
+        streamed = chunked(make(spec, CategoricalEncoder(spec)), split(col, [2, 3, 1]))
+        assert streamed.state() == whole.state() and whole.ids.vocab == ["1", "2", "9", "3", "5"]
+
+
+# ---- tokens ---------------------------------------------------------------------------------------------------
+
+
+def test_every_float_is_its_own_token_whatever_the_rest_of_its_column():
+    from funnel.data.encoders import as_tokens
+
+    tokens = as_tokens(pd.Series([2.0, 1.5, np.nan, np.inf, -0.0, 1e20]))
+    assert tokens.tolist() == ["2", "1.5", "<NA>", "inf", "0", "1e+20"]
+    assert as_tokens(pd.Series([2.0, "a", 7], dtype=object)).tolist() == ["2", "a", "7"]
+    enc = CategoricalEncoder(cat()).fit(pd.Series([2.0, 1.5, 2.0]))
+    assert enc.vocab == ["2", "1.5"]
+    assert enc.encode(pd.Series([2.0, 3.0])).tolist() == enc.encode(pd.Series([2.0, 1.5])).tolist()[:1] + [0]
+
+
+def test_a_vocabulary_that_spelt_whole_floats_as_floats_still_finds_them():
+    """encoders.json written before each float was spelt on its own: "2.0" from a column with 1.5 in it."""
+    enc = CategoricalEncoder(cat(), vocab=["2.0", "1.5", "7"])
+    assert enc.encode(pd.Series([2.0, 1.5, 7.0, 9.0])).tolist() == [1, 2, 3, 0]
+    assert enc.encode(pd.Series([2.0, 7.0])).tolist() == [1, 3]  # an integral column: "2", then "2.0"

@@ -88,7 +88,7 @@ def test_bad_literal_lists_the_choices_and_suggests_one():
 
 def test_bad_feature_kind_suggests_categorical():
     msg = problems_of(raw(features=[{"name": "user_id", "kind": "categorial"}]))
-    assert "features[0].kind: 'categorial' is not one of categorical, numeric, sequence." in msg
+    assert "features[0].kind: 'categorial' is not one of categorical, numeric, sequence, multi_hot." in msg
     assert 'Did you mean "categorical"?' in msg
 
 

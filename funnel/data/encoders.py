@@ -2,6 +2,11 @@
 
 Every encoder works on whole columns (pandas / numpy vectorised); id 0 is reserved for
 unknown, rare and padding values, so an unseen category at predict time is harmless.
+
+Fitting streams: ``observe(chunk)`` accumulates one chunk's statistics (O(distinct values)
+memory, see ``streaming.py``) and ``finalize()`` builds the fitted state; ``fit(col)`` is
+``observe(col)`` then ``finalize()``, and chunks give exactly what one ``fit`` of their
+concatenation gives.
 """
 
 from __future__ import annotations
@@ -12,7 +17,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from funnel.data.lists import Lists, read_lists
+from funnel.data.streaming import Moments, ValueCounts
+from funnel.data.table import Ragged
 from funnel.errors import DataError
 from funnel.spec.schema import FeatureSpec
 
@@ -22,13 +31,37 @@ MISSING_TOKEN = "<NA>"
 
 
 def as_tokens(col: pd.Series) -> pd.Series:
-    """Column → strings, so 12, 12.0 and "12" are the same category in every file."""
+    """Column → strings, so 12, 12.0 and "12" are the same category in every file.
+
+    Each float is spelt on its own: 12.0 is "12" whatever else its column (or chunk) holds,
+    so that a vocabulary fitted chunk by chunk, or on another file, gives the same tokens."""
+    out = col.astype("string").fillna(MISSING_TOKEN).astype(object)
     if pd.api.types.is_float_dtype(col):
-        vals = col.dropna()
-        if len(vals) and np.all(np.mod(vals.to_numpy(), 1) == 0):
-            col = col.astype("Int64")
-    out = col.astype("string").fillna(MISSING_TOKEN)
-    return out.astype(object)
+        values, where = col.to_numpy(np.float64, na_value=np.nan), None
+    elif col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) in FLOATS_INSIDE:
+        cells = col.to_numpy(object)  # a loop over cells, only for object columns holding floats
+        where = np.flatnonzero(np.fromiter((isinstance(v, float) for v in cells), bool, len(cells)))
+        values = cells[where].astype(np.float64)
+    else:
+        return out
+    integral = _integral(values, 2.0**63)
+    if not integral.any():
+        return out
+    tokens = out.to_numpy(object, copy=True)
+    rows = np.flatnonzero(integral) if where is None else where[integral]
+    tokens[rows] = values[integral].astype(np.int64).astype(str).astype(object)
+    return pd.Series(tokens, index=col.index, dtype=object)
+
+
+# what pandas' infer_dtype says of object cells among which floats may be
+FLOATS_INSIDE = ("floating", "mixed-integer-float", "mixed-integer", "mixed")
+
+
+def _integral(values: np.ndarray, bound: float) -> np.ndarray:
+    """Mask of the finite whole numbers of magnitude below ``bound`` (no warning for inf)."""
+    finite = np.isfinite(values) & (np.abs(values) < bound)
+    finite[finite] = np.mod(values[finite], 1) == 0
+    return finite
 
 
 def int_values(col: pd.Series) -> np.ndarray | None:
@@ -40,7 +73,7 @@ def int_values(col: pd.Series) -> np.ndarray | None:
         return col.to_numpy(np.int64)
     if pd.api.types.is_float_dtype(col):
         vals = col.to_numpy(np.float64)
-        if np.all(np.mod(vals, 1) == 0) and np.all(np.abs(vals) < 2**53):
+        if _integral(vals, 2.0**53).all():
             return vals.astype(np.int64)
     return None
 
@@ -50,29 +83,45 @@ class CategoricalEncoder:
     spec: FeatureSpec
     vocab: list[str] = field(default_factory=list)
     int_vocab: bool = False  # every token is the plain text of an int64 (fitted on an integer column)
-    _lookup: dict[str, pd.Index] = field(default_factory=dict, repr=False, compare=False)  # built lazily
+    _lookup: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # built lazily
+    _counts: ValueCounts = field(default_factory=ValueCounts, repr=False, compare=False)  # observed, not final
 
     @property
     def cardinality(self) -> int:
         """Number of ids including the unknown id 0."""
         return (self.spec.hash_buckets or len(self.vocab)) + 1
 
-    def fit(self, col: pd.Series) -> CategoricalEncoder:
+    def observe(self, col: pd.Series) -> None:
+        """Count the values of one chunk of the train split (nothing to count when hashing)."""
+        if self.spec.hash_buckets is not None or not len(col):
+            return
+        ints = int_values(col)
+        if ints is not None:
+            self._counts.add_ints(ints)
+        else:
+            self._counts.add_tokens(as_tokens(col))
+
+    def finalize(self) -> CategoricalEncoder:
+        """The vocabulary of everything observed since the last ``finalize``."""
         if self.spec.hash_buckets is None:
-            ints = int_values(col)
-            self.int_vocab = ints is not None
-            if ints is not None:
-                values, counts = np.unique(ints, return_counts=True)
+            counts, self._counts = self._counts, ValueCounts()
+            # integer-coded only if every chunk was: one chunk of strings makes every token a string
+            self.int_vocab = counts.only_ints
+            if self.int_vocab:
+                values, n = counts.int_table()
                 tokens = values.astype(str)
             else:
-                vc = as_tokens(col).value_counts(sort=False)
-                tokens, counts = np.asarray(vc.index, dtype=str), vc.to_numpy()
-            keep = counts >= self.spec.min_count
-            tokens, counts = tokens[keep], counts[keep]
+                tokens, n = counts.token_table()
+            keep = n >= self.spec.min_count
+            tokens, n = tokens[keep], n[keep]
             # frequency order, ties by value (as strings): deterministic and frequent ids are small
-            self.vocab = tokens[np.lexsort((tokens, -counts))].tolist()
+            self.vocab = tokens[np.lexsort((tokens, -n))].tolist()
             self._lookup.clear()
         return self
+
+    def fit(self, col: pd.Series) -> CategoricalEncoder:
+        self.observe(col)
+        return self.finalize()
 
     def _index(self, kind: str) -> pd.Index | None:
         """The vocabulary as a pandas Index of strings ("str") or of ints ("int", None when a
@@ -105,7 +154,22 @@ class CategoricalEncoder:
             index = self._index("int") if ints is not None else None
             if index is not None:
                 return index.get_indexer(ints).astype(np.int64) + 1
-        return self.encode_tokens(as_tokens(col))
+        ids = self.encode_tokens(as_tokens(col))
+        if pd.api.types.is_float_dtype(col) and self._legacy_floats():
+            # a vocabulary written before floats were spelt one by one: 12.0 may be its "12.0"
+            unseen = np.flatnonzero(ids == 0)
+            if len(unseen):
+                ids[unseen] = self.encode_tokens(col.iloc[unseen].astype("string").astype(object))
+        return ids
+
+    def _legacy_floats(self) -> bool:
+        """The vocabulary holds whole numbers spelt as floats ("12.0"): ``as_tokens`` of a float
+        column with a fraction in it before funnel spelt each float on its own."""
+        if self.spec.hash_buckets is not None or self.int_vocab:
+            return False
+        if "legacy" not in self._lookup:
+            self._lookup["legacy"] = bool(pd.Series(self.vocab, dtype=object).str.fullmatch(r"-?\d+\.0").any())
+        return bool(self._lookup["legacy"])
 
     def state(self) -> dict[str, Any]:
         return {"vocab": self.vocab, "int_vocab": self.int_vocab}
@@ -132,8 +196,14 @@ class SharedCategoricalEncoder:
     def cardinality(self) -> int:
         return self.ids.cardinality
 
+    def observe(self, col: pd.Series) -> None:
+        pass  # the vocabulary is the other feature's, fitted on its own column
+
+    def finalize(self) -> SharedCategoricalEncoder:
+        return self
+
     def fit(self, col: pd.Series) -> SharedCategoricalEncoder:
-        return self  # the vocabulary is the other feature's, fitted on its own column
+        return self
 
     def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
         return (self.own if self.own is not None else self.ids).encode(col, where)
@@ -153,27 +223,57 @@ class SharedCategoricalEncoder:
             self.own.load_state(state)
 
 
+def vocabulary_of(encoder: Any) -> CategoricalEncoder:
+    """The vocabulary a feature with ``share_with`` takes from its owner's encoder (a
+    categorical one, or the ids of a sequence or multi-hot one)."""
+    return encoder if isinstance(encoder, CategoricalEncoder) else encoder.ids
+
+
+def _count_truncation(encoder: Any, where: str, rows: int, ids: int, fix: str) -> None:
+    """Keep (and warn about) the rows a length cap cut: nothing is dropped silently."""
+    if not rows:
+        return
+    seen_rows, seen_ids = encoder.truncation.get(where, (0, 0))
+    encoder.truncation[where] = (seen_rows + rows, seen_ids + ids)
+    spec = encoder.spec
+    log.warning(
+        "%s: feature %r (column %r): %d rows longer than max_len %d, %d ids dropped (each row keeps its last %d); %s",
+        where,
+        spec.name,
+        spec.source,
+        rows,
+        spec.max_len,
+        ids,
+        spec.max_len,
+        fix,
+    )
+
+
 @dataclass
 class SequenceEncoder:
-    """A delimited history column ("12|7|99") → (N, max_len) ids, most recent items kept."""
+    """A history column ("12|7|99", or lists) → (N, max_len) ids, most recent items kept.
+
+    ``truncation[where]``: (rows, ids) cut by ``max_len`` in the encoded chunks of split ``where``."""
 
     spec: FeatureSpec
     ids: CategoricalEncoder  # the vocabulary used (its own, or the shared feature's)
+    truncation: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
-    def fit(self, col: pd.Series) -> SequenceEncoder:
+    def _lists(self, col: pd.Series) -> Lists:
+        return read_lists(col, self.spec.sep).compact()  # missing and "" items are no items
+
+    def observe(self, col: pd.Series) -> None:
         if self.spec.share_with is None:
-            self.ids.fit(self._tokens(col)[1])
+            self.ids.observe(self._lists(col).values)
+
+    def finalize(self) -> SequenceEncoder:
+        if self.spec.share_with is None:
+            self.ids.finalize()
         return self
 
-    def _tokens(self, col: pd.Series) -> tuple[np.ndarray, pd.Series]:
-        lists = col.map(lambda v: v if isinstance(v, (list, np.ndarray)) else None)
-        if lists.notna().any():  # Parquet list column
-            exploded = lists.explode()
-        else:
-            exploded = col.astype("string").fillna("").str.split(self.spec.sep).explode()
-        exploded = exploded[exploded.notna() & (exploded.astype("string") != "")]
-        rows = exploded.index.to_numpy()
-        return rows, as_tokens(exploded.reset_index(drop=True))
+    def fit(self, col: pd.Series) -> SequenceEncoder:
+        self.observe(col)
+        return self.finalize()
 
     @property
     def cardinality(self) -> int:
@@ -181,17 +281,16 @@ class SequenceEncoder:
 
     def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
         """(N, max_len) int64 ids, right-aligned, 0 = padding."""
-        col = col.reset_index(drop=True)
-        n, width = len(col), self.spec.max_len
-        out = np.zeros((n, width), dtype=np.int64)
-        rows, tokens = self._tokens(col)
-        if len(rows) == 0:
+        width = self.spec.max_len
+        lists, rows_cut, ids_cut = self._lists(col).last(width)
+        _count_truncation(self, where, rows_cut, ids_cut, "raise max_len (every row is padded to it)")
+        out = np.zeros((len(lists), width), dtype=np.int64)
+        if lists.offsets[-1] == 0:
             return out
-        ids = self.ids.encode_tokens(tokens)
+        ids = self.ids.encode(lists.values)
         # position from the end of each row's history: 0 = most recent
-        from_end = pd.Series(rows).groupby(rows).cumcount(ascending=False).to_numpy()
-        keep = from_end < width
-        out[rows[keep], width - 1 - from_end[keep]] = ids[keep]  # right-aligned, newest last
+        from_end = np.repeat(lists.offsets[1:], lists.lengths) - np.arange(lists.offsets[-1]) - 1
+        out[lists.rows(), width - 1 - from_end] = ids  # right-aligned, newest last
         return out
 
     def state(self) -> dict[str, Any]:
@@ -202,6 +301,103 @@ class SequenceEncoder:
             self.ids.load_state(state)
         elif state:
             raise ValueError(f"feature {self.spec.name!r} shares {self.spec.share_with!r} but has a state {state!r}")
+
+
+@dataclass
+class MultiHotEncoder:
+    """Variable-length id lists, optionally weighted, → ``Ragged`` (ids end to end, never padded).
+
+    Cells: an Arrow list column, lists / arrays, or strings such as "12|7|99" (see ``lists.py``);
+    ids are tokenised as categorical values are, so the id 12 of a list is the category 12 of a
+    table it shares. ``spec.weights`` names a column of parallel lists of weights. With
+    ``max_len`` a longer list keeps its last ``max_len`` ids, counted in ``truncation[where]``
+    (rows, ids) and logged."""
+
+    spec: FeatureSpec
+    ids: CategoricalEncoder  # the vocabulary used (its own, or the shared feature's)
+    truncation: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def cardinality(self) -> int:
+        return self.ids.cardinality
+
+    def observe(self, col: pd.Series) -> None:
+        if self.spec.share_with is None:
+            self.ids.observe(read_lists(col, self.spec.sep).compact().values)
+
+    def finalize(self) -> MultiHotEncoder:
+        if self.spec.share_with is None:
+            self.ids.finalize()
+        return self
+
+    def fit(self, col: pd.Series) -> MultiHotEncoder:
+        self.observe(col)
+        return self.finalize()
+
+    def encode(self, col: pd.Series, where: str = "data", weights: pd.Series | None = None) -> Ragged:
+        """The lists of ``col`` (``weights``: the column ``spec.weights``, when the feature has one)."""
+        spec = self.spec
+        lists = read_lists(col, spec.sep)
+        if spec.weights is not None:
+            if weights is None:
+                raise DataError(
+                    f"{where}: multi-hot feature {spec.name!r} takes weights from column {spec.weights!r}, "
+                    "which was not read; give the column or remove `weights`."
+                )
+            lists = Lists(lists.offsets, lists.values, lists.present, self._weights(lists, weights, where))
+        lists = lists.compact()
+        if spec.max_len is not None:
+            lists, rows_cut, ids_cut = lists.last(spec.max_len)
+            _count_truncation(self, where, rows_cut, ids_cut, "raise max_len, or remove it to keep every id")
+        ids = self.ids.encode(lists.values) if len(lists.values) else np.zeros(0, np.int64)
+        w = None if lists.weights is None else torch.from_numpy(lists.weights.astype(np.float32))
+        return Ragged(torch.from_numpy(np.asarray(ids, np.int64)), torch.from_numpy(lists.offsets), w)
+
+    def state(self) -> dict[str, Any]:
+        return self.ids.state() if self.spec.share_with is None else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.spec.share_with is None:
+            self.ids.load_state(state)
+        elif state:
+            raise ValueError(f"feature {self.spec.name!r} shares {self.spec.share_with!r} but has a state {state!r}")
+
+    def _weights(self, lists: Lists, col: pd.Series, where: str) -> np.ndarray:
+        """(nnz,) float64: one finite weight per id of ``lists``, else a DataError naming the row."""
+        spec = self.spec
+        what = f"{where}: column {spec.weights!r} (weights of multi-hot feature {spec.name!r})"
+        weights = read_lists(col, spec.sep)
+        differ = np.flatnonzero(weights.lengths != lists.lengths) if len(weights) == len(lists) else [0]
+        if len(differ):
+            r = differ[0]
+            raise DataError(
+                f"{what}: row {_label(col, r)!r} has {weights.lengths[r]} weights for {lists.lengths[r]} ids in "
+                f"column {spec.source!r} ({len(differ)} rows differ); give one weight per id, in lists of the "
+                "same lengths."
+            )
+        values = pd.to_numeric(weights.values, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        needed = np.ones(len(values), bool) if lists.present is None else lists.present  # ids that are kept
+        given = np.ones(len(values), bool) if weights.present is None else weights.present
+        bad = np.flatnonzero(needed & ~(given & np.isfinite(values)))
+        if len(bad):
+            row = int(np.searchsorted(lists.offsets, bad[0], side="right") - 1)
+            if given[bad[0]]:
+                example = weights.values.iloc[bad[0]]
+                example = example.item() if isinstance(example, np.generic) else example  # inf, not np.float64(inf)
+                found = f"the weight {example!r}, not a finite number"
+            else:
+                found = "a missing weight"
+            raise DataError(
+                f"{what}: row {_label(col, row)!r} has {found} ({len(bad)} weights in all are missing or not "
+                "finite); give a finite number for every id."
+            )
+        return values
+
+
+def _label(col: pd.Series, position: int) -> Any:
+    """The index label of row ``position`` (the row number a user sees), as a plain value."""
+    label = col.index[position]
+    return label.item() if isinstance(label, np.generic) else label
 
 
 # A value whose square overflows float32 (|x| > ~1.84e19) poisons the float32 model as surely as inf.
@@ -221,6 +417,8 @@ class NumericEncoder:
     mean: float = 0.0
     std: float = 1.0
     flag: bool = False  # add a 0/1 "was missing" column (training data had missing or non-finite values)
+    _moments: Moments = field(default_factory=Moments, repr=False, compare=False)  # observed, not final
+    _seen: list[int] = field(default_factory=lambda: [0, 0], repr=False, compare=False)  # missing, non-finite
 
     @property
     def width(self) -> int:
@@ -280,28 +478,39 @@ class NumericEncoder:
             )
         raise DataError(problems)
 
-    def fit(self, col: pd.Series) -> NumericEncoder:
+    def observe(self, col: pd.Series) -> None:
+        """Accumulate one chunk of the train split: moments of the present values, gap counts."""
         values = self._values(col)
         missing, nonfinite = self._gaps(values)
         self._refuse(col, missing, nonfinite, "train")
-        gap = missing | nonfinite
-        present = values[~gap]
-        if len(present):  # the mean also fills missing values when transform is none
-            mean, std = float(present.mean()), float(present.std())
+        self._moments.add(values[~(missing | nonfinite)])
+        self._seen[0] += int(missing.sum())
+        self._seen[1] += int(nonfinite.sum())
+
+    def finalize(self) -> NumericEncoder:
+        """Mean, std and the missing flag of everything observed since the last ``finalize``."""
+        moments, (missing, nonfinite) = self._moments, self._seen
+        self._moments, self._seen = Moments(), [0, 0]
+        if moments.n:  # the mean also fills missing values when transform is none
+            mean, std = moments.mean, moments.std
             self.mean = mean if np.isfinite(mean) else 0.0  # finite by construction; never let NaN reach a model
             self.std = std if np.isfinite(std) and std > 0 else 1.0
-        self.flag = bool(gap.any())
+        self.flag = bool(missing or nonfinite)
         if self.flag:
             log.info(
                 "train: column %r (feature %r): %d missing and %d non-finite values, filled with the mean "
                 "%.6g and flagged",
                 self.spec.source,
                 self.spec.name,
-                int(missing.sum()),
-                int(nonfinite.sum()),
+                missing,
+                nonfinite,
                 self.mean,
             )
         return self
+
+    def fit(self, col: pd.Series) -> NumericEncoder:
+        self.observe(col)
+        return self.finalize()
 
     def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
         """(N, width) float32: the values, then the missing flag when there is one."""

@@ -8,6 +8,12 @@ The block says where a feature's encoding goes and what the model makes of it:
   numeric input of the towers.
 - ``SEQ``: (N, max_len) int64 ids, ``EncodedTable.seq[name]`` (``batch[seq_key(name)]``); a field
   whose items' embeddings are pooled.
+- ``BAG``: a ``Ragged`` (ids end to end, (N + 1,) offsets, optional per-id weights),
+  ``EncodedTable.bags[name]`` (``batch[bag_key(name)]`` and its offsets and weights keys); a
+  field whose ids' embeddings are pooled (weighted sum or mean, one ``embedding_bag``).
+
+Fitting streams: every encoder ``observe``s chunks of the train split and then ``finalize``s;
+``fit(col)`` is the two on one column.
 
 The featurizer (fit, encode, save, load) and the layout go through this table only. To add
 a kind: its options in ``funnel/spec/schema.py`` (``FEATURE_OPTIONS``, the
@@ -24,11 +30,18 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
-from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SequenceEncoder, SharedCategoricalEncoder
-from funnel.data.table import CAT, NUM, SEQ
+from funnel.data.encoders import (
+    CategoricalEncoder,
+    MultiHotEncoder,
+    NumericEncoder,
+    SequenceEncoder,
+    SharedCategoricalEncoder,
+    vocabulary_of,
+)
+from funnel.data.table import BAG, CAT, NUM, SEQ, Ragged
 from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec
 
-Block = Literal["cat", "num", "seq"]  # CAT, NUM, SEQ of table.py: the EncodedTable field a kind fills
+Block = Literal["cat", "num", "seq", "bag"]  # CAT, NUM, SEQ, BAG of table.py: the EncodedTable field a kind fills
 
 
 class Encoder(Protocol):
@@ -36,16 +49,22 @@ class Encoder(Protocol):
 
     spec: FeatureSpec
 
-    def fit(self, col: pd.Series) -> Encoder: ...  # on the train split only
+    def observe(self, col: pd.Series) -> None: ...  # one chunk of the train split: accumulate statistics
 
-    def encode(self, col: pd.Series, where: str = "data") -> np.ndarray: ...  # the block's array
+    def finalize(self) -> Encoder: ...  # the fitted state from everything observed
+
+    def fit(self, col: pd.Series) -> Encoder: ...  # observe(col), then finalize()
+
+    # the block's array (BAG: a Ragged; MultiHotEncoder.encode also takes weights=df[spec.weights])
+    def encode(self, col: pd.Series, where: str = "data") -> np.ndarray | Ragged: ...
 
     def state(self) -> dict[str, Any]: ...  # the fitted statistics, JSON-ready (encoders.json)
 
     def load_state(self, state: dict[str, Any]) -> None: ...  # raises ValueError on a bad state
 
-    # CAT and SEQ blocks: ``cardinality``, the rows of the feature's embedding table (id 0
-    # included); NUM block: ``width``, its columns of the numeric input
+    # CAT, SEQ and BAG blocks: ``cardinality``, the rows of the feature's embedding table (id 0
+    # included); NUM block: ``width``, its columns of the numeric input. SEQ and BAG: ``truncation``,
+    # split -> (rows, ids) that max_len cut
 
 
 @dataclass(frozen=True)
@@ -61,18 +80,25 @@ class Kind:
         return FEATURE_OPTIONS[self.name]
 
 
-def _categorical(spec: FeatureSpec, shared: CategoricalEncoder | None) -> Encoder:
-    return CategoricalEncoder(spec) if shared is None else SharedCategoricalEncoder(spec, shared)
+# ``shared``: the encoder of the share_with feature (categorical, sequence or multi-hot), whose
+# vocabulary the new encoder uses
+def _categorical(spec: FeatureSpec, shared: Any) -> Encoder:
+    return CategoricalEncoder(spec) if shared is None else SharedCategoricalEncoder(spec, vocabulary_of(shared))
 
 
-def _sequence(spec: FeatureSpec, shared: CategoricalEncoder | None) -> Encoder:
-    return SequenceEncoder(spec, shared if shared is not None else CategoricalEncoder(spec))
+def _sequence(spec: FeatureSpec, shared: Any) -> Encoder:
+    return SequenceEncoder(spec, vocabulary_of(shared) if shared is not None else CategoricalEncoder(spec))
+
+
+def _multi_hot(spec: FeatureSpec, shared: Any) -> Encoder:
+    return MultiHotEncoder(spec, vocabulary_of(shared) if shared is not None else CategoricalEncoder(spec))
 
 
 FEATURE_KINDS: dict[str, Kind] = {
     "categorical": Kind("categorical", CAT, _categorical),
     "numeric": Kind("numeric", NUM, lambda spec, _: NumericEncoder(spec)),
     "sequence": Kind("sequence", SEQ, _sequence),
+    "multi_hot": Kind("multi_hot", BAG, _multi_hot),
 }
 
 

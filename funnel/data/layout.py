@@ -1,8 +1,8 @@
 """The feature layout: what the model needs to know of the encoded data, and nothing else.
 
 The data-side twin of ``funnel/models/inputs.py``'s ``InputShape``: the embedding tables
-and their sizes, which field looks up which table (and which column of ``batch[CAT]``, or
-which ``batch[seq_key(name)]``), and the width of ``batch[NUM]``. ``Featurizer.layout()``
+and their sizes, which field looks up which table (and which column of ``batch[CAT]``, which
+``batch[seq_key(name)]``, or which ``batch[bag_key(name)]``), and the width of ``batch[NUM]``. ``Featurizer.layout()``
 gives the fitted one; ``FeatureLayout.placeholder(cfg)`` gives one from the config alone,
 before any data is read, to build (and so check) a model on the meta device.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from funnel.data.kinds import Block, kind_of, new_encoders
-from funnel.data.table import CAT, NUM, SEQ
+from funnel.data.table import BAG, CAT, NUM, SEQ
 from funnel.spec.schema import Config, FeatureSpec
 
 
@@ -30,18 +30,19 @@ class FieldLayout:
     """One embedded feature: the table it looks up and where its ids are in a batch."""
 
     name: str
-    kind: str  # the feature's kind (categorical, sequence)
-    block: Block  # CAT: one column of batch[CAT]; SEQ: batch[seq_key(name)], pooled
+    kind: str  # the feature's kind (categorical, sequence, multi_hot)
+    block: Block  # CAT: one column of batch[CAT]; SEQ: batch[seq_key(name)]; BAG: batch[bag_key(name)]
     table: str
     dim: int  # the table's width
     column: int | None = None  # CAT: its column of batch[CAT]
-    pooling: str | None = None  # SEQ: mean | sum
+    pooling: str | None = None  # SEQ and BAG: mean | sum
+    weighted: bool = False  # BAG: the batch has per-id weights (batch[bag_weights_key(name)])
 
 
 @dataclass(frozen=True)
 class FeatureLayout:
     tables: tuple[TableLayout, ...]  # in the feature order of their owners
-    fields: tuple[FieldLayout, ...]  # the CAT fields in column (= feature) order, then the SEQ fields
+    fields: tuple[FieldLayout, ...]  # the CAT fields in column (= feature) order, then the SEQ, then the BAG fields
     numeric_dim: int  # width of batch[NUM]
 
     def __post_init__(self) -> None:
@@ -67,7 +68,7 @@ class FeatureLayout:
         return tuple(f for f in self.fields if f.kind == kind)
 
     def fields_in(self, block: Block) -> tuple[FieldLayout, ...]:
-        """The fields of one block (CAT or SEQ), in layout order."""
+        """The fields of one block (CAT, SEQ or BAG), in layout order."""
         return tuple(f for f in self.fields if f.block == block)
 
     @classmethod
@@ -84,6 +85,7 @@ class FeatureLayout:
         tables: list[TableLayout] = []
         cat: list[FieldLayout] = []
         seq: list[FieldLayout] = []
+        bag: list[FieldLayout] = []
         numeric = 0
         for f in features:
             enc, block = encoders[f.name], kind_of(f).block
@@ -100,7 +102,10 @@ class FeatureLayout:
                 cat.append(FieldLayout(f.name, f.kind, CAT, table, dims[table], column=len(cat)))
             elif block == SEQ:
                 seq.append(FieldLayout(f.name, f.kind, SEQ, table, dims[table], pooling=f.pooling))
-        return cls(tables=tuple(tables), fields=(*cat, *seq), numeric_dim=numeric)
+            elif block == BAG:
+                weighted = f.weights is not None
+                bag.append(FieldLayout(f.name, f.kind, BAG, table, dims[table], pooling=f.pooling, weighted=weighted))
+        return cls(tables=tuple(tables), fields=(*cat, *seq, *bag), numeric_dim=numeric)
 
     @classmethod
     def placeholder(cls, cfg: Config, rows: int = 2) -> FeatureLayout:

@@ -13,7 +13,7 @@ from funnel.errors import did_you_mean
 from funnel.spec.convert import convert, describe, matches, type_text
 from funnel.synthetic import SyntheticSpec
 
-FeatureKind = Literal["categorical", "numeric", "sequence"]
+FeatureKind = Literal["categorical", "numeric", "sequence", "multi_hot"]
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,22 @@ class DataSpec:
     # rebuilt. Folder: cache_dir, else $FUNNEL_CACHE_DIR, else ~/.cache/funnel
     cache: bool = True
     cache_dir: str | None = None
+    # file data is read, fitted and encoded this many rows at a time (memory stays flat)
+    chunk_rows: int = 262_144
+    # the training order of each epoch: "global", one permutation of all rows (best mixing;
+    # its index costs 8 bytes per row of memory); "blocks", blocks of shuffle_block_rows
+    # consecutive rows in a random order, mixed shuffle_buffer_blocks at a time (memory and
+    # disk reads stay local: for data far larger than RAM)
+    shuffle: Literal["global", "blocks"] = "global"
+    shuffle_block_rows: int = 65_536
+    shuffle_buffer_blocks: int = 16
 
     def __post_init__(self) -> None:
+        if min(self.chunk_rows, self.shuffle_block_rows, self.shuffle_buffer_blocks) <= 0:
+            raise ValueError(
+                "chunk_rows, shuffle_block_rows and shuffle_buffer_blocks must be positive integers, got "
+                f"{self.chunk_rows}, {self.shuffle_block_rows} and {self.shuffle_buffer_blocks}"
+            )
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ValueError(
                 "batch_size and eval_batch_size must be positive integers, "
@@ -61,7 +75,12 @@ FEATURE_OPTIONS: dict[str, frozenset[str]] = {
     "categorical": frozenset({"min_count", "hash_buckets", "share_with", "embed_dim"}),
     "numeric": frozenset({"transform", "missing"}),
     "sequence": frozenset({"min_count", "share_with", "embed_dim", "sep", "max_len", "pooling"}),
+    "multi_hot": frozenset(
+        {"min_count", "hash_buckets", "share_with", "embed_dim", "sep", "weights", "pooling", "max_len"}
+    ),
 }
+
+SEQUENCE_MAX_LEN = 20  # a sequence's max_len when none is given: it pads every row to this length
 
 
 @dataclass(frozen=True)
@@ -72,15 +91,22 @@ class FeatureSpec:
     # categorical / sequence
     min_count: int = 1  # values seen fewer times in train map to the unknown id 0
     hash_buckets: int | None = None  # hash values into N buckets instead of a vocabulary
-    share_with: str | None = None  # reuse another categorical feature's vocabulary and table
+    # reuse the vocabulary and table of another categorical, sequence or multi_hot feature
+    share_with: str | None = None
     embed_dim: int | None = None  # defaults to funnel.embed_dim
     # numeric
     transform: Literal["standardize", "log1p", "none"] = "standardize"
     missing: Literal["fill", "error"] = "fill"  # fill: train mean plus a 0/1 missing flag
-    # sequence
-    sep: str = "|"
-    max_len: int = 20  # longer histories keep their most recent (last) items
+    # sequence / multi_hot
+    sep: str = "|"  # between the ids of a string cell ("12|7|99")
+    # longer lists keep their last max_len ids; the truncated rows and ids are logged and counted
+    # by `funnel check`. A sequence pads to it (None: SEQUENCE_MAX_LEN); a multi_hot feature has
+    # no cap unless given
+    max_len: int | None = None
+    # multi_hot: sum = Σ w·e, mean = Σ w·e / Σ w (w = 1 without weights; an empty list gives 0)
     pooling: Literal["mean", "sum"] = "mean"
+    # multi_hot only: a column of weight lists parallel to the id lists (Ali-CCP's values, counts)
+    weights: str | None = None
 
     @property
     def source(self) -> str:
@@ -98,6 +124,12 @@ class FeatureSpec:
                         f"{path}.{key}: a {raw['kind']} feature does not take `{key}`. "
                         f"Its options: {', '.join(sorted(FEATURE_OPTIONS[raw['kind']]))}."
                     )
+            if raw["kind"] == "sequence" and "max_len" in raw and raw["max_len"] is None:
+                errors.append(
+                    f"{path}.max_len: a sequence is padded to max_len, so it needs a number (default "
+                    f"{SEQUENCE_MAX_LEN}); for id lists without a cap use `kind: multi_hot`."
+                )
+                return None
         return build(cls, raw, path, errors, hook=False)
 
     def __post_init__(self) -> None:
@@ -105,7 +137,9 @@ class FeatureSpec:
             raise ValueError(f"min_count must be >= 1, got {self.min_count}")
         if self.hash_buckets is not None and self.hash_buckets < 1:
             raise ValueError(f"hash_buckets must be >= 1, got {self.hash_buckets}")
-        if self.max_len < 1:
+        if self.max_len is None and self.kind == "sequence":
+            object.__setattr__(self, "max_len", SEQUENCE_MAX_LEN)  # frozen: set once, here
+        if self.max_len is not None and self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from funnel.errors import did_you_mean
 from funnel.graph import FunnelGraph, branch_problems, graph_problems, group_problems
-from funnel.spec.schema import Config
+from funnel.spec.schema import Config, FeatureSpec
 
 METRIC_PREFIXES = ("auc", "auc_cond", "logloss", "calib")
+TABLE_KINDS = ("categorical", "sequence", "multi_hot")  # the feature kinds that own an embedding table
 
 
 def config_problems(cfg: Config) -> list[str]:
@@ -61,7 +62,8 @@ def config_problems(cfg: Config) -> list[str]:
     if not feats:
         problems.append("features: list at least one feature, e.g. [{name: user_id, kind: categorical}].")
     names = [f.name for f in feats]
-    cat_names = [f.name for f in feats if f.kind == "categorical"]
+    # the kinds with an embedding table (a numeric feature has none to share)
+    table_names = [f.name for f in feats if f.kind in TABLE_KINDS]
     labels = {s.label_column for s in stages}
     for i, f in enumerate(feats):
         if names.count(f.name) > 1 and names.index(f.name) != i:
@@ -70,11 +72,12 @@ def config_problems(cfg: Config) -> list[str]:
             problems.append(
                 f"features[{i}]: column {f.source!r} is a stage label; a label used as a feature leaks the answer."
             )
+        problems += _weights_problems(f, i, labels)
         if f.share_with is not None:
-            if f.share_with not in cat_names or f.share_with == f.name:
+            if f.share_with not in table_names or f.share_with == f.name:
                 problems.append(
-                    f"features[{i}].share_with: {f.share_with!r} is not another categorical feature."
-                    f"{did_you_mean(f.share_with, cat_names)}"
+                    f"features[{i}].share_with: {f.share_with!r} is not another categorical, sequence or multi_hot "
+                    f"feature.{did_you_mean(f.share_with, table_names)}"
                 )
             else:
                 owner = feats[names.index(f.share_with)]
@@ -126,6 +129,22 @@ def config_problems(cfg: Config) -> list[str]:
                 f"Choose from: {', '.join(valid)}."
             )
     return problems
+
+
+def _weights_problems(f: FeatureSpec, i: int, labels: set[str]) -> list[str]:
+    """A multi-hot feature's weight column: neither a label (a leak) nor its own id column."""
+    if f.weights is None:
+        return []
+    if f.weights in labels:
+        return [
+            f"features[{i}].weights: column {f.weights!r} is a stage label; a label used as a weight leaks the answer."
+        ]
+    if f.weights == f.source:
+        return [
+            f"features[{i}].weights: {f.weights!r} is the column of the ids themselves; name the column that "
+            "holds their weights, or remove `weights`."
+        ]
+    return []
 
 
 def default_monitor(graph: FunnelGraph) -> str:
