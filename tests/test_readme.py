@@ -37,6 +37,7 @@ def test_every_shipped_config_is_listed_in_the_readme():
 def test_the_readme_config_walkthrough_is_a_valid_config():
     import yaml
 
+    from funnel.data.kinds import FEATURE_KINDS
     from funnel.spec import config_from_dict
 
     readme = (ROOT / "README.md").read_text()
