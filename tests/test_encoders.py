@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SequenceEncoder
+from funnel.data.encoders import CategoricalEncoder, NumericEncoder
 from funnel.data.featurizer import Featurizer
 from funnel.data.labels import conflict_counts, encode_label, resolve_conflicts
 from funnel.data.layout import TableLayout
+from funnel.data.list_encoders import SequenceEncoder
 from funnel.errors import DataError
 from funnel.graph import FunnelGraph
 from funnel.runs import build_graph
@@ -634,7 +635,7 @@ def test_a_numeric_chunk_without_present_values_changes_nothing(caplog):
 
 
 def test_chunked_sequence_and_multi_hot_fits_equal_one_fit():
-    from funnel.data.encoders import MultiHotEncoder
+    from funnel.data.list_encoders import MultiHotEncoder
 
     col = pd.Series(["3|1|2", "5", "", None, "2|9|9", "1"])
     for spec, make in ((seq(max_len=2), SequenceEncoder), (FeatureSpec(name="x", kind="multi_hot"), MultiHotEncoder)):

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from funnel.data.encoders import CategoricalEncoder, MultiHotEncoder, SequenceEncoder, SharedCategoricalEncoder
+from funnel.data.encoders import CategoricalEncoder, SharedCategoricalEncoder
 from funnel.data.kinds import FEATURE_KINDS, Block, new_encoders
+from funnel.data.list_encoders import MultiHotEncoder, SequenceEncoder
 from funnel.data.table import BAG, CAT, NUM, SEQ, Ragged
 from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec
 

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from funnel.data.encoders import CategoricalEncoder, MultiHotEncoder, SequenceEncoder
+from funnel.data.encoders import CategoricalEncoder
 from funnel.data.featurizer import Featurizer
 from funnel.data.layout import FeatureLayout, FieldLayout, TableLayout
+from funnel.data.list_encoders import MultiHotEncoder, SequenceEncoder
 from funnel.data.lists import read_lists
 from funnel.data.table import BAG, CAT, NUM, Ragged, bag_key, bag_offsets_key, bag_tensors, bag_weights_key, take
 from funnel.errors import ConfigError, DataError

@@ -18,7 +18,7 @@ Fitting streams: every encoder ``observe``s chunks of the train split and then `
 The featurizer (fit, encode, save, load) and the layout go through this table only. To add
 a kind: its options in ``funnel/spec/schema.py`` (``FEATURE_OPTIONS``, the
 ``FeatureSpec.kind`` literal and any new ``FeatureSpec`` field), an encoder in
-``encoders.py`` that follows ``Encoder``, and one entry in ``FEATURE_KINDS``.
+``encoders.py`` (or ``list_encoders.py``) that follows ``Encoder``, and one entry in ``FEATURE_KINDS``.
 """
 
 from __future__ import annotations
@@ -30,14 +30,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
-from funnel.data.encoders import (
-    CategoricalEncoder,
-    MultiHotEncoder,
-    NumericEncoder,
-    SequenceEncoder,
-    SharedCategoricalEncoder,
-    vocabulary_of,
-)
+from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SharedCategoricalEncoder
+from funnel.data.list_encoders import MultiHotEncoder, SequenceEncoder, vocabulary_of
 from funnel.data.table import BAG, CAT, NUM, SEQ, Ragged
 from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec
 
