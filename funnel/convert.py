@@ -30,6 +30,7 @@ import numpy as np
 
 from funnel.atomic import write_text
 from funnel.data import aliccp, paddlerec
+from funnel.data.field_lists import FieldLists
 from funnel.errors import DataError, UserError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class _SplitStats:
         self.rows_with = np.zeros(len(fields), np.int64)
         self.max_ids = np.zeros(len(fields), np.int64)
 
-    def add(self, parsed: aliccp.Parsed, lists: Sequence[aliccp.Ragged]) -> None:
+    def add(self, parsed: aliccp.Parsed, lists: Sequence[FieldLists]) -> None:
         self.rows += parsed.n
         self.clicks += int(parsed.click.sum())
         self.purchases += int(parsed.purchase.sum())

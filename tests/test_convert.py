@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from funnel.convert import convert_aliccp, convert_paddlerec, parse_inputs, resolve_fields
-from funnel.data.aliccp import FIELDS, Ragged, group_by_field
+from funnel.data.aliccp import FIELDS
+from funnel.data.field_lists import FieldLists, group_by_field
 from funnel.errors import DataError, UserError
 from funnel.spec.schema import FEATURE_OPTIONS
 from tests.test_cli import run_cli
@@ -55,7 +56,7 @@ def rows(folder: Path) -> list[dict]:
 
 
 def test_ragged_take_gathers_rows_and_gives_empty_lists_for_minus_one():
-    r = Ragged(np.array([0, 2, 2, 3]), np.array([5, 6, 7]), np.array([0.5, 1.0, 2.0], np.float32))
+    r = FieldLists(np.array([0, 2, 2, 3]), np.array([5, 6, 7]), np.array([0.5, 1.0, 2.0], np.float32))
     out = r.take(np.array([2, -1, 0, 0]))
     assert out.offsets.tolist() == [0, 1, 1, 3, 5]
     assert out.ids.tolist() == [7, 5, 6, 5, 6]
@@ -63,8 +64,8 @@ def test_ragged_take_gathers_rows_and_gives_empty_lists_for_minus_one():
 
 
 def test_ragged_concat_rows_keeps_each_rows_own_ids_first():
-    a = Ragged(np.array([0, 1, 1, 3]), np.array([1, 2, 3]), np.ones(3, np.float32))
-    b = Ragged(np.array([0, 0, 2, 3]), np.array([8, 9, 10]), np.full(3, 2.0, np.float32))
+    a = FieldLists(np.array([0, 1, 1, 3]), np.array([1, 2, 3]), np.ones(3, np.float32))
+    b = FieldLists(np.array([0, 0, 2, 3]), np.array([8, 9, 10]), np.full(3, 2.0, np.float32))
     out = a.concat_rows(b)
     assert out.offsets.tolist() == [0, 1, 3, 6]
     assert out.ids.tolist() == [1, 8, 9, 2, 3, 10]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from funnel.data.field_lists import FieldLists, group_by_field, offsets_of
 from funnel.errors import DataError
 
 # The 23 fields of the dataset's documentation (and of PaddleRec's ESMM reader).
@@ -47,74 +48,6 @@ def weight_column(name: str) -> str:
     return f"w_{name}"
 
 
-@dataclass(frozen=True)
-class Ragged:
-    """One field's id lists for n rows: row r holds ``ids[offsets[r]:offsets[r + 1]]`` and their weights."""
-
-    offsets: np.ndarray  # int64, n + 1, starts at 0
-    ids: np.ndarray  # int64
-    weights: np.ndarray  # float32, same length as ids
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def take(self, rows: np.ndarray) -> Ragged:
-        """The lists of ``rows`` in that order; a row index of -1 gives an empty list."""
-        valid = rows >= 0
-        safe = np.where(valid, rows, 0)
-        starts = self.offsets[safe]
-        lengths = np.where(valid, self.offsets[safe + 1] - starts, 0)
-        offsets = _offsets(lengths)
-        # source position of every output id: its list's start plus its place in the list
-        src = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return Ragged(offsets, np.asarray(self.ids[src]), np.asarray(self.weights[src]))
-
-    def concat_rows(self, other: Ragged) -> Ragged:
-        """Row by row, this row's ids followed by ``other``'s (both of the same length)."""
-        if len(other.ids) == 0:
-            return self
-        if len(self.ids) == 0:
-            return other
-        la, lb = self.lengths(), other.lengths()
-        offsets = _offsets(la + lb)
-        pos_a = np.repeat(offsets[:-1] - self.offsets[:-1], la) + np.arange(len(self.ids))
-        pos_b = np.repeat(offsets[:-1] + la - other.offsets[:-1], lb) + np.arange(len(other.ids))
-        ids = np.empty(offsets[-1], np.int64)
-        weights = np.empty(offsets[-1], np.float32)
-        ids[pos_a], ids[pos_b] = self.ids, other.ids
-        weights[pos_a], weights[pos_b] = self.weights, other.weights
-        return Ragged(offsets, ids, weights)
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def group_by_field(
-    rows: np.ndarray, codes: np.ndarray, ids: np.ndarray, weights: np.ndarray, n_rows: int, n_fields: int
-) -> list[Ragged]:
-    """Per field code 0..n_fields-1, the ids of each row in their original order (codes < 0 are dropped).
-
-    ``rows`` must be non-decreasing (features listed line by line), so after a stable sort by
-    code each field's slice is ordered by row and its offsets follow from a bincount."""
-    keep = codes >= 0
-    if not keep.all():
-        rows, codes, ids, weights = rows[keep], codes[keep], ids[keep], weights[keep]
-    order = np.argsort(codes.astype(np.int16), kind="stable")  # radix sort for 16-bit keys
-    bounds = np.searchsorted(codes[order], np.arange(n_fields + 1))
-    rows, ids, weights = rows[order], ids[order], weights[order]
-    out = []
-    for k in range(n_fields):
-        a, b = bounds[k], bounds[k + 1]
-        out.append(Ragged(_offsets(np.bincount(rows[a:b], minlength=n_rows)), ids[a:b], weights[a:b]))
-    return out
-
-
 @dataclass
 class Parsed:
     """One block of lines, parsed. When some lines are malformed only ``bad`` and ``problems`` are
@@ -127,7 +60,7 @@ class Parsed:
     click: np.ndarray | None = None
     purchase: np.ndarray | None = None
     key: object = None  # the skeleton's md5 column (pyarrow), the join key into the common features
-    lists: list[Ragged] = field(default_factory=list)  # one per requested field
+    lists: list[FieldLists] = field(default_factory=list)  # one per requested field
     unknown: Counter = field(default_factory=Counter)  # fields not requested: feature counts
     feature_num_mismatch: int = 0  # lines whose feature_num differs from their number of features
 
@@ -227,7 +160,7 @@ def split_columns(lines, names: Sequence[str], checks: LineChecks, exact: bool =
 
 def parse_features(
     lists, n: int, fields: Sequence[str], checks: LineChecks, pattern: str, what: str, with_values: bool
-) -> tuple[list[Ragged], Counter, np.ndarray] | None:
+) -> tuple[list[FieldLists], Counter, np.ndarray] | None:
     """Per-field id lists from ``lists`` (a pyarrow list<string> of features per line, nulls for none).
 
     ``pattern`` names the groups ``field`` and ``id`` (and ``value`` when ``with_values``); a feature
@@ -427,7 +360,7 @@ class CommonFeatures:
     (per field, ids int64 and weights float32, memory-mapped: about the size of the raw file) and an
     md5 -> line index in memory (~100 bytes a key, plus 8 bytes per key and field for the offsets)."""
 
-    def __init__(self, keys, lines: np.ndarray, lists: list[Ragged], duplicates: int):
+    def __init__(self, keys, lines: np.ndarray, lists: list[FieldLists], duplicates: int):
         self.keys = keys  # pandas Index of the unique md5 strings
         self.lines = lines  # the line (position) of each key's first occurrence
         self.lists = lists
@@ -468,8 +401,10 @@ class CommonFeatures:
         duplicated = index.duplicated(keep="first")
         out = []
         for k in range(len(fields)):
-            offsets = _offsets(np.concatenate(lengths[k]) if lengths[k] else np.zeros(0, np.int64))
-            out.append(Ragged(offsets, _mapped(folder / f"{k}.ids", np.int64), _mapped(folder / f"{k}.w", np.float32)))
+            offsets = offsets_of(np.concatenate(lengths[k]) if lengths[k] else np.zeros(0, np.int64))
+            out.append(
+                FieldLists(offsets, _mapped(folder / f"{k}.ids", np.int64), _mapped(folder / f"{k}.w", np.float32))
+            )
         return cls(index[~duplicated], np.flatnonzero(~duplicated), out, int(duplicated.sum()))
 
     def __len__(self) -> int:
@@ -480,7 +415,7 @@ class CommonFeatures:
         pos = self.keys.get_indexer(md5.to_numpy(zero_copy_only=False))
         return np.where(pos >= 0, self.lines[np.maximum(pos, 0)] if len(self.lines) else -1, -1)
 
-    def gather(self, lines: np.ndarray) -> list[Ragged]:
+    def gather(self, lines: np.ndarray) -> list[FieldLists]:
         return [lists.take(lines) for lists in self.lists]
 
 
