@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _trust_flag(pr)
 
+    pp = sub.add_parser(
+        "prepare", help="fit the encoders and write the encoded data cache (streaming; fit runs it when needed)"
+    )
+    pp.add_argument("config")
+    pp.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
     c = sub.add_parser("check", help="validate the config and the data without training")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -83,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stages", nargs="+", default=["click", "conversion"])
     s.add_argument("--bias-share", type=float, default=None, help="share of items whose later stages run against click")
+    _convert_parser(sub)
     return p
 
 
@@ -92,6 +99,26 @@ def _trust_flag(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="import the plugin modules the run's config.yaml lists (this runs their code)",
     )
+
+
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    cv = sub.add_parser("convert", help="convert raw Ali-CCP or PaddleRec ESMM text to Parquet shards")
+    formats = cv.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    a = formats.add_parser("ali-ccp", help="the raw release: sample_skeleton_*.csv joined with common_features_*.csv")
+    a.add_argument("raw_dir", help="the folder of the unpacked sample_skeleton_*.csv and common_features_*.csv")
+    a.add_argument("out_dir", help="an empty or new folder: OUT_DIR/{train,test}/part-*.parquet and convert.json")
+    a.add_argument("--splits", default="train,test", help="comma-separated, of train,test (default both)")
+    pe = formats.add_parser("paddlerec-esmm", help="PaddleRec's ESMM text: sample_id,click,conversion,field:id,...")
+    pe.add_argument("inputs", nargs="+", metavar="[SPLIT=]INPUT", help="a file or folder; SPLIT: train|valid|test")
+    pe.add_argument("out_dir", help="an empty or new folder: OUT_DIR/<split>/part-*.parquet and convert.json")
+    for f in (a, pe):
+        f.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per Parquet file (default 1,000,000)")
+        f.add_argument(
+            "--fields",
+            default="default",
+            help="default (the 23 documented fields), all (every field found: one extra read), or a comma list",
+        )
+        f.add_argument("--skip-bad", action="store_true", help="skip malformed lines (counted in convert.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "prepare":
+        from funnel.prepare_data import prepare
+
+        print(json.dumps(prepare(args.config, args.overrides), indent=1))
+        return 0
     if args.command == "fit":
         if args.resume:
             if args.config or args.overrides or args.print_config:
@@ -206,10 +238,25 @@ def _run(args: argparse.Namespace) -> int:
         for p in paths.values():
             print(p)
         return 0
+    if args.command == "convert":
+        from funnel import convert
+
+        options = {"fields": args.fields, "shard_rows": args.shard_rows, "skip_bad": args.skip_bad}
+        if args.format == "ali-ccp":
+            report = convert.convert_aliccp(args.raw_dir, args.out_dir, splits=args.splits, **options)
+        else:
+            report = convert.convert_paddlerec(args.inputs, args.out_dir, **options)
+        print(json.dumps(convert.summary(report), indent=1))
+        print(f"converted data: {args.out_dir}")
+        return 0
     raise AssertionError(args.command)
 
 
 def _report_run(run_dir: Path) -> int:
+    from funnel.training.distributed import is_global_zero
+
+    if not is_global_zero():  # another rank of a DDP run: rank 0 reports it
+        return 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = {k: v for k, v in metrics.items() if k.startswith(("auc", "oracle_auc", "calib"))}
     print(json.dumps({"split": metrics["split"], **summary}, indent=1))

@@ -68,7 +68,10 @@ def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16
     # imported here: torchmetrics costs `funnel predict` 0.7 s of start-up and predict needs none of it
     from funnel.training.metrics import FunnelMetrics, free_stages, truth_of
 
-    metrics = FunnelMetrics(model.graph, with_truth=bool(table.truth), free=free_stages(model.graph, table.truth))
+    # the whole table is here: no synchronisation, also when called by rank 0 of a DDP run alone
+    metrics = FunnelMetrics(
+        model.graph, with_truth=bool(table.truth), free=free_stages(model.graph, table.truth), sync_on_compute=False
+    )
     for batch, log_reach, log_cond, _ in score(model, table, batch_size):
         metrics.update(log_reach, log_cond, batch[LABELS], truth_of(batch))
     values = metrics.compute()

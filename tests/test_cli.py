@@ -103,7 +103,7 @@ def test_fit_prints_the_run_directory_last(fitted):
 
 
 def test_fit_logs_to_stderr_not_stdout(fitted):
-    assert "rows encoded" in fitted.err and "rows encoded" not in fitted.out
+    assert "prepare: encoding train" in fitted.err and "prepare:" not in fitted.out
 
 
 def test_run_directory_holds_config_encoders_checkpoint_and_metrics(fitted):
@@ -212,7 +212,10 @@ def test_evaluate_reproduces_the_fit_metrics(fitted, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == written
     fit_metrics = json.loads((fitted.run / "metrics.json").read_text())
     assert set(written) >= METRIC_KEYS
-    assert written == {k: v for k, v in fit_metrics.items() if k not in ("split", "valid")}
+    expected = {k: v for k, v in fit_metrics.items() if k not in ("split", "valid")}
+    # fit scores the memory-mapped store, evaluate a table encoded in memory: the same values, but
+    # float32 sums over other memory layouts may differ in the last bit, so the 6th decimal by one
+    assert written == {k: (pytest.approx(v, abs=2e-6) if isinstance(v, float) else v) for k, v in expected.items()}
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from funnel.graph import FunnelGraph
-from funnel.training.metrics import FunnelMetrics
+from funnel.training.metrics import FunnelMetrics, WeightedMean
 
 GRAPH = FunnelGraph.chain([("click", "click", None), ("conversion", "conversion", "click")])
 
@@ -136,3 +139,49 @@ def test_ground_truth_metrics_score_true_probabilities():
     assert values["auc_cond_es/conversion"] == pytest.approx(auc(P_CVR, [1, 1, 1, 1, 0, 0, 0, 0]))
     assert values["calib_cond_es/conversion"] == pytest.approx(sum(P_CVR) / (0.6 * 8), rel=1e-6)
     assert values["mae_cond_es/conversion"] == pytest.approx(sum(abs(p - 0.6) for p in P_CVR) / 8, rel=1e-5)
+
+
+# ---- across processes ----------------------------------------------------------------------------------
+# Rank 0 holds 3 rows, rank 1 the other 5: rank 0 has clicks but no conversion, so on its own the
+# conversion AUCs are undefined; over the whole split they are not.
+SHARDS = ([2, 3, 4], [0, 1, 5, 6, 7])
+LOSSES = ([1.0], [2.0, 2.0])  # per-batch mean losses, batches of 3 rows on rank 0, 2 and 3 on rank 1
+WEIGHTS = ([3], [2, 3])
+
+
+def _synchronised(rank: int, init: str, out: str) -> None:
+    """One of two gloo processes: update with this rank's shard, compute, write the result."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        local = FunnelMetrics(GRAPH, sync_on_compute=False)
+        update(local, rows=SHARDS[rank])
+        metrics = FunnelMetrics(GRAPH)
+        update(metrics, rows=SHARDS[rank])
+        loss = WeightedMean()
+        for value, weight in zip(LOSSES[rank], WEIGHTS[rank], strict=True):
+            loss.update(torch.tensor(value), weight)
+        result = {"local": local.compute(), "whole": metrics.compute(), "loss": float(loss.compute())}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_metrics_of_two_processes_are_those_of_the_whole_split(tmp_path):
+    torch.multiprocessing.start_processes(
+        _synchronised, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    whole = computed()
+    assert math.isnan(results[0]["local"]["auc/conversion"])  # rank 0 alone: no conversion
+    for result in results:  # every rank: the same values, those of one process over all 8 rows
+        for key, value in whole.items():
+            assert result["whole"][key] == pytest.approx(value, rel=1e-6), key
+        # rows weigh: (1 * 3 + 2 * 2 + 2 * 3) / 8, not the mean of the ranks' means (1.5)
+        assert result["loss"] == pytest.approx(13 / 8)
+
+
+def test_metrics_pickle_for_ddp_spawn():
+    pickle.dumps(FunnelMetrics(GRAPH, with_truth=True, free=("click",)))  # every kind of view
+    again = pickle.loads(pickle.dumps(FunnelMetrics(GRAPH)))
+    update(again)
+    assert again.compute()["auc_cond/conversion"] == pytest.approx(0.75)

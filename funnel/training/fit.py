@@ -9,12 +9,18 @@ Order of work, so that nothing is lost and no half-made run is left behind:
 4. config.yaml, encoders.json and run.json are written (atomically), then training runs;
    an interrupted run keeps checkpoints/last.ckpt and continues with `funnel fit --resume`;
 5. the best checkpoint and the metrics are written; run.json says "complete".
+
+Under DDP global rank 0 does all of this; the other ranks wait for its prepared data, train
+beside it and write nothing (funnel/training/distributed.py says how they find the run). The
+final metrics are rank 0's alone, over the whole split, computed as `funnel evaluate` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +33,7 @@ from funnel.atomic import copy_file, write_text
 from funnel.claim import RunClaim, claim_existing, claim_new
 from funnel.data.datamodule import FunnelDataModule
 from funnel.data.featurizer import Featurizer
-from funnel.errors import UserError
+from funnel.errors import DataError, UserError
 from funnel.inference import evaluate_table
 from funnel.models.registry import create_model
 from funnel.runs import (
@@ -44,7 +50,8 @@ from funnel.runs import (
     write_manifest,
 )
 from funnel.spec import Config, load_config
-from funnel.training import resume_logs
+from funnel.training import distributed, resume_logs
+from funnel.training.distributed import Launch
 from funnel.training.guards import DivergenceGuard, TrainingDiverged
 from funnel.training.metrics import free_stages
 from funnel.training.module import FunnelLightningModule
@@ -56,14 +63,21 @@ log = logging.getLogger(__name__)
 
 
 def fit(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Train the config at ``config_path`` (with ``key=value`` overrides); return the run directory."""
     cfg, _ = load_config(config_path, overrides)
     return fit_config(cfg, config_path)
 
 
 def fit_config(cfg: Config, config_path: str | Path = "config.yaml") -> Path:
+    """Train ``cfg`` into a new run directory and return it (on every rank under DDP; only rank 0
+    writes into it, see funnel/training/distributed.py)."""
     preflight(cfg)
-    claim = claim_new(cfg.run_dir, config_path, refused_hint=_resume_hint(cfg.run_dir))
-    return _train(cfg, claim, resume_from=None)
+    launch = distributed.detect(cfg)
+    run_dir = distributed.shared_run_dir(cfg, config_path, launch)
+    if launch.follower:
+        return _follow(cfg, launch, Path(run_dir) if run_dir else None, resume_from=None)
+    claim = claim_new(run_dir, config_path, refused_hint=_resume_hint(run_dir))
+    return _train(cfg, claim, None, launch)
 
 
 def resume(run_dir: str | Path, trust_plugins: bool = False) -> Path:
@@ -77,22 +91,32 @@ def resume(run_dir: str | Path, trust_plugins: bool = False) -> Path:
             "Evaluate it with `funnel evaluate`, or train a new run."
         )
     preflight(cfg)
-    claim = claim_existing(run_dir)
+    launch = distributed.detect(cfg)
     last = run_dir / LAST
+    if launch.follower:
+        return _follow(cfg, launch, run_dir, resume_from=last if last.is_file() else None, resume=True)
+    claim = claim_existing(run_dir)
     if not last.is_file():
         log.warning("%s has no %s (it stopped before its first epoch ended): training from the start", run_dir, LAST)
-    return _train(cfg, claim, resume_from=last if last.is_file() else None)
+    return _train(cfg, claim, last if last.is_file() else None, launch)
 
 
 def _resume_hint(run_dir: str | None) -> str:
     return interrupted_hint(Path(run_dir)) if run_dir and Path(run_dir).is_dir() else ""
 
 
-def _train(cfg: Config, claim: RunClaim, resume_from: Path | None) -> Path:
+def _train(cfg: Config, claim: RunClaim, resume_from: Path | None, launch: Launch) -> Path:
+    """The owner's part: prepare, write the run's files, train, evaluate, finish."""
     run_dir = claim.path
     resuming = (run_dir / ENCODERS).is_file()
+    prepared: Path | None = None
     try:
-        trainer, module, dm, checkpoint, monitor = _build(cfg, run_dir, resuming)
+        if launch.distributed:  # from now on the other ranks know this launch owns run_dir
+            # (a resumed run's earlier "prepared" and failure are not this launch's: cleared)
+            write_manifest(run_dir, launch=launch.launch_id, status="preparing", prepared=None, error=None)
+        trainer, module, dm, checkpoint, monitor = _build(cfg, run_dir, resuming, launch.world_size)
+        if launch.distributed:
+            prepared = _share(dm, run_dir, launch)
         if not resuming:
             save_config(cfg, run_dir)
             dm.featurizer.save(run_dir / ENCODERS)
@@ -102,45 +126,126 @@ def _train(cfg: Config, claim: RunClaim, resume_from: Path | None) -> Path:
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
             monitor=monitor,
             resumed_from=str(resume_from) if resume_from else None,
+            # last: the other ranks start when they read it
+            **({"prepared": distributed.prepared_entry(run_dir, prepared)} if prepared else {}),
         )
     except BaseException:
+        _remove_run_local(run_dir)
         if resuming:
             claim.release()
         else:
             claim.discard()  # nothing trained yet: leave nothing behind
         raise
+    handoff = (
+        distributed.handed_to_children(run_dir, prepared)
+        if launch.launches_ranks and prepared
+        else contextlib.nullcontext()
+    )
     try:
         old_logs = resume_logs.set_aside(run_dir) if resuming else None
-        _fit(trainer, module, dm, resume_from)
+        with handoff:
+            _fit(trainer, module, dm, resume_from)
+            best = _best_checkpoint(trainer, checkpoint, run_dir)
         resume_logs.merge(run_dir, old_logs)
-        _finish(cfg, trainer, module, dm, checkpoint, monitor, run_dir)
+        _finish(cfg, module, dm, best, checkpoint, monitor, run_dir)
     except TrainingDiverged:
-        if resume_from is None:
-            claim.discard()
+        distributed.stop_children(trainer)
+        _remove_run_local(run_dir)
+        if resume_from is None and not launch.distributed:
+            claim.discard()  # a new run that diverged holds nothing worth keeping
             raise
-        write_manifest(run_dir, status="failed", error="diverged")
+        # (under DDP the other ranks may be recording into it as they stop: kept, marked failed)
+        write_manifest(run_dir, status="failed", error="diverged", failed_rank=launch.rank)
         claim.release()
         raise
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        write_manifest(run_dir, status=status, error=f"{type(exc).__name__}: {exc}"[:500])
+        distributed.stop_children(trainer)
+        _remove_run_local(run_dir)
+        peer = distributed.peer_failure(run_dir, launch, exc)
+        distributed.record_failure(run_dir, launch, exc)
         claim.release()
         if isinstance(exc, KeyboardInterrupt) and (run_dir / LAST).is_file():
             log.warning("interrupted; continue this run with `funnel fit --resume %s`", run_dir)
+        if peer is not None:
+            raise peer from None
         raise
+    _remove_run_local(run_dir)
     write_manifest(run_dir, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     claim.release()
     return run_dir
 
 
-def _build(cfg: Config, run_dir: Path, resuming: bool):
+def _share(dm: FunnelDataModule, run_dir: Path, launch: Launch) -> Path:
+    """Where the other ranks open this data: the cache entry it is mapped from, else a copy
+    written into the run (removed when the run ends)."""
+    local = run_dir / distributed.PREPARED
+    shutil.rmtree(local, ignore_errors=True)  # a resumed run's leftover: written again
+    prepared = dm.save_prepared(local)
+    log.info("%d ranks read the prepared data in %s", launch.world_size, prepared)
+    return prepared
+
+
+def _remove_run_local(run_dir: Path) -> None:
+    """The run-local copy of the prepared data goes when the run ends, however it ends."""
+    shutil.rmtree(run_dir / distributed.PREPARED, ignore_errors=True)
+
+
+def _follow(cfg: Config, launch: Launch, run_dir: Path | None, resume_from: Path | None, resume: bool = False) -> Path:
+    """A rank other than 0: train in the run rank 0 owns, on the data it prepared; write nothing."""
+    distributed.quiet_follower(launch)
+    if launch.handoff is not None:
+        run_dir, prepared = launch.handoff.run_dir, launch.handoff.prepared
+    else:
+        assert run_dir is not None  # shared_run_dir gives one to every independent rank
+        prepared = distributed.wait_for_owner(run_dir, launch, resume=resume)
+    try:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        dm = FunnelDataModule.open_prepared(cfg, build_graph(cfg), prepared)
+        trainer, module, checkpoint, _ = _build_training(cfg, dm, run_dir)
+        handoff = (
+            distributed.handed_to_children(run_dir, prepared) if launch.launches_ranks else contextlib.nullcontext()
+        )
+        with handoff:
+            _fit(trainer, module, dm, resume_from)
+            _best_checkpoint(trainer, checkpoint, run_dir)
+    except BaseException as exc:
+        peer = distributed.peer_failure(run_dir, launch, exc)
+        if peer is not None:
+            raise peer from None
+        distributed.record_failure(run_dir, launch, exc)
+        raise
+    return run_dir
+
+
+def _build(cfg: Config, run_dir: Path, resuming: bool, world_size: int):
     """Data, model, module and Trainer; every user error of the data surfaces here."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     graph = build_graph(cfg)
     featurizer = Featurizer.load(run_dir / ENCODERS, cfg, graph) if resuming else None
     dm = FunnelDataModule(cfg, graph, featurizer)
     dm.prepare()
-    raise_trainer_data_problems(cfg, train_rows=len(dm.tables["train"]))
+    raise_trainer_data_problems(cfg, len(dm.tables["train"]), world_size)
+    _raise_too_few_rows(dm, world_size)
+    trainer, module, checkpoint, monitor = _build_training(cfg, dm, run_dir)
+    return trainer, module, dm, checkpoint, monitor
+
+
+def _raise_too_few_rows(dm: FunnelDataModule, world_size: int) -> None:
+    """Every rank needs rows of every split: a rank without a batch would skip the epoch's end,
+    where the others wait for it to synchronise the metrics."""
+    if world_size == 1:
+        return
+    small = {split: len(table) for split, table in dm.tables.items() if len(table) < world_size}
+    if small:
+        raise DataError(
+            f"data: {', '.join(f'{s} has {n} row(s)' for s, n in small.items())}, fewer than the {world_size} DDP "
+            "ranks (trainer.devices x trainer.num_nodes): give every split at least one row per rank, or use fewer."
+        )
+
+
+def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path):
+    """Model, module, callbacks and Trainer for prepared data: the same on every rank."""
+    graph = dm.graph
     model = create_model(graph, cfg.funnel, dm.featurizer.layout())
     valid = dm.tables["valid"]
     module = FunnelLightningModule(
@@ -163,7 +268,7 @@ def _build(cfg: Config, run_dir: Path, resuming: bool):
     kwargs["logger"] = CSVLogger(run_dir, name="logs", version="") if kwargs.get("logger", True) else False
     with quiet_lightning():  # the arguments were checked before the data was read
         trainer = pl.Trainer(default_root_dir=run_dir, callbacks=callbacks, **kwargs)
-    return trainer, module, dm, checkpoint, monitor
+    return trainer, module, checkpoint, monitor
 
 
 def _fit(trainer: pl.Trainer, module: FunnelLightningModule, dm: FunnelDataModule, ckpt: Path | None) -> None:
@@ -177,19 +282,27 @@ def _fit(trainer: pl.Trainer, module: FunnelLightningModule, dm: FunnelDataModul
         raise KeyboardInterrupt
 
 
+def _best_checkpoint(trainer: pl.Trainer, checkpoint: ModelCheckpoint, run_dir: Path) -> str:
+    """The best checkpoint's path (the same on every rank: Lightning broadcasts it). Every rank
+    calls this: saving the final weights, when no checkpoint was kept, is a collective."""
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    if not best:  # fast_dev_run and friends save nothing: keep the final weights
+        best = str(run_dir / "checkpoints" / "final.ckpt")
+        trainer.save_checkpoint(best)
+    return best
+
+
 def _finish(
     cfg: Config,
-    trainer: pl.Trainer,
     module: FunnelLightningModule,
     dm: FunnelDataModule,
+    best: str,
     checkpoint: ModelCheckpoint,
     monitor: str,
     run_dir: Path,
 ) -> None:
-    best = checkpoint.best_model_path or checkpoint.last_model_path
-    if not best:  # fast_dev_run and friends save nothing: keep the final weights
-        trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
-        best = str(run_dir / "checkpoints" / "final.ckpt")
+    """Rank 0 alone: the best checkpoint and the metrics of the whole test (and valid) split,
+    computed in this process by the same function as `funnel evaluate`."""
     copy_file(best, run_dir / BEST)
     log.info("best checkpoint: %s (%s = %s)", best, monitor, checkpoint.best_model_score)
 

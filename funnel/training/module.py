@@ -1,4 +1,10 @@
-"""A generic LightningModule: it takes any FunnelModel and trains it on its own objective."""
+"""A generic LightningModule: it takes any FunnelModel and trains it on its own objective.
+
+Under DDP every value logged per epoch is the whole split's: the validation metrics and loss
+are torchmetrics states synchronised across ranks when computed, the training epoch means are
+all-reduced sums over rows. Each is then the same on every rank, so the monitor that picks the
+best checkpoint and stops early agrees everywhere.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from funnel.data.table import LABELS
 from funnel.models.registry import FunnelModel, model_loss
 from funnel.spec.schema import OptimSpec
 from funnel.training.lazy_adam import LazyAdam
-from funnel.training.metrics import FunnelMetrics, truth_of
+from funnel.training.metrics import FunnelMetrics, WeightedMean, truth_of
 
 
 class FunnelLightningModule(pl.LightningModule):
@@ -26,6 +32,10 @@ class FunnelLightningModule(pl.LightningModule):
         self._epoch_rows = 0
         self.val_metrics = FunnelMetrics(model.graph, with_truth=with_truth, free=free)
         self.test_metrics = FunnelMetrics(model.graph, with_truth=with_truth, free=free)
+        # the loss weighted by rows over the whole split (Lightning's own epoch mean under DDP
+        # would be the unweighted mean of the ranks' means, and the shards differ in size)
+        self.val_loss = WeightedMean()
+        self.test_loss = WeightedMean()
 
     def forward(self, batch: dict[str, Tensor]):
         return self.model(batch)
@@ -51,8 +61,8 @@ class FunnelLightningModule(pl.LightningModule):
             optimizers[0].step()  # through Lightning: counts one global step per batch
             optimizers[1].optimizer.step()  # the raw torch optimiser: no second count
         logged = self.model.logged()  # e.g. MMoE/PLE: mean gate weight per expert
-        if logged:
-            self.log_dict(logged, on_step=False, on_epoch=True, batch_size=bs)
+        if logged:  # every rank trains on as many rows: the mean of the ranks' means is the mean
+            self.log_dict(logged, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss.total
 
     def on_train_epoch_start(self) -> None:
@@ -61,45 +71,56 @@ class FunnelLightningModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if not self._epoch_rows:
             return
-        means = (self._epoch_sum / self._epoch_rows).tolist()
+        # summed over the ranks before dividing: a learned weighting (DWA) then sees the same
+        # epoch losses on every rank and keeps the ranks' loss weights equal
+        sums = torch.cat([self._epoch_sum, self._epoch_sum.new_tensor([self._epoch_rows])])
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if self.trainer.world_size > 1 else sums
+        means = (sums[:-1] / sums[-1]).tolist()
         epoch = {
             ("train/loss_epoch" if k == "" else f"train/loss/{k}"): v
             for k, v in zip(self._epoch_keys, means, strict=True)
         }
-        self.log_dict(epoch, sync_dist=True)
+        self._log_same(epoch)
         weighting = self.model.weighting
         if not weighting.learned:
             return
         epoch_losses = {n: epoch[f"train/loss/{n}"] for n in self.names if f"train/loss/{n}" in epoch}
         if len(epoch_losses) == len(self.names):
             weighting.end_epoch(epoch_losses)
-        self.log_dict({f"weight/{k}": v for k, v in weighting.weights().items()})
+        self._log_same({f"weight/{k}": v for k, v in weighting.weights().items()})
 
-    def _eval_step(self, batch: dict[str, Tensor], metrics: FunnelMetrics, prefix: str) -> None:
+    def _log_same(self, values: dict[str, float], prog_bar: bool = False) -> None:
+        """Log epoch values that are already equal on every rank (computed from synchronised
+        states). The max over ranks returns each one exactly (a mean could round it); without
+        a sync at all Lightning warns under DDP."""
+        self.log_dict(values, prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
+
+    def _eval_step(self, batch: dict[str, Tensor], metrics: FunnelMetrics, loss_mean: WeightedMean) -> None:
         out = self.model(batch)
         loss = model_loss(self.model, out, batch[LABELS])
-        self.log(f"{prefix}/loss", loss.total, on_epoch=True, batch_size=batch[LABELS].shape[0])
+        loss_mean.update(loss.total, batch[LABELS].shape[0])
         metrics.update(*out.log_stacked(self.names), batch[LABELS], truth_of(batch))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_metrics, self.val_loss)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_metrics, self.test_loss)
 
-    def _log_metrics(self, metrics: FunnelMetrics, prefix: str) -> None:
-        values = metrics.compute()
+    def _log_metrics(self, metrics: FunnelMetrics, loss_mean: WeightedMean, prefix: str) -> None:
+        values = {"loss": float(loss_mean.compute()), **metrics.compute()}
         metrics.reset()
+        loss_mean.reset()
         shown = {f"{prefix}/{k}": v for k, v in values.items()}  # NaN where a space has one class
         headline = f"{prefix}/auc/{self.names[-1]}"
-        self.log(headline, shown.pop(headline), prog_bar=True)
-        self.log_dict(shown, prog_bar=False)
+        self._log_same({headline: shown.pop(headline)}, prog_bar=True)
+        self._log_same(shown)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        self._log_metrics(self.val_metrics, self.val_loss, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
+        self._log_metrics(self.test_metrics, self.test_loss, "test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What Lightning does not keep but an exact resume needs: the global torch RNG (dropout,
@@ -114,11 +135,21 @@ class FunnelLightningModule(pl.LightningModule):
         if state.get("weighting_history") is not None and hasattr(self.model.weighting, "history"):
             self.model.weighting.history = [list(h) for h in state["weighting_history"]]
 
+    def _tables(self) -> list[torch.nn.Embedding]:
+        return [m for m in self.model.modules() if isinstance(m, torch.nn.Embedding)]
+
+    def setup(self, stage: str) -> None:
+        # sparse before Lightning wraps the model in DDP, which lays out its gradient buckets
+        # (and all-reduces sparse gradients apart) by what the parameters give at that moment
+        if self.optim.sparse_embeddings:
+            for m in self._tables():
+                m.sparse = True
+
     def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         o = self.optim
         params = self.model.parameters()
         if o.sparse_embeddings:
-            tables = [m for m in self.model.modules() if isinstance(m, torch.nn.Embedding)]
+            tables = self._tables()
             for m in tables:
                 m.sparse = True
             sparse_ids = {id(m.weight) for m in tables}

@@ -91,9 +91,10 @@ def trainer_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def train_batches(cfg: Config, rows: int) -> int:
-    """Training batches per epoch that Lightning will run (limit_train_batches applied)."""
-    batches = math.ceil(rows / cfg.data.batch_size)
+def train_batches(cfg: Config, rows: int, world_size: int = 1) -> int:
+    """Training batches per epoch that Lightning will run on each rank (limit_train_batches
+    applied); under DDP each of ``world_size`` ranks takes rows // world_size of the rows."""
+    batches = math.ceil(rows // world_size / cfg.data.batch_size)
     limit = cfg.trainer.kwargs.get("limit_train_batches")
     if isinstance(limit, float):
         return int(batches * limit)
@@ -102,29 +103,30 @@ def train_batches(cfg: Config, rows: int) -> int:
     return batches
 
 
-def trainer_data_problems(cfg: Config, train_rows: int) -> list[str]:
-    """Problems that depend on the size of the training split."""
+def trainer_data_problems(cfg: Config, train_rows: int, world_size: int = 1) -> list[str]:
+    """Problems that depend on the size of the training split (and the ranks that share it)."""
     kwargs = cfg.trainer.kwargs
     vci = kwargs.get("val_check_interval")
-    batches = train_batches(cfg, train_rows)
+    batches = train_batches(cfg, train_rows, world_size)
     if (
         isinstance(vci, int)
         and not isinstance(vci, bool)
         and kwargs.get("check_val_every_n_epoch", 1) is not None
         and vci > batches
     ):
+        ranks = f" over {world_size} ranks" if world_size > 1 else ""
         return [
             (
                 f"trainer.val_check_interval: {vci} is more than the {batches} training batches of an epoch "
-                f"({train_rows} rows, data.batch_size {cfg.data.batch_size}); give at most {batches}, or a "
+                f"({train_rows} rows{ranks}, data.batch_size {cfg.data.batch_size}); give at most {batches}, or a "
                 "fraction such as 0.5."
             )
         ]
     return []
 
 
-def raise_trainer_data_problems(cfg: Config, train_rows: int) -> None:
+def raise_trainer_data_problems(cfg: Config, train_rows: int, world_size: int = 1) -> None:
     """Raise the problems of :func:`trainer_data_problems` (the rest runs in preflight)."""
-    problems = trainer_data_problems(cfg, train_rows)
+    problems = trainer_data_problems(cfg, train_rows, world_size)
     if problems:
         raise ConfigError(problems)
