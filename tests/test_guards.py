@@ -12,8 +12,8 @@ import torch
 from funnel.training.guards import DivergenceGuard, TrainingDiverged
 
 
-def feed(guard: DivergenceGuard, losses: list[float]) -> None:
-    trainer = SimpleNamespace(current_epoch=0, global_step=0)
+def feed(guard: DivergenceGuard, losses: list[float], trainer: SimpleNamespace | None = None) -> None:
+    trainer = trainer or SimpleNamespace(current_epoch=0, global_step=0, world_size=1)
     for step, loss in enumerate(losses):
         trainer.global_step = step
         guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)
@@ -48,7 +48,7 @@ def test_a_small_loss_rising_tenfold_but_below_the_margin_is_not_divergence():
 def test_the_state_carries_the_losses_not_yet_read():
     guard = DivergenceGuard(lr=1e-3)
     feed(guard, [0.5] * 10)
-    trainer = SimpleNamespace(current_epoch=1, global_step=10)
+    trainer = SimpleNamespace(current_epoch=1, global_step=10, world_size=1)
     guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.4)}, None, 0)
     state = guard.state_dict()
     assert state["steps"] == 10 and state["pending"] == [pytest.approx(0.4)]
@@ -56,3 +56,18 @@ def test_the_state_carries_the_losses_not_yet_read():
     again.load_state_dict(state)
     again.on_train_epoch_end(trainer, None)
     assert again.steps == 11
+
+
+def test_under_ddp_the_ranks_judge_the_mean_loss_and_stop_together():
+    """Rank 0's own losses are fine; rank 1's last one is NaN. The guard averages across ranks
+    (here a stand-in for the strategy's all-reduce), so rank 0 stops at the same step."""
+    peer = torch.tensor([0.7, 0.6, float("nan")])
+
+    def reduce(tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "mean"
+        return (tensor + peer[: len(tensor)]) / 2
+
+    strategy = SimpleNamespace(reduce=reduce, root_device=torch.device("cpu"))
+    trainer = SimpleNamespace(current_epoch=0, global_step=0, world_size=2, strategy=strategy)
+    with pytest.raises(TrainingDiverged, match="the training loss is nan"):
+        feed(DivergenceGuard(lr=1.0), [0.7, 0.6, 0.5], trainer)

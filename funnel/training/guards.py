@@ -66,7 +66,13 @@ class DivergenceGuard(pl.Callback):
         self._check(trainer)
 
     def _check(self, trainer: pl.Trainer) -> None:
-        values = torch.stack(self._pending).tolist() if self._pending else []
+        """Judge the pending losses. Under DDP every rank checks after the same steps (they run as
+        many batches), so the losses are averaged across ranks first: all ranks see the loss of the
+        whole batch and stop together (a NaN on one rank makes the mean NaN everywhere)."""
+        pending = torch.stack(self._pending) if self._pending else torch.zeros(0)
+        if trainer.world_size > 1:
+            pending = trainer.strategy.reduce(pending.to(trainer.strategy.root_device), reduce_op="mean")
+        values = pending.tolist()
         self._pending = []
         for value in values:
             self._observe(trainer, value)
