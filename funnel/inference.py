@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 
 from funnel.atomic import same_file, write_text
-from funnel.data.io import TableWriter, iter_table, output_format, prefetched, read_table, resolve_path, table_columns
+from funnel.data.io import TableWriter, iter_table, output_format, prefetched, resolve_path, table_columns
 from funnel.data.loader import BatchLoader
 from funnel.data.table import LABELS, EncodedTable
 from funnel.errors import UserError
@@ -65,18 +66,33 @@ def prediction_columns(graph: FunnelGraph) -> list[str]:
 
 
 def evaluate_table(model: FunnelModel, table: EncodedTable, batch_size: int = 16384) -> dict[str, Any]:
+    return evaluate_tables(model, [table], batch_size)
+
+
+def evaluate_tables(model: FunnelModel, tables: Iterable[EncodedTable], batch_size: int = 16384) -> dict[str, Any]:
+    """The metrics of the rows of ``tables`` together (chunks of one split, streamed: only one
+    chunk is held at a time, plus what the exact AUCs keep, one prediction and label per row)."""
     # imported here: torchmetrics costs `funnel predict` 0.7 s of start-up and predict needs none of it
     from funnel.training.metrics import FunnelMetrics, free_stages, truth_of
 
-    # the whole table is here: no synchronisation, also when called by rank 0 of a DDP run alone
-    metrics = FunnelMetrics(
-        model.graph, with_truth=bool(table.truth), free=free_stages(model.graph, table.truth), sync_on_compute=False
-    )
-    for batch, log_reach, log_cond, _ in score(model, table, batch_size):
-        metrics.update(log_reach, log_cond, batch[LABELS], truth_of(batch))
+    metrics, rows = None, 0
+    for table in tables:
+        if metrics is None:  # the first chunk says whether the data has the synthetic truth
+            # the whole split is here: no synchronisation, also when called by rank 0 of a DDP run alone
+            metrics = FunnelMetrics(
+                model.graph,
+                with_truth=bool(table.truth),
+                free=free_stages(model.graph, table.truth),
+                sync_on_compute=False,
+            )
+        for batch, log_reach, log_cond, _ in score(model, table, batch_size):
+            metrics.update(log_reach, log_cond, batch[LABELS], truth_of(batch))
+        rows += len(table)
+    if metrics is None:
+        raise UserError("evaluate: the data has no rows to score.")
     values = metrics.compute()
     values = {k: (None if math.isnan(v) else round(v, 6)) for k, v in values.items()}
-    values["rows"] = len(table)
+    values["rows"] = rows
     return values
 
 
@@ -127,8 +143,14 @@ def evaluate_run(
             raise UserError(f"--out: {str(out)!r} must be a .json file (evaluate writes the metrics as JSON).")
         _refuse_inputs(out, [resolve_path(str(data)), *_run_files(run_dir)])
     cfg, _, featurizer, model = load_run(run_dir, trust_plugins)
-    table = featurizer.encode(read_table(data, cfg.data.csv), str(data), labels=True)
-    result = evaluate_table(model, table, cfg.data.eval_batch_size)
+    batch = cfg.data.eval_batch_size
+    chunk_rows = max(batch, cfg.data.chunk_rows // batch * batch)  # whole batches: the sums of one pass
+    header = table_columns(data, cfg.data.csv, key="--data")
+    featurizer.check_columns(pd.DataFrame(columns=header), str(data), labels=True)
+    columns = featurizer.wanted_columns(header)
+    chunks = prefetched(iter_table(data, cfg.data.csv, columns, chunk_rows))
+    tables = (featurizer.encode(df, f"{data} (chunk {k})", labels=True) for k, df in enumerate(chunks))
+    result = evaluate_tables(model, tables, batch)
     if out:
         write_text(out, json.dumps(result, indent=1))
     return result

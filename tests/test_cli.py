@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from funnel.cli import main
@@ -216,6 +217,17 @@ def test_evaluate_reproduces_the_fit_metrics(fitted, tmp_path, capsys):
     # fit scores the memory-mapped store, evaluate a table encoded in memory: the same values, but
     # float32 sums over other memory layouts may differ in the last bit, so the 6th decimal by one
     assert written == {k: (pytest.approx(v, abs=2e-6) if isinstance(v, float) else v) for k, v in expected.items()}
+
+
+def test_evaluate_streams_chunks_with_the_metrics_of_one_pass(fitted):
+    from funnel.data.io import read_table
+    from funnel.inference import evaluate_table, evaluate_tables
+    from funnel.runs import load_run
+
+    cfg, _, featurizer, model = load_run(fitted.run)
+    table = featurizer.encode(read_table(fitted.data / "test.csv"), "test")
+    chunks = [table.select(torch.arange(a, min(a + 64, len(table)))) for a in range(0, len(table), 64)]
+    assert evaluate_tables(model, chunks, 32) == evaluate_table(model, table, 32)  # batches of the same rows
 
 
 @pytest.fixture(scope="module")
