@@ -48,8 +48,33 @@ def _count_truncation(encoder: Any, where: str, rows: int, ids: int, fix: str) -
     )
 
 
+class _ListVocabulary:
+    """What the encoders of id lists share: their ids come from ``self.ids``, a categorical
+    vocabulary fitted on the items of every list (unless the feature shares another's)."""
+
+    spec: FeatureSpec
+    ids: CategoricalEncoder
+
+    @property
+    def cardinality(self) -> int:
+        return self.ids.cardinality
+
+    def observe(self, col: pd.Series) -> None:
+        if self.spec.share_with is None:
+            self.ids.observe(read_lists(col, self.spec.sep).compact().values)  # missing and "" items are no items
+
+    def finalize(self) -> Any:
+        if self.spec.share_with is None:
+            self.ids.finalize()
+        return self
+
+    def fit(self, col: pd.Series) -> Any:
+        self.observe(col)
+        return self.finalize()
+
+
 @dataclass
-class SequenceEncoder:
+class SequenceEncoder(_ListVocabulary):
     """A history column ("12|7|99", or lists) → (N, max_len) ids, most recent items kept.
 
     ``truncation[where]``: (rows, ids) cut by ``max_len`` in the encoded chunks of split ``where``."""
@@ -60,23 +85,6 @@ class SequenceEncoder:
 
     def _lists(self, col: pd.Series) -> Lists:
         return read_lists(col, self.spec.sep).compact()  # missing and "" items are no items
-
-    def observe(self, col: pd.Series) -> None:
-        if self.spec.share_with is None:
-            self.ids.observe(self._lists(col).values)
-
-    def finalize(self) -> SequenceEncoder:
-        if self.spec.share_with is None:
-            self.ids.finalize()
-        return self
-
-    def fit(self, col: pd.Series) -> SequenceEncoder:
-        self.observe(col)
-        return self.finalize()
-
-    @property
-    def cardinality(self) -> int:
-        return self.ids.cardinality
 
     def encode(self, col: pd.Series, where: str = "data") -> np.ndarray:
         """(N, max_len) int64 ids, right-aligned, 0 = padding."""
@@ -103,7 +111,7 @@ class SequenceEncoder:
 
 
 @dataclass
-class MultiHotEncoder:
+class MultiHotEncoder(_ListVocabulary):
     """Variable-length id lists, optionally weighted, → ``Ragged`` (ids end to end, never padded).
 
     Cells: an Arrow list column, lists / arrays, or strings such as "12|7|99" (see ``lists.py``);
@@ -115,23 +123,6 @@ class MultiHotEncoder:
     spec: FeatureSpec
     ids: CategoricalEncoder  # the vocabulary used (its own, or the shared feature's)
     truncation: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def cardinality(self) -> int:
-        return self.ids.cardinality
-
-    def observe(self, col: pd.Series) -> None:
-        if self.spec.share_with is None:
-            self.ids.observe(read_lists(col, self.spec.sep).compact().values)
-
-    def finalize(self) -> MultiHotEncoder:
-        if self.spec.share_with is None:
-            self.ids.finalize()
-        return self
-
-    def fit(self, col: pd.Series) -> MultiHotEncoder:
-        self.observe(col)
-        return self.finalize()
 
     def encode(self, col: pd.Series, where: str = "data", weights: pd.Series | None = None) -> Ragged:
         """The lists of ``col`` (``weights``: the column ``spec.weights``, when the feature has one)."""
