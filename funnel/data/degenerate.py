@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from funnel.data.table import EncodedTable
@@ -38,7 +39,7 @@ def _empty_split(split: str, cfg: Config | None) -> str:
 def _one_class(graph: FunnelGraph, labels: Tensor, j: int) -> str | None:
     """Why stage j cannot be learned from these (N, S) train labels, or None when it can."""
     stage = graph.stages[j]
-    pos = int((labels[:, j] > 0).sum())
+    pos = int(torch.count_nonzero(labels[:, j]))  # no (N,) temporary: flat memory on 100M-row stores
     neg = len(labels) - pos
     if pos and neg:
         return None

@@ -48,7 +48,7 @@ class DataSpec:
     # file data is read, fitted and encoded this many rows at a time (memory stays flat)
     chunk_rows: int = 262_144
     # the training order of each epoch: "global", one permutation of all rows (best mixing;
-    # its index costs 8 bytes per row of memory); "blocks", blocks of shuffle_block_rows
+    # its index costs 4 bytes per row of memory); "blocks", blocks of shuffle_block_rows
     # consecutive rows in a random order, mixed shuffle_buffer_blocks at a time (memory and
     # disk reads stay local: for data far larger than RAM)
     shuffle: Literal["global", "blocks"] = "global"
