@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run from its checkpoints/last.ckpt, in its own directory",
     )
+    f.add_argument(
+        "--init-from",
+        metavar="RUN_DIR",
+        help="warm start from another run's best checkpoint and encoders (same as init_from=RUN_DIR)",
+    )
     _trust_flag(f)
 
     e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint on a data file, as JSON")
@@ -165,6 +170,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(prepare(args.config, args.overrides), indent=1))
         return 0
     if args.command == "fit":
+        if args.init_from:
+            args.overrides = [*args.overrides, f"init_from={args.init_from}"]
         if args.resume:
             if args.config or args.overrides or args.print_config:
                 raise UserError(

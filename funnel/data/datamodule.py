@@ -19,8 +19,9 @@ from funnel.data import cache, store
 from funnel.data.cache import cache_key, expected_splits, open_store
 from funnel.data.degenerate import check_degenerate
 from funnel.data.featurizer import Featurizer
+from funnel.data.grow import grow
 from funnel.data.loader import BatchLoader
-from funnel.data.prepare import ENCODERS, id_dtype_of
+from funnel.data.prepare import ENCODERS, fit_streaming, id_dtype_of
 from funnel.data.sources import load_frames
 from funnel.data.table import EncodedTable
 from funnel.graph import FunnelGraph
@@ -31,10 +32,18 @@ log = logging.getLogger(__name__)
 
 class FunnelDataModule(pl.LightningDataModule):
     def __init__(
-        self, cfg: Config, graph: FunnelGraph, featurizer: Featurizer | None = None, prepared: Path | None = None
+        self,
+        cfg: Config,
+        graph: FunnelGraph,
+        featurizer: Featurizer | None = None,
+        prepared: Path | None = None,
+        grow_from: Featurizer | None = None,
     ):
-        """``prepared``: a store written by ``save_prepared`` (another rank's), opened as it is."""
+        """``prepared``: a store written by ``save_prepared`` (another rank's), opened as it is.
+        ``grow_from``: the encoders of a warm start's first run; the new ones are fitted on this
+        data and grown from them (see funnel/training/warm_start.py)."""
         super().__init__()
+        self.grow_from = grow_from
         self.cfg = cfg
         self.graph = graph
         self.featurizer = featurizer or Featurizer(cfg, graph)
@@ -63,6 +72,9 @@ class FunnelDataModule(pl.LightningDataModule):
         if self.cfg.data.synthetic is not None:
             self._prepare_in_memory()
             return
+        if self.grow_from is not None and not self.featurizer.fitted:
+            fit_streaming(self.cfg, self.featurizer)
+            self._grow()
         key = cache_key(self.cfg) if self.cfg.data.cache and not self.featurizer.fitted else None
         if key is not None:
             hit = cache.load(self.cfg, self.graph, key)
@@ -80,6 +92,9 @@ class FunnelDataModule(pl.LightningDataModule):
             self.store_dir = directory
         log.info("prepared %s", self._sizes())
 
+    def _grow(self) -> None:
+        grow(self.grow_from, self.featurizer, self.cfg.warm_start.refit_numerics)
+
     def _check(self, tables: dict[str, EncodedTable]) -> None:
         check_degenerate(tables, self.graph, self.cfg)  # before the cache: never store unusable data
 
@@ -87,6 +102,8 @@ class FunnelDataModule(pl.LightningDataModule):
         frames = load_frames(self.cfg)
         if not self.featurizer.fitted:
             self.featurizer.fit(frames["train"])
+            if self.grow_from is not None:
+                self._grow()
         for split, df in frames.items():
             self.tables[split] = self.featurizer.encode(df, split)
             log.info("%s: %d rows encoded (%.1f MB)", split, len(self.tables[split]), self.tables[split].nbytes() / 1e6)

@@ -338,6 +338,15 @@ class OptimSpec:
             raise ValueError("sparse_embeddings cannot apply weight_decay (lazy Adam has none); set it to 0")
 
 
+@dataclass(frozen=True)
+class WarmStartSpec:
+    """How a run with ``init_from`` takes over the other run (see funnel/training/warm_start.py)."""
+
+    # false: the numeric features keep the first run's mean and std (the model's scale); true:
+    # fitted again on the new data
+    refit_numerics: bool = False
+
+
 TRAINER_OWN_KEYS = ("monitor", "mode", "early_stopping", "save_top_k")
 
 
@@ -413,6 +422,10 @@ class Config:
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     seed: int = 0
     run_dir: str | None = None  # default: runs/<config stem>/<timestamp>
+    # warm start from another run's best checkpoint and encoders (`funnel fit --init-from RUN_DIR`):
+    # vocabularies grow, known ids keep their rows, the optimiser starts afresh
+    init_from: str | None = None
+    warm_start: WarmStartSpec = field(default_factory=WarmStartSpec)
     plugins: tuple[str, ...] = ()  # modules imported first; they may register towers/models
 
     def stage_names(self) -> list[str]:

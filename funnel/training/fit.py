@@ -50,7 +50,7 @@ from funnel.runs import (
     write_manifest,
 )
 from funnel.spec import Config, load_config
-from funnel.training import distributed, resume_logs
+from funnel.training import distributed, resume_logs, warm_start
 from funnel.training.distributed import Launch
 from funnel.training.guards import DivergenceGuard, TrainingDiverged
 from funnel.training.metrics import free_stages
@@ -222,11 +222,12 @@ def _build(cfg: Config, run_dir: Path, resuming: bool, world_size: int):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     graph = build_graph(cfg)
     featurizer = Featurizer.load(run_dir / ENCODERS, cfg, graph) if resuming else None
-    dm = FunnelDataModule(cfg, graph, featurizer)
+    source = warm_start.load_source(cfg) if cfg.init_from and not resuming else None  # a resume has its weights
+    dm = FunnelDataModule(cfg, graph, featurizer, grow_from=source.featurizer if source else None)
     dm.prepare()
     raise_trainer_data_problems(cfg, len(dm.tables["train"]), world_size)
     _raise_too_few_rows(dm, world_size)
-    trainer, module, checkpoint, monitor = _build_training(cfg, dm, run_dir)
+    trainer, module, checkpoint, monitor = _build_training(cfg, dm, run_dir, source)
     return trainer, module, dm, checkpoint, monitor
 
 
@@ -243,10 +244,14 @@ def _raise_too_few_rows(dm: FunnelDataModule, world_size: int) -> None:
         )
 
 
-def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path):
-    """Model, module, callbacks and Trainer for prepared data: the same on every rank."""
+def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: warm_start.WarmSource | None = None):
+    """Model, module, callbacks and Trainer for prepared data: the same on every rank (a warm
+    start's weights are rank 0's: DDP broadcasts them when it wraps the model)."""
     graph = dm.graph
-    model = create_model(graph, cfg.funnel, dm.featurizer.layout())
+    if source is not None:
+        model = warm_start.build_model(cfg, graph, dm.featurizer, source)
+    else:
+        model = create_model(graph, cfg.funnel, dm.featurizer.layout())
     valid = dm.tables["valid"]
     module = FunnelLightningModule(
         model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth)
