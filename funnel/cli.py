@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     _trust_flag(pr)
 
+    ex = sub.add_parser("export", help="write a run as an ONNX or TorchScript graph with its encoders and a manifest")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx needs funnel[export]")
+    ex.add_argument(
+        "--out", required=True, help="a new or empty folder: model.onnx|model.pt, encoders.json, manifest.json"
+    )
+    _trust_flag(ex)
+
     pp = sub.add_parser(
         "prepare", help="fit the encoders and write the encoded data cache (streaming; fit runs it when needed)"
     )
@@ -213,6 +221,11 @@ def _run(args: argparse.Namespace) -> int:
             args.run_dir, args.data, args.out, keep, args.chunk_rows, args.bf16, args.batch_size, args.trust_plugins
         )
         print(f"predictions: {out}")
+        return 0
+    if args.command == "export":
+        from funnel.export import export_run
+
+        print(f"export: {export_run(args.run_dir, args.format, args.out, args.trust_plugins)}")
         return 0
     if args.command == "check":
         from funnel.check import check
