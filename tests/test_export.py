@@ -29,7 +29,7 @@ from funnel.runs import load_run
 from funnel.spec import config_from_dict
 from funnel.synthetic import SyntheticSpec, write
 from funnel.training.fit import fit_config
-from tests.conftest import TINY_TRAINER
+from tests.conftest import _csv_config
 from tests.test_bottoms import PARAMS as BOTTOM_ARGS
 from tests.test_towers import ARGS as TOWER_ARGS
 
@@ -91,20 +91,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def raw_config(data_dir: Path, run_dir: Path, funnel: dict, extra: list | tuple = ()) -> dict:
-    return {
-        "seed": 0,
-        "run_dir": str(run_dir),
-        "data": {
-            "train": str(data_dir / "train.csv"),
-            "valid": str(data_dir / "valid.csv"),
-            "test": str(data_dir / "test.csv"),
-            "batch_size": 256,
-        },
-        "features": copy.deepcopy([*FEATURES, *extra]),
-        "funnel": {"embed_dim": 4, "tower": {"type": "mlp", "hidden": [8]}, "stages": CHAIN, **funnel},
-        "optim": {"name": "adam", "lr": 0.01},
-        "trainer": dict(TINY_TRAINER),
-    }
+    cfg = _csv_config(data_dir, run_dir)  # the tiny CSV config of conftest, with this file's features
+    cfg["features"] = copy.deepcopy([*FEATURES, *extra])
+    cfg["funnel"] = {"embed_dim": 4, "tower": {"type": "mlp", "hidden": [8]}, "stages": CHAIN, **funnel}
+    return cfg
 
 
 @pytest.fixture(scope="module")
