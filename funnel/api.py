@@ -6,6 +6,7 @@
     scores = run.predict(frame)            # the columns of `funnel predict`, one row per input row
     metrics = run.evaluate(frame)          # the metrics of `funnel evaluate`
     run = funnel.load_run("runs/esmm/20261201-120000")
+    run.export("exported/esmm", format="onnx")   # or "torchscript"; see `funnel export`
 
 Errors of the input raise ``funnel.errors.UserError`` (the CLI turns them into exit code 2).
 """
@@ -61,6 +62,12 @@ class Run:
 
         table = self.featurizer.encode(_frame(df), "evaluate", labels=True)
         return evaluate_table(self.model, table, batch_size or self.config.data.eval_batch_size)
+
+    def export(self, out: str | Path, format: str = "onnx") -> Path:  # noqa: A002  (the CLI's --format)
+        """Write the model as ONNX or TorchScript with its encoders and manifest (`funnel export`)."""
+        from funnel.export import export_run
+
+        return export_run(self.path, format, out, trust_plugins=bool(self.config.plugins))
 
 
 def _frame(df: Any) -> pd.DataFrame:

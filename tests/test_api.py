@@ -48,6 +48,14 @@ def test_evaluate_returns_the_metrics_of_funnel_evaluate(run, synth_dir, capsys)
     assert run.evaluate(pd.read_csv(synth_dir / "test.csv")) == cli
 
 
+def test_export_writes_the_artefact_of_funnel_export(run, tmp_path):
+    out = run.export(tmp_path / "ts", format="torchscript")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"] == ["click", "conversion"] and (out / "model.pt").is_file()
+    with pytest.raises(UserError, match="onnx"):
+        run.export(tmp_path / "bad", format="onxx")
+
+
 def test_bad_input_raises_a_user_error_that_names_the_problem(run, synth_dir):
     with pytest.raises(UserError, match="user_id"):
         run.predict(pd.read_csv(synth_dir / "test.csv").drop(columns=["user_id"]))
