@@ -7,11 +7,10 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from funnel.errors import UserError
 from funnel.export.graph import GraphInput
-from funnel.models import embedding
 
 # The fused embeddings cache each width's column and offset index as a torch.tensor built from
 # the layout (funnel/models/embedding.py): a constant of the model, correctly baked into the trace.
@@ -46,24 +45,6 @@ def example_inputs(inputs: list[GraphInput]) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def _plain_lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
-    """What ``embedding.lookup``'s autograd function computes forward, as plain tensor ops."""
-    return table.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, table.weight.shape[1])
-
-
-@contextlib.contextmanager
-def _plain_lookups() -> Iterator[None]:
-    """Trace the embedding lookups as plain ops: the tracer records a custom autograd function
-    (``embedding._Lookup``, there for its faster backward) as a Python call that a saved
-    TorchScript module cannot hold. Export needs no backward; the forward is the same ops."""
-    fast = embedding.lookup
-    embedding.lookup = _plain_lookup
-    try:
-        yield
-    finally:
-        embedding.lookup = fast
-
-
 @contextlib.contextmanager
 def tracing(what: str) -> Iterator[None]:
     """Ignore the understood warnings of tracing; any other TracerWarning (Python control flow on
@@ -77,8 +58,7 @@ def tracing(what: str) -> Iterator[None]:
         )
         for message in _DEPRECATED:
             warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        with _plain_lookups():
-            yield
+        yield
     unsafe = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if unsafe:
         first = str(unsafe[0].message).splitlines()[0]

@@ -54,7 +54,11 @@ class _Lookup(torch.autograd.Function):
 
 
 def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
-    """``table(ids)`` with the faster backward of ``_Lookup`` (ids: any shape → (*shape, E))."""
+    """``table(ids)`` with the faster backward of ``_Lookup`` (ids: any shape → (*shape, E)).
+    While traced for export (TorchScript, ONNX) it is the same forward as plain ops: a traced
+    module cannot hold a Python autograd function, and an exported model needs no backward."""
+    if torch.jit.is_tracing():
+        return table.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, table.weight.shape[1])
     return _Lookup.apply(table.weight, ids, table.sparse)
 
 
