@@ -72,6 +72,15 @@ class _ListVocabulary:
         self.observe(col)
         return self.finalize()
 
+    def state(self) -> dict[str, Any]:
+        return self.ids.state() if self.spec.share_with is None else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.spec.share_with is None:
+            self.ids.load_state(state)
+        elif state:
+            raise ValueError(f"feature {self.spec.name!r} shares {self.spec.share_with!r} but has a state {state!r}")
+
 
 @dataclass
 class SequenceEncoder(_ListVocabulary):
@@ -99,15 +108,6 @@ class SequenceEncoder(_ListVocabulary):
         from_end = np.repeat(lists.offsets[1:], lists.lengths) - np.arange(lists.offsets[-1]) - 1
         out[lists.rows(), width - 1 - from_end] = ids  # right-aligned, newest last
         return out
-
-    def state(self) -> dict[str, Any]:
-        return self.ids.state() if self.spec.share_with is None else {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        if self.spec.share_with is None:
-            self.ids.load_state(state)
-        elif state:
-            raise ValueError(f"feature {self.spec.name!r} shares {self.spec.share_with!r} but has a state {state!r}")
 
 
 @dataclass
@@ -142,15 +142,6 @@ class MultiHotEncoder(_ListVocabulary):
         ids = self.ids.encode(lists.values) if len(lists.values) else np.zeros(0, np.int64)
         w = None if lists.weights is None else torch.from_numpy(lists.weights.astype(np.float32))
         return Ragged(torch.from_numpy(np.asarray(ids, np.int64)), torch.from_numpy(lists.offsets), w)
-
-    def state(self) -> dict[str, Any]:
-        return self.ids.state() if self.spec.share_with is None else {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        if self.spec.share_with is None:
-            self.ids.load_state(state)
-        elif state:
-            raise ValueError(f"feature {self.spec.name!r} shares {self.spec.share_with!r} but has a state {state!r}")
 
     def _weights(self, lists: Lists, col: pd.Series, where: str) -> np.ndarray:
         """(nnz,) float64: one finite weight per id of ``lists``, else a DataError naming the row."""
