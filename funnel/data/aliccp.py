@@ -203,27 +203,36 @@ def _feature_lists(col):
     return pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), "\x01")
 
 
-def parse_skeleton(lines, fields: Sequence[str]) -> Parsed:
-    """Parse a block of ``sample_skeleton_*.csv`` lines (a pyarrow string array, no blank lines)."""
+def _keyed_features(md5, feature_num, feature_list, fields: Sequence[str], checks: LineChecks, n: int):
+    """The part both files share: a non-empty md5, the feature count and the features of each
+    line. (lists, unknown fields, lines whose feature_num disagrees), or None when a line is bad."""
     import pyarrow.compute as pc
 
+    counts = parse_ints(feature_num, checks, np.arange(n), "feature_num")
+    checks.add(_bool(pc.equal(md5, "")), lambda r: "md5 is empty")
+    if checks.result(n) is not None:
+        return None
+    features = parse_features(_feature_lists(feature_list), n, fields, checks, _FEATURE, "feature", True)
+    if features is None:
+        return None
+    lists, unknown, per_line = features
+    return lists, unknown, int((counts != per_line).sum())
+
+
+def parse_skeleton(lines, fields: Sequence[str]) -> Parsed:
+    """Parse a block of ``sample_skeleton_*.csv`` lines (a pyarrow string array, no blank lines)."""
     n = len(lines)
     checks = LineChecks(n)
     split = split_columns(lines, SKELETON_COLUMNS, checks)
     if split is None:
         return checks.result(n)
     (sample_id, click, buy, md5, feature_num, feature_list), _ = split
-    every = np.arange(n)
-    ids = parse_ints(sample_id, checks, every, "sample_id")
+    ids = parse_ints(sample_id, checks, np.arange(n), "sample_id")
     clicks, buys = parse_labels(click, "click", checks), parse_labels(buy, "buy", checks)
-    counts = parse_ints(feature_num, checks, every, "feature_num")
-    checks.add(_bool(pc.equal(md5, "")), lambda r: "md5 is empty")
-    if (bad := checks.result(n)) is not None:
-        return bad
-    features = parse_features(_feature_lists(feature_list), n, fields, checks, _FEATURE, "feature", True)
-    if features is None:
+    keyed = _keyed_features(md5, feature_num, feature_list, fields, checks, n)
+    if keyed is None:
         return checks.result(n)
-    lists, unknown, per_line = features
+    lists, unknown, mismatch = keyed
     return Parsed(
         n,
         sample_id=ids,
@@ -232,29 +241,23 @@ def parse_skeleton(lines, fields: Sequence[str]) -> Parsed:
         key=md5,
         lists=lists,
         unknown=unknown,
-        feature_num_mismatch=int((counts != per_line).sum()),
+        feature_num_mismatch=mismatch,
     )
 
 
 def parse_common(lines, fields: Sequence[str]) -> Parsed:
     """Parse a block of ``common_features_*.csv`` lines: ``key`` holds the md5 of each line."""
-    import pyarrow.compute as pc
-
     n = len(lines)
     checks = LineChecks(n)
     split = split_columns(lines, COMMON_COLUMNS, checks)
     if split is None:
         return checks.result(n)
     (md5, feature_num, feature_list), _ = split
-    counts = parse_ints(feature_num, checks, np.arange(n), "feature_num")
-    checks.add(_bool(pc.equal(md5, "")), lambda r: "md5 is empty")
-    if (bad := checks.result(n)) is not None:
-        return bad
-    features = parse_features(_feature_lists(feature_list), n, fields, checks, _FEATURE, "feature", True)
-    if features is None:
+    keyed = _keyed_features(md5, feature_num, feature_list, fields, checks, n)
+    if keyed is None:
         return checks.result(n)
-    lists, unknown, per_line = features
-    return Parsed(n, key=md5, lists=lists, unknown=unknown, feature_num_mismatch=int((counts != per_line).sum()))
+    lists, unknown, mismatch = keyed
+    return Parsed(n, key=md5, lists=lists, unknown=unknown, feature_num_mismatch=mismatch)
 
 
 @dataclass
