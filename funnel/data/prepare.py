@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,30 +63,23 @@ def _chunks(cfg: Config, featurizer: Featurizer, split: str, labels: bool = True
     return prefetched(iter_table(path, cfg.data.csv, featurizer.wanted_columns(header, labels), cfg.data.chunk_rows))
 
 
-def _holdout_masks(cfg: Config) -> Iterator[np.ndarray] | None:
-    """A generator of the valid-row masks of successive train chunks (None with data.valid)."""
+def _holdout(cfg: Config) -> Callable[[int], np.ndarray] | None:
+    """The valid-row mask of the next train chunk of n rows, drawn from one generator chunk after
+    chunk (so the masks together are the in-memory hold-out's); None with data.valid."""
     if cfg.data.valid:
         return None
     rng = np.random.default_rng(cfg.seed)
     share = cfg.data.valid_split
-
-    def masks() -> Iterator[np.ndarray]:
-        n = yield np.zeros(0, bool)
-        while True:
-            n = yield rng.random(n) < share
-
-    gen = masks()
-    next(gen)
-    return gen
+    return lambda n: rng.random(n) < share
 
 
 def fit_streaming(cfg: Config, featurizer: Featurizer) -> None:
     """Fit ``featurizer`` on the train split (its train part when valid is held out)."""
-    masks = _holdout_masks(cfg)
+    held_out = _holdout(cfg)
     progress = _Progress("prepare: fitting the encoders on train")
     for chunk in _chunks(cfg, featurizer, "train"):
-        if masks is not None:
-            chunk = chunk[~masks.send(len(chunk))]
+        if held_out is not None:
+            chunk = chunk[~held_out(len(chunk))]
         featurizer.observe(chunk)
         progress.add(len(chunk))
     featurizer.finalize()
@@ -98,13 +91,13 @@ def encode_streaming(cfg: Config, featurizer: Featurizer, directory: Path, id_dt
     d = cfg.data
     writers = {s: SplitWriter(directory, s, id_dtype) for s in ("train", "valid", *(("test",) if d.test else ()))}
     try:
-        masks = _holdout_masks(cfg)
-        progress = _Progress("prepare: encoding train" + (" and the held-out valid rows" if masks else ""))
+        held_out = _holdout(cfg)
+        progress = _Progress("prepare: encoding train" + (" and the held-out valid rows" if held_out else ""))
         for chunk in _chunks(cfg, featurizer, "train"):
-            if masks is None:
+            if held_out is None:
                 writers["train"].append(featurizer.encode(chunk, "train"))
             else:
-                held = masks.send(len(chunk))
+                held = held_out(len(chunk))
                 writers["train"].append(featurizer.encode(chunk[~held].reset_index(drop=True), "train"))
                 writers["valid"].append(featurizer.encode(chunk[held].reset_index(drop=True), "valid"))
             progress.add(len(chunk))
