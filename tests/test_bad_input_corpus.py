@@ -415,6 +415,64 @@ def _(ctx):
     return ["fit", "--resume", str(ctx.run), "optim.lr=0.1"], ["--resume", "overrides"]
 
 
+# ---- fit --init-from (warm start) ---------------------------------------------------------------------------
+@case("fit-init-from-not-a-run")
+def _(ctx):
+    (ctx.tmp / "empty").mkdir()
+    return ["fit", ctx.write(ctx.cfg()), "--init-from", str(ctx.tmp / "empty")], ["init_from", "not a funnel run"]
+
+
+@case("fit-init-from-incompatible-run")
+def _(ctx):
+    cfg = ctx.cfg()
+    cfg["funnel"]["embed_dim"] = 7
+    return ["fit", ctx.write(cfg), "--init-from", str(ctx.run)], ["init_from", "funnel.embed_dim", "from scratch"]
+
+
+# ---- convert ------------------------------------------------------------------------------------------------
+@case("convert-aliccp-raw-dir-missing")
+def _(ctx):
+    return ["convert", "ali-ccp", str(ctx.tmp / "nope"), str(ctx.tmp / "out")], ["RAW_DIR", "nope", "not a folder"]
+
+
+@case("convert-paddlerec-input-missing")
+def _(ctx):
+    return ["convert", "paddlerec-esmm", str(ctx.tmp / "nope.txt"), str(ctx.tmp / "out")], ["nope.txt", "not exist"]
+
+
+@case("convert-out-dir-not-empty")
+def _(ctx):
+    (ctx.tmp / "full").mkdir()
+    (ctx.tmp / "full" / "keep.txt").write_text("earlier output")
+    (ctx.tmp / "in.txt").write_text("1,0,0,101:5\n")
+    return ["convert", "paddlerec-esmm", str(ctx.tmp / "in.txt"), str(ctx.tmp / "full")], ["OUT_DIR", "not empty"]
+
+
+@case("convert-shard-rows-zero")
+def _(ctx):
+    (ctx.tmp / "in.txt").write_text("1,0,0,101:5\n")
+    return ["convert", "paddlerec-esmm", str(ctx.tmp / "in.txt"), str(ctx.tmp / "out"), "--shard-rows", "0"], [
+        "--shard-rows",
+        ">= 1",
+    ]
+
+
+# ---- export -------------------------------------------------------------------------------------------------
+@case("export-run-dir-missing")
+def _(ctx):
+    return ["export", str(ctx.tmp / "nope"), "--format", "torchscript", "--out", str(ctx.tmp / "e")], [
+        "nope",
+        "not a funnel run directory",
+    ]
+
+
+@case("export-out-not-empty")
+def _(ctx):
+    (ctx.tmp / "full").mkdir()
+    (ctx.tmp / "full" / "keep.txt").write_text("earlier output")
+    return ["export", str(ctx.run), "--format", "torchscript", "--out", str(ctx.tmp / "full")], ["--out", "not empty"]
+
+
 # ---- evaluate ---------------------------------------------------------------------------------------------
 def _evaluate(ctx: Ctx, run: Path | None = None, data: str | None = None, *extra: str) -> list[str]:
     return ["evaluate", str(run or ctx.run), "--data", data or str(ctx.data / "test.csv"), *extra]
