@@ -63,11 +63,17 @@ class Run:
         table = self.featurizer.encode(_frame(df), "evaluate", labels=True)
         return evaluate_table(self.model, table, batch_size or self.config.data.eval_batch_size)
 
-    def export(self, out: str | Path, format: str = "onnx") -> Path:  # noqa: A002  (the CLI's --format)
-        """Write the model as ONNX or TorchScript with its encoders and manifest (`funnel export`)."""
+    def export(
+        self,
+        out: str | Path,
+        format: str = "onnx",  # noqa: A002  (the CLI's --format)
+        split: list[str] | None = None,
+    ) -> Path:
+        """Write the model as ONNX or TorchScript with its encoders and manifest (`funnel export`);
+        ``split``: the user side's features, for a user graph and an item graph (``--split``)."""
         from funnel.export import export_run
 
-        return export_run(self.path, format, out, trust_plugins=bool(self.config.plugins))
+        return export_run(self.path, format, out, trust_plugins=bool(self.config.plugins), split=split)
 
 
 def _frame(df: Any) -> pd.DataFrame:

@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--out", required=True, help="a new or empty folder: model.onnx|model.pt, encoders.json, manifest.json"
     )
+    ex.add_argument(
+        "--split",
+        metavar="user=FEATURE,...",
+        help="cut the model into a user graph (the features named, run once per request) and an item graph "
+        "(every other feature, run per candidate): user.onnx|pt and item.onnx|pt",
+    )
     _trust_flag(ex)
 
     pp = sub.add_parser(
@@ -225,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from funnel.export import export_run
 
-        print(f"export: {export_run(args.run_dir, args.format, args.out, args.trust_plugins)}")
+        print(f"export: {export_run(args.run_dir, args.format, args.out, args.trust_plugins, args.split)}")
         return 0
     if args.command == "check":
         from funnel.check import check

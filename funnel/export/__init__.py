@@ -5,6 +5,10 @@ OUT/
     encoders.json           the run's fitted encoders (raw values -> the ids and numbers fed in)
     manifest.json           versions, stages, every input's name, dtype, shape and feature order, outputs
 
+With ``--split user=FEATURE,...`` the graph is cut in two (see split.py): ``user.onnx|user.pt``,
+run once per request on the user's features, and ``item.onnx|item.pt``, which scores a batch of
+candidates from the user state; the manifest then describes both graphs under ``graphs``.
+
 The artefact is written into a temporary folder beside OUT and renamed when complete, and is
 checked before that: it is run on a small batch and must give the model's own outputs.
 """
@@ -24,6 +28,7 @@ from funnel.errors import UserError, did_you_mean
 from funnel.export import onnx, torchscript
 from funnel.export.graph import ExportGraph, GraphInput, graph_inputs
 from funnel.export.manifest import build_manifest
+from funnel.export.split_export import Artefact, build_split
 from funnel.export.trace import example_inputs
 from funnel.runs import ENCODERS, load_run
 
@@ -59,8 +64,23 @@ def run_artefact(fmt: str, path: Path, inputs: list[GraphInput], tensors: tuple[
     return torchscript.run_torchscript(path, tensors)
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path, trust_plugins: bool = False) -> Path:
-    """Export the best checkpoint of ``run_dir`` as ``fmt`` (onnx | torchscript) into the folder ``out``."""
+def write_artefact(fmt: str, art: Artefact, folder: Path, what: str) -> None:
+    if fmt == "onnx":
+        onnx.write_onnx(art.module, art.inputs, art.example, folder / art.file, what)
+    else:
+        torchscript.write_torchscript(art.module, art.example, folder / art.file, what)
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path,
+    trust_plugins: bool = False,
+    split: str | list[str] | None = None,
+) -> Path:
+    """Export the best checkpoint of ``run_dir`` as ``fmt`` (onnx | torchscript) into the folder
+    ``out``; ``split``: the user side's features (``"user=a,b"`` or a list) for a user graph and
+    an item graph instead of one."""
     if fmt not in FORMATS:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}.{did_you_mean(fmt, FORMATS)}")
     out = Path(out)
@@ -77,16 +97,31 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, trust_plugins: bo
     example = example_inputs(inputs)
     file = onnx.FILE if fmt == "onnx" else torchscript.FILE
     manifest = build_manifest(cfg, featurizer, list(graph.names), inputs, module.outputs, fmt, file)
+    if split is None:
+        artefacts = [Artefact(file, module, inputs, example)]
+
+        def verify(folder: Path) -> None:
+            _verify(module, fmt, folder / file, inputs, example, what)
+
+    else:
+        suffix = Path(file).suffix
+        artefacts, manifest, check = build_split(featurizer, model, module, split, manifest, lengths, suffix, what)
+
+        def verify(folder: Path) -> None:
+            worst = check(lambda art, tensors: run_artefact(fmt, folder / art.file, art.inputs, tensors))
+            if not worst <= TOLERANCE:
+                raise UserError(
+                    f"{what}: the split {fmt} graphs give outputs {worst:.2g} away from the whole model's "
+                    f"(more than {TOLERANCE:g}); it cannot be split faithfully. Export it without --split."
+                )
 
     made = next((p for p in reversed(out.parents) if not p.exists()), None)  # removed again on failure
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        if fmt == "onnx":
-            onnx.write_onnx(module, inputs, example, tmp / file, what)
-        else:
-            torchscript.write_torchscript(module, example, tmp / file, what)
-        _verify(module, fmt, tmp / file, inputs, example, what)
+        for art in artefacts:
+            write_artefact(fmt, art, tmp, what)
+        verify(tmp)
         shutil.copyfile(run_dir / ENCODERS, tmp / ENCODERS)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.is_dir():  # empty (checked above): the complete export takes its place
@@ -95,7 +130,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, trust_plugins: bo
     except BaseException:
         shutil.rmtree(made or tmp, ignore_errors=True)
         raise
-    log.info("exported %s as %s to %s (%d inputs, %d outputs)", what, fmt, out, len(inputs), len(module.outputs))
+    log.info("exported %s as %s to %s (%s)", what, fmt, out, ", ".join(a.file for a in artefacts))
     return out
 
 

@@ -68,8 +68,13 @@ class ExportGraph(nn.Module):
         self.outputs = prediction_columns(model.graph)
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        batch = dict(zip(self.keys, tensors, strict=True))
-        logits, _ = self.model.edge_logits(batch)
-        out = self.model.compose({k: v.float() for k, v in logits.items()})
-        cols = [p for s in self.stages for p in (out.log_reach[s].exp(), out.log_cond[s].exp())]
-        return (*cols, *(torch.sigmoid(out.logits[t]) for t in self.branches))
+        logits, _ = self.model.edge_logits(dict(zip(self.keys, tensors, strict=True)))
+        return output_columns(self.model, logits, self.stages, self.branches)
+
+
+def output_columns(model: FunnelModel, logits: dict[str, Tensor], stages: list[str], branches: list[str]):
+    """The prediction columns from the edge logits: p_<stage> and p_<stage>_cond per stage, then
+    the branch towers' probabilities (``prediction_columns``' order)."""
+    out = model.compose({k: v.float() for k, v in logits.items()})
+    cols = [p for s in stages for p in (out.log_reach[s].exp(), out.log_cond[s].exp())]
+    return (*cols, *(torch.sigmoid(out.logits[t]) for t in branches))

@@ -30,12 +30,35 @@ def numeric_columns(featurizer: Featurizer) -> list[dict[str, Any]]:
     return cols
 
 
-def _columns(item: GraphInput, featurizer: Featurizer) -> Any:
+def _columns(item: GraphInput, featurizer: Featurizer, features: set[str] | None) -> Any:
+    """The feature of each column of ``cat`` or ``num`` (of ``features`` only, when given)."""
     if item.name == "cat":
-        return [f.name for f in featurizer.layout().fields_in(CAT)]
+        return [f.name for f in featurizer.layout().fields_in(CAT) if features is None or f.name in features]
     if item.name == "num":
-        return numeric_columns(featurizer)
+        return [c for c in numeric_columns(featurizer) if features is None or c["feature"] in features]
     return None
+
+
+def describe_inputs(
+    inputs: list[GraphInput], featurizer: Featurizer, features: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """Each input's name, dtype and shape, and the feature(s) it holds; ``features``: a split
+    graph's side (its ``cat`` and ``num`` hold that side's columns only)."""
+    fields = {f.name: f for f in featurizer.layout().fields}
+    described = []
+    for item in inputs:
+        entry: dict[str, Any] = {"name": item.name, "dtype": item.dtype, "shape": list(item.shape)}
+        columns = _columns(item, featurizer, features)
+        if item.name.startswith("user__"):  # the item graph's user state
+            entry["from"] = "the user graph's output of this name"
+        elif columns is not None:
+            entry["columns"] = columns
+        else:  # a sequence or multi-hot input: one feature's ids (or offsets, weights)
+            name = item.name.split("__")[1]
+            entry["feature"] = name
+            entry["pooling"] = fields[name].pooling
+        described.append(entry)
+    return described
 
 
 def build_manifest(
@@ -49,18 +72,6 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The manifest: versions, stages in graph order, each input's dtype, shape and feature order,
     and the outputs (the columns of `funnel predict`, in its order)."""
-    features = {f.name: f for f in featurizer.layout().fields}
-    described = []
-    for item in inputs:
-        entry: dict[str, Any] = {"name": item.name, "dtype": item.dtype, "shape": list(item.shape)}
-        columns = _columns(item, featurizer)
-        if columns is not None:
-            entry["columns"] = columns
-        else:  # a sequence or multi-hot input: one feature's ids (or offsets, weights)
-            name = item.name.split("__")[1]
-            entry["feature"] = name
-            entry["pooling"] = features[name].pooling
-        described.append(entry)
     return {
         "manifest_version": MANIFEST_VERSION,
         "funnel_version": funnel.__version__,
@@ -70,6 +81,27 @@ def build_manifest(
         "tower": cfg.funnel.tower.type,
         "stages": stages,
         "encoders": "encoders.json",
-        "inputs": described,
+        "inputs": describe_inputs(inputs, featurizer),
         "outputs": [{"name": name, "dtype": "float32", "shape": ["batch"]} for name in outputs],
     }
+
+
+def split_manifest(
+    whole: dict[str, Any],
+    featurizer: Featurizer,
+    sides: dict[str, list[str]],
+    graphs: dict[str, tuple[str, list[GraphInput], list[tuple[str, str, list]]]],
+) -> dict[str, Any]:
+    """The manifest of a split export: ``whole``'s versions, stages and outputs, the features of
+    each side, and per graph (user, item) its file, inputs and outputs (name, dtype, shape)."""
+    out = {k: v for k, v in whole.items() if k not in ("file", "inputs")}
+    out["split"] = sides
+    out["graphs"] = {
+        name: {
+            "file": file,
+            "inputs": describe_inputs(inputs, featurizer, set(sides[name])),
+            "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in outputs],
+        }
+        for name, (file, inputs, outputs) in graphs.items()
+    }
+    return out
