@@ -345,6 +345,10 @@ class WarmStartSpec:
     # false: the numeric features keep the first run's mean and std (the model's scale); true:
     # fitted again on the new data
     refit_numerics: bool = False
+    # false: the optimiser starts afresh; true: from the other run's optimiser state (the moments
+    # and step counts of its best checkpoint; a grown table's new rows get zero moments). Needs the
+    # same optim.name and optim.sparse_embeddings; lr and weight_decay are this config's
+    init_optimizer: bool = False
 
 
 TRAINER_OWN_KEYS = ("monitor", "mode", "early_stopping", "save_top_k")

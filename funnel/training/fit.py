@@ -51,6 +51,7 @@ from funnel.runs import (
 )
 from funnel.spec import Config, load_config
 from funnel.training import distributed, resume_logs, warm_start
+from funnel.training.carry_optimizer import CarryOptimizer
 from funnel.training.distributed import Launch
 from funnel.training.guards import DivergenceGuard, TrainingDiverged
 from funnel.training.metrics import free_stages
@@ -201,7 +202,10 @@ def _follow(cfg: Config, launch: Launch, run_dir: Path | None, resume_from: Path
     try:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = FunnelDataModule.open_prepared(cfg, build_graph(cfg), prepared)
-        trainer, module, checkpoint, _ = _build_training(cfg, dm, run_dir)
+        # the carried optimiser state is read by every rank (DDP broadcasts only the weights)
+        carry = cfg.init_from and cfg.warm_start.init_optimizer and not resume
+        source = warm_start.load_source(cfg) if carry else None
+        trainer, module, checkpoint, _ = _build_training(cfg, dm, run_dir, source)
         handoff = (
             distributed.handed_to_children(run_dir, prepared) if launch.launches_ranks else contextlib.nullcontext()
         )
@@ -246,7 +250,8 @@ def _raise_too_few_rows(dm: FunnelDataModule, world_size: int) -> None:
 
 def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: warm_start.WarmSource | None = None):
     """Model, module, callbacks and Trainer for prepared data: the same on every rank (a warm
-    start's weights are rank 0's: DDP broadcasts them when it wraps the model)."""
+    start's weights are rank 0's: DDP broadcasts them when it wraps the model; its optimiser
+    state, with warm_start.init_optimizer, is loaded by every rank)."""
     graph = dm.graph
     if source is not None:
         model = warm_start.build_model(cfg, graph, dm.featurizer, source)
@@ -267,6 +272,8 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
         save_last=True,
     )
     callbacks: list[pl.Callback] = [checkpoint, DivergenceGuard(cfg.optim.lr), _Progress(run_dir)]
+    if source is not None and cfg.warm_start.init_optimizer:
+        callbacks.append(CarryOptimizer(source, cfg.optim, model))
     if cfg.trainer.early_stopping is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.early_stopping))
     kwargs = {"enable_model_summary": False, **cfg.trainer.kwargs}

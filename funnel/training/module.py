@@ -147,14 +147,12 @@ class FunnelLightningModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         o = self.optim
-        params = self.model.parameters()
         if o.sparse_embeddings:
-            tables = self._tables()
-            for m in tables:
+            for m in self._tables():
                 m.sparse = True
-            sparse_ids = {id(m.weight) for m in tables}
-            dense = [p for p in params if id(p) not in sparse_ids]
-            return [LazyAdam([m.weight for m in tables], lr=o.lr), _fused(torch.optim.Adam, dense, lr=o.lr)]
+            tables, dense = optimizer_params(self.model, o)
+            return [LazyAdam(tables, lr=o.lr), _fused(torch.optim.Adam, dense, lr=o.lr)]
+        (params,) = optimizer_params(self.model, o)
         # fused: one kernel over all parameters instead of a Python loop of small ops (same
         # arithmetic; CPU and CUDA both have it)
         if o.name == "adam":
@@ -164,6 +162,18 @@ class FunnelLightningModule(pl.LightningModule):
         if o.name == "adagrad":
             return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay)
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def optimizer_params(model: torch.nn.Module, optim: OptimSpec) -> list[list[torch.nn.Parameter]]:
+    """The parameters of each optimiser ``configure_optimizers`` builds, in its order: with
+    sparse embeddings the tables (LazyAdam) and the rest (Adam), else all of them. A warm start
+    with ``init_optimizer`` reads the other run's optimiser state by it."""
+    params = list(model.parameters())
+    if not optim.sparse_embeddings:
+        return [params]
+    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    sparse_ids = {id(p) for p in tables}
+    return [tables, [p for p in params if id(p) not in sparse_ids]]
 
 
 def _fused(cls: type[torch.optim.Optimizer], params, **kwargs) -> torch.optim.Optimizer:

@@ -10,7 +10,12 @@ checkpoint and encoders, on today's data.
   the new data keeps its row. Hashed features keep their buckets.
 - Numeric statistics stay the first run's (so the model sees the same scale), unless
   ``warm_start.refit_numerics: true``.
-- Every other weight is copied as it is; the optimiser starts afresh.
+- Every other weight is copied as it is.
+- The optimiser starts afresh, unless ``warm_start.init_optimizer: true``: then it starts from
+  the old run's optimiser state (of its best checkpoint, else of checkpoints/last.ckpt), moments
+  and step counts matched by parameter name, a grown table's new rows with zero moments; the
+  learning rate and weight decay are the new config's, and another ``optim.name`` or
+  ``optim.sparse_embeddings`` is refused (funnel/training/carry_optimizer.py).
 
 Before any training step the new model therefore scores rows of known values exactly as the
 old one did (tests/test_warm_start.py). Runs whose stages, model, towers or features differ
