@@ -473,6 +473,20 @@ def _(ctx):
     return ["export", str(ctx.run), "--format", "torchscript", "--out", str(ctx.tmp / "full")], ["--out", "not empty"]
 
 
+@case("export-split-unknown-feature")
+def _(ctx):
+    return ["export", str(ctx.run), "--format", "torchscript", "--out", str(ctx.tmp / "e"), "--split", "user=usr"], [
+        "--split",
+        "'usr' is not a feature the model reads",
+    ]
+
+
+@case("export-split-not-user")
+def _(ctx):
+    out = ["export", str(ctx.run), "--format", "torchscript", "--out", str(ctx.tmp / "e"), "--split", "item_id"]
+    return out, ["--split", "user=FEATURE"]
+
+
 # ---- evaluate ---------------------------------------------------------------------------------------------
 def _evaluate(ctx: Ctx, run: Path | None = None, data: str | None = None, *extra: str) -> list[str]:
     return ["evaluate", str(run or ctx.run), "--data", data or str(ctx.data / "test.csv"), *extra]
