@@ -67,10 +67,20 @@ CASES |= {
     f"tower={t}": ("chain", {"tower": {"type": t, **TOWER_ARGS.get(t, {})}}) for t in TOWERS.names() if t != "mlp"
 }
 CASES |= {f"bottom={b}": ("chain", {"bottom": {"type": b, **BOTTOM_ARGS.get(b, {})}}) for b in BOTTOMS.names()}
+# numeric features as embeddings: quantile bins (a CAT field) and PLR (a field computed from `num`)
+NUMERIC_EMBEDDINGS = [
+    {"name": "price_bins", "kind": "numeric", "column": "price", "embedding": "bins", "bins": 8},
+    {"name": "visits_plr", "kind": "numeric", "column": "n_prev_visits", "embedding": "plr", "frequencies": 4},
+]
+CASES["numeric_embeddings"] = (
+    "chain",
+    {"tower": {"type": "deepfm", **TOWER_ARGS.get("deepfm", {})}},
+    NUMERIC_EMBEDDINGS,
+)
 BATCHES = (7, 64)  # neither is the trace's batch of 3: the batch axis is dynamic
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export-data")
     common = {"rows": 800, "n_users": 40, "n_items": 30, "history_len": 6, "seed": 0}
@@ -97,7 +107,7 @@ def raw_config(data_dir: Path, run_dir: Path, funnel: dict, extra: list | tuple 
     return cfg
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(data, tmp_path_factory):
     """case -> its run directory, trained once (1 epoch) on first use."""
     made: dict[str, Path] = {}

@@ -122,8 +122,9 @@ class Unit(nn.Module):
         return TowerInput(flat=flat, fields=fields, numeric=numeric, sequences=sequences)
 
 
-def _complete(batch: dict[str, Tensor], side: Side, rows: Tensor) -> dict[str, Tensor]:
-    """The side batch with the blocks it has no column in as empty (rows, 0) tensors."""
+def _complete(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The side batch with the blocks it has no column in as empty (rows, 0) tensors; ``rows``
+    has one entry per row."""
     batch = dict(batch)
     if CAT not in batch:
         batch[CAT] = torch.zeros(rows.shape[0], 0, dtype=torch.int64)
@@ -179,14 +180,14 @@ class SplitModel(nn.Module):
 
     def user_state(self, batch: dict[str, Tensor]) -> list[Tensor]:
         user = self.sides[0]
-        batch = _complete(batch, user, _row_anchor(batch, user))
+        batch = _complete(batch, _row_anchor(batch, user))
         every = [t for unit in self.units for t in unit.user_state(batch)]
         keep = set(self.state)
         return [t for n, t in zip(self.all_state, every, strict=True) if n in keep]
 
     def score(self, state: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
         item = self.sides[1]
-        batch = _complete(batch, item, _row_anchor(batch, item))
+        batch = _complete(batch, _row_anchor(batch, item))
         net = self.net
         hidden: dict[str, Tensor] = {}
         for unit in self.units:
