@@ -59,6 +59,10 @@ def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict
             # with labels: under label_conflicts: error no split reaching this point has a conflict
             tables = {split: featurizer.encode(df, split) for split, df in frames.items()}
             report["truncated"] = truncation_report(featurizer.encoders, list(frames))
+            # the transform in effect per numeric feature (what `transform: auto` chose on train)
+            report["transforms"] = {
+                f.name: featurizer.encoders[f.name].transform for f in cfg.features if f.kind == "numeric"
+            }
             check_degenerate(tables, graph, cfg)
             problems += trainer_data_problems(cfg, len(tables["train"]))
             monitor = cfg.trainer.monitor or default_monitor(graph)

@@ -102,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", type=int, default=3)
     cmp.add_argument("--out", help="folder for the runs, compare.json and compare.md")
 
+    t = sub.add_parser("tune", help="search the config's tune: space with Optuna (funnel[tune]); each trial is a run")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    t.add_argument("--trials", type=int, default=20, help="the number of trials (default 20)")
+    t.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
+    t.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
+    t.add_argument("--pruner", choices=["median", "none"], default="median", help="stop trials worse than the median")
+    t.add_argument("--seed", type=int, help="the sampler's seed (default: the config's seed)")
+    t.add_argument("--out", help="folder for the trials, trials.csv, study.json and best.yaml")
+
     s = sub.add_parser("synth", help="write the synthetic funnel (train/valid/test CSV + truth.json)")
     s.add_argument("out_dir")
     s.add_argument("--rows", type=int, default=200_000)
@@ -250,6 +260,17 @@ def _run(args: argparse.Namespace) -> int:
         print(table)
         print(f"comparison written to: {out}")
         return 0
+    if args.command == "tune":
+        from funnel.tune import tune
+
+        def progress(line: str) -> None:  # on stderr even with -q: one line per trial
+            print(line, file=sys.stderr, flush=True)
+
+        options = {"sampler": args.sampler, "pruner": args.pruner, "seed": args.seed, "out_dir": args.out}
+        result = tune(args.config, args.overrides, args.trials, args.timeout, progress=progress, **options)
+        print(result.table)
+        print(f"study written to: {result.out}")
+        return EXIT_INTERRUPTED if result.interrupted else 0
     if args.command == "synth":
         from funnel import synthetic
 

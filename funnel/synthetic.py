@@ -10,6 +10,9 @@ but observed data only shows it on the rows where the parent happened.
 Ids are short strings (``"u12"``, ``"i7"``, ``"c3"``, ``"d1"``) so that nothing downstream
 mistakes them for numbers. ``hour`` is an int from 0 to 23 and should be treated as a
 category. Rows are drawn independently, so they are already in random order.
+
+`generate_days` draws a sequence of days from one such world, with item popularity drifting
+from day to day and new items appearing (for warm-start studies).
 """
 
 from __future__ import annotations
@@ -181,28 +184,94 @@ def _column_docs(stages: Sequence[str]) -> dict[str, str]:
 def generate(spec: SyntheticSpec) -> pd.DataFrame:
     """All rows: features, one 0/1 label per stage, then `truth_columns`. Deterministic from the seed."""
     rng = np.random.default_rng(spec.seed)
+    return _draw(spec, rng, rng)[0]
+
+
+def generate_days(spec: SyntheticSpec, days: int, drift: float = 0.3, new_items_per_day: int = 0) -> list[pd.DataFrame]:
+    """``days`` frames of ``spec.rows`` impressions each, from one hidden world: the same users,
+    items, latent vectors and truth functions (intercepts fixed on day 0) every day. Only what
+    is shown moves:
+
+    - item popularity drifts: every item's log-popularity takes a random walk with
+      ``drift`` as the standard deviation of its daily step (0: the same popularity every day);
+    - ``new_items_per_day`` items appear on each day after the first, with ids never seen
+      before (``i<n_items>``, ``i<n_items + 1>``, ...): item ``i<n_items + k>`` first shows on
+      day ``1 + k // new_items_per_day``, at a Zipf popularity of its own.
+
+    The columns are those of `generate` (with the truth columns); each day's rates move a little
+    with the popularity mix. Deterministic from the seed. The world differs from `generate`'s
+    for the same seed and depends on ``days`` and ``new_items_per_day`` (they set the catalogue
+    size). ``valid_frac``/``test_frac`` are ignored: split a day with `split_frames` if needed.
+    """
+    problems = list(_day_problems(spec, days, drift, new_items_per_day))
+    if problems:
+        raise ValueError("invalid generate_days arguments:\n  - " + "\n  - ".join(problems))
+    world = dataclasses.replace(spec, n_items=spec.n_items + (days - 1) * new_items_per_day)
+    ids = np.arange(world.n_items)
+    birth = np.where(ids < spec.n_items, 0, (ids - spec.n_items) // max(new_items_per_day, 1) + 1)
+    steps = np.random.default_rng([spec.seed, 5]).standard_normal((days, world.n_items))
+    walk = drift * np.cumsum(steps[1:], axis=0)  # (days - 1, items): day 0 has no step yet
+    frames, intercepts = [], None
+    for day in range(days):
+        log_shift = np.where(birth <= day, walk[day - 1] if day else 0.0, -np.inf)
+        # The world stream restarts every day, so every day draws the same world.
+        same_world, todays_rows = np.random.default_rng([spec.seed, 6]), np.random.default_rng([spec.seed, 7, day])
+        frame, intercepts = _draw(world, same_world, todays_rows, log_shift, intercepts)
+        frames.append(frame)
+    return frames
+
+
+def _day_problems(spec: SyntheticSpec, days: int, drift: float, new_items_per_day: int) -> Iterator[str]:
+    if not isinstance(days, int | np.integer) or days < 1:
+        yield f"days={days!r}: must be an int >= 1, e.g. days=10"
+    if not isinstance(drift, int | float | np.number) or not 0 <= drift < np.inf:
+        yield f"drift={drift!r}: must be a finite number >= 0 (0: popularity does not move), e.g. drift=0.3"
+    if not isinstance(new_items_per_day, int | np.integer) or new_items_per_day < 0:
+        yield f"new_items_per_day={new_items_per_day!r}: must be an int >= 0, e.g. new_items_per_day=50"
+    if spec.history_len or spec.positions:
+        yield (
+            f"history_len={spec.history_len}, positions={spec.positions}: generate_days draws neither "
+            "column; set both to 0"
+        )
+
+
+def _draw(
+    spec: SyntheticSpec,
+    world: np.random.Generator,
+    rows: np.random.Generator,
+    item_log_shift: np.ndarray | None = None,
+    intercepts: list[float] | None = None,
+) -> tuple[pd.DataFrame, list[float]]:
+    """The frame of `generate` and each stage's calibrated intercept. ``world`` draws the hidden
+    world (ids' attributes, latent vectors, effects), ``rows`` the impressions; `generate` passes
+    one stream as both (the draws interleave, in this order). ``item_log_shift`` (per item, -inf:
+    never shown) moves the item popularity; ``intercepts`` replaces the calibration."""
     n, n_stages, d = spec.rows, len(spec.stages), _LATENT_DIM
 
     # Who sees what, and when.
-    u = rng.choice(spec.n_users, size=n, p=_zipf_weights(spec.n_users, spec.zipf, rng))
-    i = rng.choice(spec.n_items, size=n, p=_zipf_weights(spec.n_items, spec.zipf, rng))
-    item_cat = rng.integers(spec.n_categories, size=spec.n_items)
+    u = rows.choice(spec.n_users, size=n, p=_zipf_weights(spec.n_users, spec.zipf, world))
+    item_p = _zipf_weights(spec.n_items, spec.zipf, world)
+    if item_log_shift is not None:
+        item_p = item_p * np.exp(item_log_shift)
+        item_p /= item_p.sum()
+    i = rows.choice(spec.n_items, size=n, p=item_p)
+    item_cat = world.integers(spec.n_categories, size=spec.n_items)
     if spec.history_len:  # own stream: the other columns do not move
         side = np.random.default_rng([spec.seed, 3])
         favourite = side.integers(spec.n_categories, size=(spec.n_users, 2))[u]  # (N, 2) per row's user
         steer = side.random(n) < _HISTORY_STEER  # the recommender shows items of a favourite category
         fav_items = _items_in(side, np.take_along_axis(favourite, side.integers(2, size=(n, 1)), 1)[:, 0], item_cat)
         i = np.where(steer, fav_items, i)
-    device = rng.choice(spec.n_devices, size=n, p=rng.dirichlet(np.full(spec.n_devices, 2.0)))
+    device = rows.choice(spec.n_devices, size=n, p=world.dirichlet(np.full(spec.n_devices, 2.0)))
     traffic = 1 + 0.6 * np.sin(2 * np.pi * (np.arange(24) - 14) / 24)
-    hour = rng.choice(24, size=n, p=traffic / traffic.sum())
+    hour = rows.choice(24, size=n, p=traffic / traffic.sum())
 
     # Observed numeric features.
-    item_logprice = rng.normal(3.5, 0.8, spec.n_categories)[item_cat] + rng.normal(0, 0.5, spec.n_items)
-    logprice = item_logprice[i] + rng.normal(0, 0.05, n)  # row jitter: discounts, rounding
-    user_age = np.clip(rng.normal(38, 12, spec.n_users), 18, 80).round()
-    visits = rng.poisson(np.exp(rng.normal(0.5, 1.0, spec.n_users))[u]).astype(float)
-    hide_visits = rng.random(n) < _MISSING_VISITS  # hidden from the model only; the truth uses them
+    item_logprice = world.normal(3.5, 0.8, spec.n_categories)[item_cat] + world.normal(0, 0.5, spec.n_items)
+    logprice = item_logprice[i] + rows.normal(0, 0.05, n)  # row jitter: discounts, rounding
+    user_age = np.clip(world.normal(38, 12, spec.n_users), 18, 80).round()
+    visits = rows.poisson(np.exp(world.normal(0.5, 1.0, spec.n_users))[u]).astype(float)
+    hide_visits = rows.random(n) < _MISSING_VISITS  # hidden from the model only; the truth uses them
     z_item_price = _standardise(item_logprice)
     z_price = (logprice - item_logprice.mean()) / (item_logprice.std() + 1e-12)
     z_age, z_visits = _standardise(user_age)[u], _standardise(np.log1p(visits))
@@ -212,31 +281,31 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     # part through a random rotation, so without clickbait their logits barely correlate with the
     # click logit and bias_share alone controls how unrepresentative the clicked rows are.
     n_towers = n_stages + int(spec.branch)  # the branched stage has a second hidden tower
-    user_vec = rng.standard_normal((spec.n_users, d))
-    rotation = _random_rotations(rng, n_towers, d)
-    shared_vec = rng.standard_normal((spec.n_items, d))
+    user_vec = world.standard_normal((spec.n_users, d))
+    rotation = _random_rotations(world, n_towers, d)
+    shared_vec = world.standard_normal((spec.n_items, d))
     item_vec = np.sqrt(_SHARED) * np.einsum("id,kde->kie", shared_vec, rotation) + np.sqrt(
         1 - _SHARED
-    ) * rng.standard_normal((n_towers, spec.n_items, d))
-    user_bias = rng.normal(0, 0.5, (n_towers, spec.n_users))
-    item_bias = rng.normal(0, 0.8, (n_towers, spec.n_items))
+    ) * world.standard_normal((n_towers, spec.n_items, d))
+    user_bias = world.normal(0, 0.5, (n_towers, spec.n_users))
+    item_bias = world.normal(0, 0.8, (n_towers, spec.n_items))
     if spec.stage_correlation > 0:  # a separate stream: the default data does not move
         rho, common = spec.stage_correlation, np.random.default_rng([spec.seed, 2])
         item_vec = np.sqrt(rho) * common.standard_normal((spec.n_items, d)) + np.sqrt(1 - rho) * item_vec
         user_bias = np.sqrt(rho) * common.normal(0, 0.5, spec.n_users) + np.sqrt(1 - rho) * user_bias
         item_bias = np.sqrt(rho) * common.normal(0, 0.8, spec.n_items) + np.sqrt(1 - rho) * item_bias
-    cat_eff = rng.normal(0, 0.3, (n_towers, spec.n_categories))
-    dev_eff = rng.normal(0, 0.3, (n_towers, spec.n_devices))
-    hour_amp, hour_phase = rng.normal(0, 0.3, n_towers), rng.uniform(0, 24, n_towers)
+    cat_eff = world.normal(0, 0.3, (n_towers, spec.n_categories))
+    dev_eff = world.normal(0, 0.3, (n_towers, spec.n_devices))
+    hour_amp, hour_phase = world.normal(0, 0.3, n_towers), world.uniform(0, 24, n_towers)
     # Price and loyalty matter little for a click but a lot for the later, costlier steps.
     later = np.arange(n_towers) > 0
-    beta_price = np.where(later, -0.4, -0.05) + rng.normal(0, 0.1, n_towers)
-    beta_visits = np.where(later, 0.3, 0.05) + rng.normal(0, 0.1, n_towers)
-    beta_age = rng.normal(0, 0.2, n_towers)
+    beta_price = np.where(later, -0.4, -0.05) + world.normal(0, 0.1, n_towers)
+    beta_visits = np.where(later, 0.3, 0.05) + world.normal(0, 0.1, n_towers)
+    beta_age = world.normal(0, 0.2, n_towers)
 
     # Clickbait: for these items every later stage runs against the item's own click appeal.
     click_appeal = _standardise(item_bias[0] + cat_eff[0, item_cat] + beta_price[0] * z_item_price)
-    clickbait = rng.random(spec.n_items) < spec.bias_share
+    clickbait = world.random(spec.n_items) < spec.bias_share
     bait_penalty = spec.bias_strength * np.where(clickbait, click_appeal, 0.0)
 
     match = np.zeros(n)
@@ -256,9 +325,9 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
         if k > 0:
             logit -= bait_penalty[i]
         logit += (_HISTORY_EFFECT if k == 0 else 0.75 * _HISTORY_EFFECT) * match
-        return logit + spec.noise * rng.standard_normal(n)
+        return logit + spec.noise * rows.standard_normal(n)
 
-    paths, label_of, cf_of, cond_of = [], [], [], []
+    paths, label_of, cf_of, cond_of, used = [], [], [], [], []
     for k, (stage, rate) in enumerate(zip(spec.stages, spec.target_rates, strict=True)):
         if spec.branch and k == n_stages - 1:
             # ESM²: reached from stage k-2 through both outcomes of stage k-1 (the branch),
@@ -266,10 +335,10 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
             after_path, after_label, y2, branch_cf = paths[k - 2], label_of[k - 2], cond_of[k - 1], cf_of[k - 1]
             l3 = _BRANCH_SCALE * stage_logit(k) + _BRANCH_SHIFT[0]
             l4 = _BRANCH_SCALE * stage_logit(n_stages) + _BRANCH_SHIFT[1]
-            c = _calibrate_mixture(l3, l4, y2, after_path, rate)
+            c = _calibrate_mixture(l3, l4, y2, after_path, rate) if intercepts is None else intercepts[k]
             y3, y4 = _sigmoid(l3 + c), _sigmoid(l4 + c)
             p_cond = y2 * y3 + (1 - y2) * y4
-            draw = rng.random(n)
+            draw = rows.random(n)
             cf = np.where(branch_cf, draw < y3, draw < y4)
             parent_label, parent_path = after_label & cf, after_path * p_cond
             truth |= {
@@ -283,16 +352,17 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
                 position = _positions(spec, logit, item_cat[i])
                 logit = logit - _POSITION_EFFECT * np.log(position)
             # Weight by the parent's path probability: the expected parent-positive population.
-            shift = _calibrate_intercept(logit, parent_path, rate)
-            logit += shift
+            c = _calibrate_intercept(logit, parent_path, rate) if intercepts is None else intercepts[k]
+            logit += c
             p_cond = _sigmoid(logit)
-            draw = rng.random(n)
+            draw = rows.random(n)
             cf = draw < p_cond
             if k == 0 and spec.positions:
-                p_free = _sigmoid(free + shift)
+                p_free = _sigmoid(free + c)
                 truth |= {f"true_p_{stage}_free": p_free, f"cf_{stage}_free": (draw < p_free).astype(np.int64)}
             parent_label = parent_label & cf
             parent_path = parent_path * p_cond
+        used.append(c)
         paths.append(parent_path)
         label_of.append(parent_label)
         cf_of.append(cf)
@@ -317,7 +387,7 @@ def generate(spec: SyntheticSpec) -> pd.DataFrame:
     extra_truth = {
         c: v for c, v in truth.items() if "_via_" in c or c.endswith("_free")
     }  # ESM²'s y3, y4; position-free
-    return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)} | extra_truth)
+    return pd.DataFrame(frame | labels | {c: truth[c] for c in truth_columns(spec.stages)} | extra_truth), used
 
 
 def split_frames(df: pd.DataFrame, spec: SyntheticSpec) -> dict[str, pd.DataFrame]:

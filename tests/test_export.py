@@ -67,16 +67,9 @@ CASES |= {
     f"tower={t}": ("chain", {"tower": {"type": t, **TOWER_ARGS.get(t, {})}}) for t in TOWERS.names() if t != "mlp"
 }
 CASES |= {f"bottom={b}": ("chain", {"bottom": {"type": b, **BOTTOM_ARGS.get(b, {})}}) for b in BOTTOMS.names()}
-# numeric features as embeddings: quantile bins (a CAT field) and PLR (a field computed from `num`)
-NUMERIC_EMBEDDINGS = [
-    {"name": "price_bins", "kind": "numeric", "column": "price", "embedding": "bins", "bins": 8},
-    {"name": "visits_plr", "kind": "numeric", "column": "n_prev_visits", "embedding": "plr", "frequencies": 4},
-]
-CASES["numeric_embeddings"] = (
-    "chain",
-    {"tower": {"type": "deepfm", **TOWER_ARGS.get("deepfm", {})}},
-    NUMERIC_EMBEDDINGS,
-)
+# a numeric feature as quantile bins: a CAT field with a table of its own (PLR: tests/test_numeric_embedding.py)
+BINNED = {"name": "price_bins", "kind": "numeric", "column": "price", "embedding": "bins", "bins": 8}
+CASES["numeric_bins"] = ("chain", {"tower": {"type": "deepfm", **TOWER_ARGS.get("deepfm", {})}}, [BINNED])
 BATCHES = (7, 64)  # neither is the trace's batch of 3: the batch axis is dynamic
 
 

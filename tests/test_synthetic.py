@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from funnel.synthetic import FEATURE_COLUMNS, SyntheticSpec, generate, split_frames, truth_columns, write
+from funnel.synthetic import (
+    FEATURE_COLUMNS,
+    SyntheticSpec,
+    generate,
+    generate_days,
+    split_frames,
+    truth_columns,
+    write,
+)
 
 SMALL = SyntheticSpec(rows=20_000, n_users=500, n_items=300)
 FIVE = ("click", "cart", "checkout", "pay", "review")
@@ -186,3 +194,69 @@ def test_positions_lower_clicks_and_the_free_truth_is_position_one():
     assert (df.loc[~top, "true_p_click_free"] > df.loc[~top, "true_p_click_cond"]).all()
     assert (df["cf_click_free"] >= df["click"]).all()  # same uniform draw, higher probability
     assert {"position", "true_p_click_free"}.isdisjoint(generate(SyntheticSpec(rows=100)).columns)
+
+
+DAY = SyntheticSpec(rows=20_000, n_users=500, n_items=300)
+
+
+def _popularity_rank_corr(a: pd.DataFrame, b: pd.DataFrame, n_items: int) -> float:
+    """Rank correlation of two days' item counts over the first day's catalogue."""
+    ids = [f"i{k}" for k in range(n_items)]
+    counts = [d["item_id"].value_counts().reindex(ids, fill_value=0).rank() for d in (a, b)]
+    return float(np.corrcoef(*counts)[0, 1])
+
+
+def test_days_keep_one_world_and_the_columns_of_generate():
+    days = generate_days(DAY, 3, drift=0.3, new_items_per_day=10)
+    assert len(days) == 3 and all(len(d) == DAY.rows for d in days)
+    assert all(list(d.columns) == list(generate(DAY).columns) for d in days)
+    both = pd.concat(days)
+    # the ids' hidden attributes do not change from day to day
+    assert both.groupby("item_id")["item_category"].nunique().max() == 1
+    assert both.groupby("user_id")["user_age"].nunique().max() == 1
+    assert not days[0]["user_id"].equals(days[1]["user_id"])  # each day draws its own impressions
+
+
+def test_drift_moves_item_popularity_between_days():
+    still = generate_days(DAY, 6, drift=0.0)
+    moving = generate_days(DAY, 6, drift=0.5)
+    still_corr = _popularity_rank_corr(still[0], still[-1], DAY.n_items)
+    moving_corr = _popularity_rank_corr(moving[0], moving[-1], DAY.n_items)
+    assert moving_corr < still_corr - 0.1, (still_corr, moving_corr)
+    # the same world: day 0 does not depend on the drift
+    pd.testing.assert_frame_equal(still[0], moving[0])
+
+
+def test_new_items_appear_only_from_their_day_on():
+    days = generate_days(DAY, 5, drift=0.3, new_items_per_day=20)
+    for day, frame in enumerate(days):
+        ids = frame["item_id"].str[1:].astype(int)
+        assert ids.max() < DAY.n_items + 20 * day  # nothing from a later day
+        if day:
+            born_today = ids.between(DAY.n_items + 20 * (day - 1), DAY.n_items + 20 * day - 1)
+            assert born_today.any()
+    assert days[0]["item_id"].str[1:].astype(int).max() < DAY.n_items
+
+
+def test_each_day_is_reproducible_from_the_seed():
+    first, again = generate_days(DAY, 3, 0.3, 10), generate_days(DAY, 3, 0.3, 10)
+    for a, b in zip(first, again, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    other = generate_days(SyntheticSpec(rows=20_000, n_users=500, n_items=300, seed=1), 3, 0.3, 10)
+    assert not first[2]["true_p_click"].equals(other[2]["true_p_click"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "args", "field"),
+    [
+        (DAY, (0, 0.3, 0), "days=0"),
+        (DAY, (2.5, 0.3, 0), "days=2.5"),
+        (DAY, (3, -0.1, 0), "drift=-0.1"),
+        (DAY, (3, float("nan"), 0), "drift=nan"),
+        (DAY, (3, 0.3, -5), "new_items_per_day=-5"),
+        (SyntheticSpec(rows=100, history_len=4), (3, 0.3, 0), "history_len=4"),
+    ],
+)
+def test_bad_day_arguments_raise_naming_the_argument(spec, args, field):
+    with pytest.raises(ValueError, match=re.escape(field) + ".*(must|set)"):
+        generate_days(spec, *args)

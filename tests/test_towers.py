@@ -20,6 +20,8 @@ from funnel.models.inputs import InputShape, TowerInput
 from funnel.models.towers import build_tower
 from funnel.models.towers.dcn import CrossLayer
 from funnel.models.towers.deepfm import fm_interaction
+from funnel.models.towers.dupn import valid_first
+from funnel.models.towers.nfwfm import fwfm_interaction
 from funnel.runs import build_graph
 from funnel.spec import config_from_dict
 from funnel.spec.schema import TowerSpec
@@ -32,6 +34,7 @@ TOWER_NAMES = TOWERS.names()
 # Arguments a tower cannot do without (the rest are defaults); towers not listed take none.
 ARGS = {
     "din": {"sequence": "history"},
+    "dupn": {"sequence": "history", "lstm_hidden": 8, "attention": 8},
     "field_sum": {"groups": {"user": ["user_id"], "item": ["item_id", "history"]}},
 }
 
@@ -183,6 +186,66 @@ def test_field_sum_adds_the_group_embeddings():
     torch.testing.assert_close(out[:, 8:], x.numeric)
 
 
+def test_fwfm_term_is_the_field_pair_weighted_sum_of_inner_products():
+    v = torch.tensor([[[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]]])  # <v0,v1> = 1, <v0,v2> = 8.5, <v1,v2> = -2.5
+    r = torch.tensor([[9.0, 2.0, 0.5], [9.0, 9.0, -1.0], [9.0, 9.0, 9.0]])  # diagonal and lower triangle unused
+    assert fwfm_interaction(v, r).sum().item() == pytest.approx(2.0 * 1.0 + 0.5 * 8.5 - 1.0 * -2.5)
+    per_dim = [2 * 3 + 0.5 * 0.5 - 1.5, 2 * -2 + 0.5 * 8 + 4]  # Σ r_fg v_f ⊙ v_g, dimension by dimension
+    assert fwfm_interaction(v, r)[0].tolist() == pytest.approx(per_dim)
+
+
+def test_fwfm_with_unit_pair_weights_is_the_fm_and_nfwfm_starts_there():
+    v = torch.randn(4, 5, 3)
+    torch.testing.assert_close(fwfm_interaction(v, torch.ones(5, 5)), fm_interaction(v))
+    _, x = toy_input()
+    t = tower("nfwfm", hidden=[6])
+    assert t.field_vectors(x).shape == (5, 3 + 2, 4) and t.out_dim == 6 + 4
+    torch.testing.assert_close(t(x)[:, -4:], fm_interaction(t.field_vectors(x)))
+    with torch.no_grad():
+        t.pair_weights.copy_(torch.randn(5, 5))
+    want = fwfm_interaction(t.field_vectors(x), t.pair_weights).sum(1, keepdim=True)
+    scalar = tower("nfwfm", hidden=[6], interaction="scalar", first_order=True)
+    scalar.load_state_dict(t.state_dict() | {"first": scalar.first})
+    assert scalar.out_dim == 6 + 1 + 1
+    torch.testing.assert_close(scalar(x)[:, 6:7], want)
+    torch.testing.assert_close(scalar(x)[:, 7], (scalar.field_vectors(x) * scalar.first).sum((1, 2)))
+
+
+def test_valid_first_moves_the_items_to_the_front_in_their_order():
+    keys = torch.arange(1.0, 7.0).reshape(2, 3, 1)  # rows [1, 2, 3] and [4, 5, 6]
+    mask = torch.tensor([[False, True, True], [True, False, True]])
+    moved, moved_mask = valid_first(keys, mask)
+    assert moved.squeeze(-1).tolist() == [[2.0, 3.0, 0.0], [4.0, 6.0, 0.0]]
+    assert moved_mask.tolist() == [[True, True, False], [True, True, False]]
+
+
+def test_dupn_ignores_padding_and_where_it_lies():
+    _, x = toy_input()
+    t = tower("dupn", hidden=[6])
+    t.eval()
+    keys, mask = x.sequences["history"]
+    assert t(x).shape == (5, 6) and t.user_vector(x).shape == (5, 8)
+    noisy = keys.clone()
+    noisy[~mask] = 100.0 * torch.randn(int((~mask).sum()), keys.shape[-1])  # garbage where padded
+    torch.testing.assert_close(t(x), t(TowerInput(x.flat, x.fields, x.numeric, {"history": (noisy, mask)})))
+    # the encoder's right alignment (padding first) gives what the toy's left alignment gives
+    right_keys, right_mask = keys.clone(), mask.clone()
+    for row in range(5):
+        n = int(mask[row].sum())
+        right_keys[row], right_mask[row] = keys[row].roll(3 - n, 0), mask[row].roll(3 - n, 0)
+    right = TowerInput(x.flat, x.fields, x.numeric, {"history": (right_keys, right_mask)})
+    torch.testing.assert_close(t(x), t(right))
+    assert t.user_vector(x)[2].abs().sum().item() == 0.0  # a row without history: no user vector
+
+
+def test_nfwfm_and_dupn_refuse_inputs_they_cannot_use():
+    mixed = InputShape(flat_dim=10, field_dims={"a": 4, "b": 6}, numeric_dim=0)
+    with pytest.raises(ConfigError, match="nfwfm needs every categorical/sequence feature embedded at one width"):
+        build_tower(TowerSpec(type="nfwfm"), mixed, "funnel.tower")
+    with pytest.raises(ConfigError, match="dupn needs `sequence`.*sequence features: none"):
+        build_tower(TowerSpec(type="dupn"), mixed, "funnel.tower")
+
+
 @pytest.mark.parametrize(
     ("name", "args", "message"),
     [
@@ -195,6 +258,11 @@ def test_field_sum_adds_the_group_embeddings():
         ("din", {"sequence": "history", "target": "user"}, "target 'user' is not a categorical feature"),
         ("mlp", {"activation": "rellu"}, 'Did you mean "relu"'),
         ("dcn", {"structure": "serial"}, "structure must be 'parallel' or 'stacked'"),
+        ("nfwfm", {"interaction": "matrix"}, "interaction must be 'vector' or 'scalar'"),
+        ("dupn", {"sequence": "histroy"}, 'Did you mean "history"'),
+        ("dupn", {"query": ["usr_id"]}, "query field 'usr_id' is not a categorical or multi-hot feature. Did you mean"),
+        ("dupn", {"query": []}, "dupn needs at least one `query` field"),
+        ("dupn", {"lstm_hidden": 0}, "lstm_hidden must be a positive int"),
     ],
 )
 def test_bad_tower_arguments_say_what_to_do(name, args, message):

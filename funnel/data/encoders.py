@@ -223,6 +223,11 @@ class SharedCategoricalEncoder:
 # A value whose square overflows float32 (|x| > ~1.84e19) poisons the float32 model as surely as inf.
 FLOAT32_SAFE = float(np.sqrt(np.finfo(np.float32).max))
 
+# `transform: auto` takes log1p for a train column with no negative value and a sample skewness
+# above this (lognormal with sigma 1: 6.2, an exponential: 2, a normal: 0; a rare
+# 0/1 flag is skewed too, but log1p of 0/1 standardises to the same values), else standardize
+AUTO_SKEWNESS = 2.0
+
 
 @dataclass
 class NumericEncoder:
@@ -231,20 +236,32 @@ class NumericEncoder:
     A value is *non-finite* when it is inf / -inf or, after the transform, beyond ±FLOAT32_SAFE
     (log1p(1e308) = 709 is fine, a raw 1e20 is not). ``missing: fill`` treats such values exactly
     like missing ones: the train mean, and 1 in the missing-flag column.
+
+    ``transform: auto`` is decided at ``finalize`` from streaming moments of the raw train values
+    (so a chunked fit decides as one fit does): log1p when no value is negative and the skewness
+    exceeds AUTO_SKEWNESS, else standardize. It judges gaps on the raw values. The choice is
+    ``transform``, saved in encoders.json; a state written before it existed means standardize.
     """
 
     spec: FeatureSpec
     mean: float = 0.0
     std: float = 1.0
     flag: bool = False  # add a 0/1 "was missing" column (training data had missing or non-finite values)
+    transform: str = ""  # in effect: the spec's, or what `auto` chose ("auto" until then)
     _moments: Moments = field(default_factory=Moments, repr=False, compare=False)  # observed, not final
+    _log_moments: Moments = field(default_factory=Moments, repr=False, compare=False)  # of log1p, for auto
     _seen: list[int] = field(default_factory=lambda: [0, 0], repr=False, compare=False)  # missing, non-finite
+
+    def __post_init__(self) -> None:
+        self.transform = self.transform or self.spec.transform
 
     @property
     def width(self) -> int:
         return 2 if self.flag else 1
 
-    def _values(self, col: pd.Series) -> np.ndarray:
+    def _values(self, col: pd.Series, transform: str | None = None) -> np.ndarray:
+        """The column as float64 after ``transform`` (default: the one in effect; auto: raw)."""
+        transform = transform or self.transform
         numeric = pd.to_numeric(col, errors="coerce")
         bad = numeric.isna() & col.notna()
         if bad.any():
@@ -254,13 +271,14 @@ class NumericEncoder:
                 f"({examples}); declare it `kind: categorical` or clean the column."
             )
         values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
-        if self.spec.transform == "log1p":
+        if transform == "log1p":
             finite = np.isfinite(values)  # inf and -inf stay as they are: non-finite, not negative
             neg = finite & (values < 0)
             if neg.any():
+                chose = " (chosen by `transform: auto`: train had no negative values)" * (self.spec.transform == "auto")
                 raise DataError(
-                    f"column {self.spec.source!r}: transform log1p needs values >= 0, found {values[neg][0]}; "
-                    "use `transform: standardize`."
+                    f"column {self.spec.source!r}: transform log1p{chose} needs values >= 0, found "
+                    f"{values[neg][0]}; use `transform: standardize`."
                 )
             values = values.copy()
             values[finite] = np.log1p(values[finite])
@@ -277,7 +295,9 @@ class NumericEncoder:
         missing, nonfinite = self._gaps(self._values(col))
         return int(missing.sum()), int(nonfinite.sum())
 
-    def _refuse(self, col: pd.Series, missing: np.ndarray, nonfinite: np.ndarray, where: str) -> None:
+    def _refuse(
+        self, col: pd.Series, missing: np.ndarray, nonfinite: np.ndarray, where: str, transform: str | None = None
+    ) -> None:
         """Under ``missing: error``, a DataError for every kind of gap found."""
         if self.spec.missing != "error" or not (missing.any() or nonfinite.any()):
             return
@@ -293,24 +313,41 @@ class NumericEncoder:
             example = example.item() if isinstance(example, np.generic) else example  # inf, not np.float64(inf)
             problems.append(
                 f"{where}: column {self.spec.source!r} has {int(nonfinite.sum())} non-finite values (e.g. {example!r}: "
-                f"inf, or beyond ±{FLOAT32_SAFE:.3g} after `transform: {self.spec.transform}`, which overflows "
+                f"inf, or beyond ±{FLOAT32_SAFE:.3g} after `transform: {transform or self.transform}`, which overflows "
                 f"float32); {fix}"
             )
         raise DataError(problems)
 
     def observe(self, col: pd.Series) -> None:
         """Accumulate one chunk of the train split: moments of the present values, gap counts."""
-        values = self._values(col)
+        view = self.spec.transform  # auto observes the raw values (and their log1p) until finalize
+        values = self._values(col, view)
         missing, nonfinite = self._gaps(values)
-        self._refuse(col, missing, nonfinite, "train")
-        self._moments.add(values[~(missing | nonfinite)])
+        self._refuse(col, missing, nonfinite, "train", view)
+        present = values[~(missing | nonfinite)]
+        self._moments.add(present)
+        if view == "auto" and self._moments.low >= 0:  # log1p stays a candidate while nothing is negative
+            self._log_moments.add(np.log1p(present))
         self._seen[0] += int(missing.sum())
         self._seen[1] += int(nonfinite.sum())
 
     def finalize(self) -> NumericEncoder:
-        """Mean, std and the missing flag of everything observed since the last ``finalize``."""
+        """Transform (for auto), mean, std and the missing flag of everything observed since the
+        last ``finalize``."""
         moments, (missing, nonfinite) = self._moments, self._seen
-        self._moments, self._seen = Moments(), [0, 0]
+        log_moments, self._moments, self._log_moments, self._seen = self._log_moments, Moments(), Moments(), [0, 0]
+        if self.spec.transform == "auto":
+            low, skewness = moments.low, moments.skewness
+            skewed = moments.n > 0 and low >= 0 and skewness > AUTO_SKEWNESS
+            self.transform = "log1p" if skewed else "standardize"
+            moments = log_moments if skewed else moments
+            log.debug(
+                "train: numeric feature %r: transform auto chose %s (min %.6g, skewness %.3g)",
+                self.spec.name,
+                self.transform,
+                low,
+                skewness,
+            )
         if moments.n:  # the mean also fills missing values when transform is none
             mean, std = moments.mean, moments.std
             self.mean = mean if np.isfinite(mean) else 0.0  # finite by construction; never let NaN reach a model
@@ -350,16 +387,22 @@ class NumericEncoder:
             )
         gap = missing | nonfinite
         values = np.where(gap, self.mean, values)
-        if self.spec.transform != "none":
+        if self.transform != "none":
             values = (values - self.mean) / self.std
         cols = [values, gap.astype(np.float64)] if self.flag else [values]
         return np.stack(cols, axis=1).astype(np.float32)
 
     def state(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "flag": self.flag}
+        return {"mean": self.mean, "std": self.std, "flag": self.flag, "transform": self.transform}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        # a state without "transform" predates `auto`: then the default was standardize
+        self.transform = "standardize" if self.spec.transform == "auto" else self.spec.transform
         set_state(self, state)
+        if self.transform not in ("standardize", "log1p", "none"):
+            raise ValueError(
+                f"numeric feature {self.spec.name!r} has transform {self.transform!r}, not standardize, log1p or none"
+            )
         for key in ("mean", "std"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):

@@ -32,6 +32,7 @@ import pandas as pd
 
 from funnel.data.encoders import CategoricalEncoder, NumericEncoder, SharedCategoricalEncoder
 from funnel.data.list_encoders import MultiHotEncoder, SequenceEncoder, vocabulary_of
+from funnel.data.numeric_bins import QuantileBinEncoder
 from funnel.data.table import BAG, CAT, NUM, SEQ, Ragged
 from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec
 
@@ -96,7 +97,14 @@ FEATURE_KINDS: dict[str, Kind] = {
 }
 
 
+# a numeric feature with ``embedding: bins``: its bin ids are a CAT column with a table of its own
+# (``embedding: plr`` stays in NUM: the model embeds the standardised value, see layout.py)
+NUMERIC_BINS = Kind("numeric", CAT, lambda spec, _: QuantileBinEncoder(spec))
+
+
 def kind_of(spec: FeatureSpec) -> Kind:
+    if spec.kind == "numeric" and spec.embedding == "bins":
+        return NUMERIC_BINS
     return FEATURE_KINDS[spec.kind]
 
 

@@ -40,10 +40,25 @@ class FieldLayout:
 
 
 @dataclass(frozen=True)
+class PeriodicLayout:
+    """A numeric feature with ``embedding: plr``: a field the model computes from its standardised
+    value (``batch[NUM][:, column]``, which stays a numeric column too); see numeric_embedding.py."""
+
+    name: str
+    column: int  # its value's column of batch[NUM]
+    dim: int  # the field's width
+    frequencies: int
+    sigma: float
+
+
+@dataclass(frozen=True)
 class FeatureLayout:
     tables: tuple[TableLayout, ...]  # in the feature order of their owners
-    fields: tuple[FieldLayout, ...]  # the CAT fields in column (= feature) order, then the SEQ, then the BAG fields
+    # the CAT fields in column (= feature) order, then the SEQ, then the BAG fields; a numeric
+    # feature with `embedding: bins` is a CAT field with a table of its own
+    fields: tuple[FieldLayout, ...]
     numeric_dim: int  # width of batch[NUM]
+    periodic: tuple[PeriodicLayout, ...] = ()  # the `embedding: plr` fields, in feature order
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tables]
@@ -87,9 +102,12 @@ class FeatureLayout:
         seq: list[FieldLayout] = []
         bag: list[FieldLayout] = []
         numeric = 0
+        periodic: list[PeriodicLayout] = []
         for f in features:
             enc, block = encoders[f.name], kind_of(f).block
             if block == NUM:
+                if f.embedding == "plr":  # its value is the first of its columns
+                    periodic.append(PeriodicLayout(f.name, numeric, dims[f.name], f.frequencies, f.sigma))
                 numeric += enc.width
                 continue
             table = f.share_with or f.name
@@ -105,7 +123,7 @@ class FeatureLayout:
             elif block == BAG:
                 weighted = f.weights is not None
                 bag.append(FieldLayout(f.name, f.kind, BAG, table, dims[table], pooling=f.pooling, weighted=weighted))
-        return cls(tables=tuple(tables), fields=(*cat, *seq, *bag), numeric_dim=numeric)
+        return cls(tables=tuple(tables), fields=(*cat, *seq, *bag), numeric_dim=numeric, periodic=tuple(periodic))
 
     @classmethod
     def placeholder(cls, cfg: Config, rows: int = 2) -> FeatureLayout:

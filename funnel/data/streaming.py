@@ -7,8 +7,10 @@ memory in the number of distinct values, not of rows:
 - ``ValueCounts``: the count of every value (int64 ids, or string tokens). Each chunk adds one
   (values, counts) pair; the pending pairs are merged with one ``np.unique`` / ``groupby`` when
   they outgrow the merged table, so merging costs amortised O(distinct values) per chunk.
-- ``Moments``: count, mean and sum of squared deviations (float64), merged with Chan et al.'s
-  parallel formula; one chunk gives ``np.mean`` / ``np.std`` bit for bit.
+- ``Moments``: count, mean, sums of squared and cubed deviations and the minimum (float64),
+  merged with Chan et al.'s / Pébay's parallel formulas; one chunk gives ``np.mean`` /
+  ``np.std`` bit for bit, and the skewness of any chunking agrees with the whole column's
+  to rounding.
 """
 
 from __future__ import annotations
@@ -95,11 +97,13 @@ def _sum_strings(parts: list[pd.Series]) -> pd.Series:
 
 @dataclass
 class Moments:
-    """Count, mean and sum of squared deviations of float64 values, chunk by chunk."""
+    """Count, mean, sums of squared and cubed deviations and minimum of float64 values, chunk by chunk."""
 
     n: int = 0
     mean: float = 0.0
     m2: float = 0.0
+    m3: float = 0.0
+    low: float = float("inf")
 
     def add(self, values: np.ndarray) -> None:
         if not len(values):
@@ -108,16 +112,27 @@ class Moments:
         mb = values.mean()
         dev = values - mb
         m2b = float(np.sum(dev * dev))  # np.std's own arithmetic: one chunk gives its result exactly
+        m3b = float(np.sum(dev * dev * dev))
+        self.low = min(self.low, float(values.min()))
         if self.n == 0:
-            self.n, self.mean, self.m2 = nb, float(mb), m2b
+            self.n, self.mean, self.m2, self.m3 = nb, float(mb), m2b, m3b
             return
-        n = self.n + nb
+        na, n = self.n, self.n + nb
         delta = float(mb) - self.mean
+        # Pébay (2008): the third central moment of the union, from the old m2 before it is updated
+        self.m3 += m3b + delta**3 * na * nb * (na - nb) / (n * n) + 3 * delta * (na * m2b - nb * self.m2) / n
         self.mean += delta * nb / n
-        self.m2 += m2b + delta * delta * (self.n * nb / n)
+        self.m2 += m2b + delta * delta * (na * nb / n)
         self.n = n
 
     @property
     def std(self) -> float:
         """The population standard deviation (``np.std``'s default)."""
         return float(np.sqrt(self.m2 / self.n)) if self.n else 0.0
+
+    @property
+    def skewness(self) -> float:
+        """The sample skewness g1 = m3 / m2^1.5 (``scipy.stats.skew``'s default); 0 for a constant."""
+        if not self.n or self.m2 <= 0:
+            return 0.0
+        return float(self.m3 / self.n / (self.m2 / self.n) ** 1.5)

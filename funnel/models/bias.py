@@ -27,7 +27,7 @@ class BiasTower(nn.Module):
         hidden: Sequence[int] = (16,),
         keep_at_inference: bool = False,
         feature_dropout: float = 0.0,
-        init_std: float = 0.05,
+        init_std: float = 1.0,  # nn.Embedding's own N(0, 1)
     ):
         super().__init__()
         fields = [layout.field(name) for name in features]  # categorical: validation says so

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from funnel.data.layout import FeatureLayout
 from funnel.data.table import BAG, CAT, NUM, SEQ, bag_key, bag_offsets_key, bag_weights_key, seq_key
 from funnel.models.inputs import InputShape, TowerInput, module_key
+from funnel.models.numeric_embedding import PeriodicEmbedding
 
 
 class _Lookup(torch.autograd.Function):
@@ -63,10 +64,10 @@ def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
 
 
 class SharedEmbeddings(nn.Module):
-    """Look up every categorical field, pool every sequence and multi-hot field, and concatenate
-    with numerics."""
+    """Look up every categorical field (binned numerics among them), pool every sequence and
+    multi-hot field, embed every ``plr`` numeric, and concatenate with numerics."""
 
-    def __init__(self, layout: FeatureLayout, init_std: float = 0.05, exclude: frozenset[str] = frozenset()):
+    def __init__(self, layout: FeatureLayout, init_std: float = 1.0, exclude: frozenset[str] = frozenset()):
         """``exclude``: features this module leaves out (the bias tower's own features)."""
         super().__init__()
         fields = [f for f in layout.fields if f.name not in exclude]
@@ -100,8 +101,14 @@ class SharedEmbeddings(nn.Module):
         for f in bags:
             key, offset, _ = self.slots[f.table]
             self.bag_groups.setdefault(key, []).append((f.name, offset, f.pooling or "mean", f.weighted))
+        periodic = [p for p in layout.periodic if p.name not in exclude]
+        # numeric features with `embedding: plr`: (name, its value's column of batch[NUM]) and a module each
+        self.periodic_fields = [(p.name, p.column) for p in periodic]
+        self.periodic = nn.ModuleDict(
+            {module_key(p.name): PeriodicEmbedding(p.frequencies, p.dim, p.sigma) for p in periodic}
+        )
         self.numeric_dim = layout.numeric_dim
-        field_dims = {f.name: f.dim for f in fields}
+        field_dims = {f.name: f.dim for f in fields} | {p.name: p.dim for p in periodic}
         self.shape = InputShape(
             flat_dim=sum(field_dims.values()) + self.numeric_dim,
             field_dims=field_dims,
@@ -170,7 +177,10 @@ class SharedEmbeddings(nn.Module):
             fields[name] = pooled[name]
             flat_parts.append(pooled[name])
         numeric = batch[NUM]  # (B, K)
-        flat = torch.cat([*flat_parts, numeric], dim=1)  # (B, flat_dim)
+        for name, column in self.periodic_fields:  # after the bags: field_dims' order
+            fields[name] = self.periodic[module_key(name)](numeric[:, column])  # (B, E)
+            flat_parts.append(fields[name])
+        flat = torch.cat([*flat_parts, numeric], dim=1)  # (B, flat_dim): fields, then numerics
         return TowerInput(flat=flat, fields=fields, numeric=numeric, sequences=sequences)
 
     def _pool(

@@ -6,11 +6,13 @@ non-obvious ones. Semantic checks that span sections live in ``validate.py``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from funnel.errors import did_you_mean
 from funnel.spec.convert import convert, describe, matches, type_text
+from funnel.spec.tune_spec import TuneSpec
 from funnel.synthetic import SyntheticSpec
 
 FeatureKind = Literal["categorical", "numeric", "sequence", "multi_hot"]
@@ -73,7 +75,7 @@ class DataSpec:
 # Which options each feature kind accepts (besides name, kind, column).
 FEATURE_OPTIONS: dict[str, frozenset[str]] = {
     "categorical": frozenset({"min_count", "hash_buckets", "share_with", "embed_dim"}),
-    "numeric": frozenset({"transform", "missing"}),
+    "numeric": frozenset({"transform", "missing", "embedding", "bins", "frequencies", "sigma", "embed_dim"}),
     "sequence": frozenset({"min_count", "share_with", "embed_dim", "sep", "max_len", "pooling"}),
     "multi_hot": frozenset(
         {"min_count", "hash_buckets", "share_with", "embed_dim", "sep", "weights", "pooling", "max_len"}
@@ -95,8 +97,18 @@ class FeatureSpec:
     share_with: str | None = None
     embed_dim: int | None = None  # defaults to funnel.embed_dim
     # numeric
-    transform: Literal["standardize", "log1p", "none"] = "standardize"
+    # auto: log1p when the train column has no negative value and a skewness above 2, else
+    # standardize (the choice is saved in encoders.json and shown by `funnel check`)
+    transform: Literal["auto", "standardize", "log1p", "none"] = "auto"
     missing: Literal["fill", "error"] = "fill"  # fill: train mean plus a 0/1 missing flag
+    # how the model sees the value (docs: README "Features"): none, the standardised column; bins, the
+    # id of its quantile bin (edges fitted on train, missing -> id 0) embedded like a category; plr,
+    # a field vector ReLU(Linear([sin, cos](2π c·x))) of the standardised value, c trainable
+    # (Gorishniy et al., NeurIPS 2022). bins and plr give the feature a field of width embed_dim
+    embedding: Literal["none", "bins", "plr"] = "none"
+    bins: int = 32  # bins: at most this many quantile bins (tied edges merge: fewer on a lumpy column)
+    frequencies: int = 16  # plr: the number of frequencies c
+    sigma: float = 1.0  # plr: c starts as N(0, sigma²); larger sigma, finer detail
     # sequence / multi_hot
     sep: str = "|"  # between the ids of a string cell ("12|7|99")
     # longer lists keep their last max_len ids; the truncated rows and ids are logged and counted
@@ -130,6 +142,8 @@ class FeatureSpec:
                     f"{SEQUENCE_MAX_LEN}); for id lists without a cap use `kind: multi_hot`."
                 )
                 return None
+            if raw["kind"] == "numeric":
+                errors += numeric_embedding_problems(raw, path)
         return build(cls, raw, path, errors, hook=False)
 
     def __post_init__(self) -> None:
@@ -143,9 +157,34 @@ class FeatureSpec:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if self.bins < 2:
+            raise ValueError(f"bins must be >= 2 (quantile bins of the train values), got {self.bins}")
+        if self.frequencies < 1 or not self.sigma > 0:
+            raise ValueError(f"frequencies must be >= 1 and sigma > 0, got {self.frequencies} and {self.sigma}")
 
 
 FEATURE_OPTIONS_ALL = frozenset().union(*FEATURE_OPTIONS.values())
+
+# the numeric options that only one `embedding` reads
+NUMERIC_EMBEDDING_OPTIONS = {
+    "bins": ("bins",),
+    "frequencies": ("plr",),
+    "sigma": ("plr",),
+    "embed_dim": ("bins", "plr"),
+}
+
+
+def numeric_embedding_problems(raw: dict, path: str) -> list[str]:
+    """A numeric feature's embedding options set (to other than their defaults, which a saved
+    config lists) without the `embedding` that reads them."""
+    embedding = raw.get("embedding", "none")
+    defaults = {f.name: f.default for f in dataclasses.fields(FeatureSpec)}
+    return [
+        f"{path}.{key}: takes effect only with `embedding: {' or '.join(kinds)}` (this feature has "
+        f"`embedding: {embedding}`); set the embedding or remove `{key}`."
+        for key, kinds in NUMERIC_EMBEDDING_OPTIONS.items()
+        if raw.get(key, defaults[key]) != defaults[key] and embedding not in kinds
+    ]
 
 
 def _named_from_raw(cls: type, raw: Any, path: str, errors: list[str], default: str, example: str) -> Any:
@@ -352,6 +391,8 @@ class WarmStartSpec:
 
 
 TRAINER_OWN_KEYS = ("monitor", "mode", "early_stopping", "save_top_k")
+# a cap, not a schedule: early stopping (patience 2 by default) ends most runs sooner
+DEFAULT_MAX_EPOCHS = 10
 
 
 @dataclass(frozen=True)
@@ -360,9 +401,11 @@ class TrainerSpec:
 
     monitor: str | None = None  # default: val/auc/<last stage>
     mode: Literal["max", "min"] = "max"
-    early_stopping: int | None = None  # patience in validation epochs; None: off
+    # patience in validation epochs; None: off. By default training runs up to DEFAULT_MAX_EPOCHS
+    # and stops 2 epochs after the monitored metric last improved (the best epoch is kept)
+    early_stopping: int | None = 2
     save_top_k: int = 1
-    lightning: tuple[tuple[str, Any], ...] = (("max_epochs", 1),)
+    lightning: tuple[tuple[str, Any], ...] = (("max_epochs", DEFAULT_MAX_EPOCHS),)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -384,7 +427,7 @@ class TrainerSpec:
         accepted = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
         lightning_hints = typing.get_type_hints(pl.Trainer.__init__)
         own: dict[str, Any] = {}
-        passed: dict[str, Any] = {"max_epochs": 1}
+        passed: dict[str, Any] = {"max_epochs": DEFAULT_MAX_EPOCHS}
         for key, value in raw.items():
             if key in TRAINER_OWN_KEYS:
                 own[key] = value
@@ -431,6 +474,7 @@ class Config:
     init_from: str | None = None
     warm_start: WarmStartSpec = field(default_factory=WarmStartSpec)
     plugins: tuple[str, ...] = ()  # modules imported first; they may register towers/models
+    tune: TuneSpec | None = None  # the search space of `funnel tune` (funnel/spec/tune_spec.py); fit ignores it
 
     def stage_names(self) -> list[str]:
         return [s.name for s in self.funnel.stages]

@@ -18,6 +18,7 @@ final metrics are rank 0's alone, over the whole split, computed as `funnel eval
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import shutil
@@ -54,6 +55,7 @@ from funnel.training import distributed, resume_logs, warm_start
 from funnel.training.carry_optimizer import CarryOptimizer
 from funnel.training.distributed import Launch
 from funnel.training.guards import DivergenceGuard, TrainingDiverged
+from funnel.training.health import TrainingHealth
 from funnel.training.metrics import free_stages
 from funnel.training.module import FunnelLightningModule
 from funnel.training.monitor import choose_monitor
@@ -61,6 +63,19 @@ from funnel.training.preflight import preflight
 from funnel.training.trainer_args import quiet_lightning, raise_trainer_data_problems
 
 log = logging.getLogger(__name__)
+
+# Lightning callbacks added to every run trained inside `with extra_callbacks(...)` (funnel tune's pruning)
+_EXTRA_CALLBACKS: contextvars.ContextVar[tuple[pl.Callback, ...]] = contextvars.ContextVar("extra", default=())
+
+
+@contextlib.contextmanager
+def extra_callbacks(*callbacks: pl.Callback):
+    """Add ``callbacks`` to the Trainer of every run started in this block."""
+    token = _EXTRA_CALLBACKS.set(callbacks)
+    try:
+        yield
+    finally:
+        _EXTRA_CALLBACKS.reset(token)
 
 
 def fit(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -149,7 +164,9 @@ def _train(cfg: Config, claim: RunClaim, resume_from: Path | None, launch: Launc
             best = _best_checkpoint(trainer, checkpoint, run_dir)
         resume_logs.merge(run_dir, old_logs)
         _finish(cfg, module, dm, best, checkpoint, monitor, run_dir)
+        write_manifest(run_dir, health=_health(trainer))
     except TrainingDiverged:
+        _health(trainer, diverged=True)
         distributed.stop_children(trainer)
         _remove_run_local(run_dir)
         if resume_from is None and not launch.distributed:
@@ -272,6 +289,8 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
         save_last=True,
     )
     callbacks: list[pl.Callback] = [checkpoint, DivergenceGuard(cfg.optim.lr), _Progress(run_dir)]
+    callbacks.append(TrainingHealth(graph.names))  # warns of a stuck stage; summarised by _health
+    callbacks += _EXTRA_CALLBACKS.get()
     if source is not None and cfg.warm_start.init_optimizer:
         callbacks.append(CarryOptimizer(source, cfg.optim, model))
     if cfg.trainer.early_stopping is not None:
@@ -327,6 +346,12 @@ def _finish(
         valid = {"split": "valid", **evaluate_table(model, dm.tables["valid"], cfg.data.eval_batch_size)}
         write_text(run_dir / METRICS_VALID, json.dumps(valid, indent=1))
     write_text(run_dir / METRICS, json.dumps(metrics, indent=1))
+
+
+def _health(trainer: pl.Trainer, diverged: bool = False) -> dict[str, str]:
+    """Log the one-line health of every stage (learned / stuck / diverged); run.json keeps it."""
+    health = next((c for c in trainer.callbacks if isinstance(c, TrainingHealth)), None)
+    return health.finish(trainer, diverged) if health is not None else {}
 
 
 class _Progress(pl.Callback):

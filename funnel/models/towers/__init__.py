@@ -6,7 +6,7 @@ own keyword arguments after it (these come from YAML: ``tower: {type: mlp, hidde
 ``(B, out_dim)`` hidden vector. The framework adds the logit head. Register a new one with
 ``@register_tower("name")``; list its module under ``plugins:`` to use it from YAML.
 
-Built-ins: ``mlp``, ``deepfm``, ``dcn``, ``field_sum``, ``din`` (one file each).
+Built-ins: ``mlp``, ``deepfm``, ``dcn``, ``field_sum``, ``din``, ``nfwfm``, ``dupn`` (one file each).
 """
 
 from __future__ import annotations
@@ -39,4 +39,4 @@ def build_tower(spec: TowerSpec, shape: InputShape, path: str) -> nn.Module:
     return tower
 
 
-from funnel.models.towers import dcn, deepfm, din, field_sum, mlp  # noqa: E402, F401  (register the built-ins)
+from funnel.models.towers import dcn, deepfm, din, dupn, field_sum, mlp, nfwfm  # noqa: E402, F401  (register the built-ins)

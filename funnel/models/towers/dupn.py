@@ -1,0 +1,124 @@
+"""DUPN-style user representation (Ni et al., KDD 2018): behaviour sequence → LSTM → attention.
+
+The behaviour history h_1..h_L (a ``sequence`` feature, oldest first) runs through an LSTM,
+giving one state s_k per valid position. An attention net scores every state against a query
+q built from the other fields (the user and candidate context),
+
+    a_k = softmax_k( wᵀ tanh(W_s s_k + W_q q + b) )   over the valid positions only,
+
+and the user vector u = Σ_k a_k s_k joins ``flat`` as the MLP input: MLP([flat, u]).
+
+Padding never reaches the result. Sequences arrive right-aligned (padding first, newest
+last; see ``funnel/data/list_encoders.py``), so the valid items are first moved to the front
+in their order (one scatter, any mask works); the LSTM then reads them before any padding,
+its states at valid positions are exact, and the attention masks the rest. A row without any
+history gets u = 0. No ``pack_padded_sequence``: the graph traces and exports (ONNX ``LSTM``).
+
+The paper learns one user vector shared by all its tasks. Here each stage's tower has its own
+LSTM and attention (``funnel.tower`` gives every stage one of the same shape, not the same
+weights). Sharing it would be a bottom that computes ``[flat, u]`` once and hands it to every
+stage as ``flat``, with ``UserRepresentation`` below as its body; that bottom is not built in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from funnel.errors import did_you_mean
+from funnel.models.inputs import InputShape, TowerInput
+from funnel.models.towers import register_tower
+from funnel.models.towers.mlp import mlp_layers
+
+
+def valid_first(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys (B, L, E), mask (B, L) -> the same with every row's valid items moved to the front
+    in their order and the padding, zeroed, after them; and the matching mask."""
+    m = mask.long()
+    n_valid = m.sum(1, keepdim=True)  # (B, 1)
+    # valid item k goes to (number of valid items before it); padding after all valid ones
+    pos = torch.where(mask, m.cumsum(1) - 1, n_valid + (1 - m).cumsum(1) - 1)  # (B, L) a permutation
+    moved = torch.zeros_like(keys).scatter(1, pos.unsqueeze(-1).expand_as(keys), keys * mask.unsqueeze(-1))
+    return moved, torch.zeros_like(m).scatter(1, pos, m).bool()
+
+
+class TraceableLSTM(nn.LSTM):
+    """``nn.LSTM`` without its Python argument checks while tracing: they compare traced sizes as
+    Python booleans, a TracerWarning that ``funnel export`` refuses, and they only re-check the
+    shapes of the trace batch (the exported LSTM op checks its own at run time)."""
+
+    def check_forward_args(self, input, hidden, batch_sizes):  # noqa: A002  (nn.LSTM's names)
+        if not torch.jit.is_tracing():
+            super().check_forward_args(input, hidden, batch_sizes)
+
+
+class UserRepresentation(nn.Module):
+    """LSTM over the valid behaviours, then attention pooling with a context query: -> (B, H)."""
+
+    def __init__(self, width: int, query_dim: int, lstm_hidden: int, lstm_layers: int, attention: int):
+        super().__init__()
+        self.lstm = TraceableLSTM(width, lstm_hidden, num_layers=lstm_layers, batch_first=True)
+        self.state = nn.Linear(lstm_hidden, attention)
+        self.query = nn.Linear(query_dim, attention, bias=False)
+        self.score = nn.Linear(attention, 1, bias=False)
+
+    def forward(self, keys: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        keys, mask = valid_first(keys, mask)
+        states, _ = self.lstm(keys)  # (B, L, H); exact at valid positions, which come first
+        hidden = torch.tanh(self.state(states) + self.query(query).unsqueeze(1))  # (B, L, A)
+        scores = self.score(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, L)
+        weights = torch.softmax(scores, 1).nan_to_num(0.0)  # a row without history attends to nothing
+        return (weights.unsqueeze(-1) * states).sum(1)  # (B, H)
+
+
+@register_tower("dupn")
+class DUPNTower(nn.Module):
+    def __init__(
+        self,
+        shape: InputShape,
+        sequence: str | None = None,
+        query: Sequence[str] | None = None,
+        lstm_hidden: int = 32,
+        lstm_layers: int = 1,
+        attention: int = 32,
+        hidden: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        seqs = list(shape.sequence_fields)
+        if sequence is None:
+            if len(seqs) != 1:
+                raise ValueError(
+                    "dupn needs `sequence`: the behaviour-history feature to run the LSTM over "
+                    f"(sequence features: {seqs or 'none'})"
+                )
+            sequence = seqs[0]
+        if sequence not in seqs:
+            raise ValueError(f"sequence {sequence!r} is not a `kind: sequence` feature.{did_you_mean(sequence, seqs)}")
+        others = [f for f in shape.field_dims if f not in seqs]
+        query = list(others if query is None else query)
+        for name in query:
+            if name not in others:
+                raise ValueError(
+                    f"query field {name!r} is not a categorical or multi-hot feature.{did_you_mean(name, others)}"
+                )
+        if not query:
+            raise ValueError("dupn needs at least one `query` field (the user/item context the attention asks with)")
+        for name, size in (("lstm_hidden", lstm_hidden), ("lstm_layers", lstm_layers), ("attention", attention)):
+            if int(size) < 1:
+                raise ValueError(f"{name} must be a positive int, got {size}")
+        self.sequence, self.query_fields = sequence, query
+        query_dim = sum(shape.field_dims[f] for f in query)
+        self.user = UserRepresentation(shape.field_dims[sequence], query_dim, lstm_hidden, lstm_layers, attention)
+        self.layers, self.out_dim = mlp_layers(shape.flat_dim + lstm_hidden, hidden, activation, dropout, batch_norm)
+
+    def user_vector(self, x: TowerInput) -> torch.Tensor:
+        keys, mask = x.sequences[self.sequence]
+        return self.user(keys, mask, torch.cat([x.fields[f] for f in self.query_fields], 1))  # (B, H)
+
+    def forward(self, x: TowerInput) -> torch.Tensor:
+        return self.layers(torch.cat([x.flat, self.user_vector(x)], 1))
