@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--models", default="esmm,base", help="comma-separated, e.g. esmm,esmm_ns,division,base,naive")
     cmp.add_argument("--seeds", type=int, default=3)
     cmp.add_argument("--out", help="folder for the runs, compare.json and compare.md")
+    cmp.add_argument("--report", action="store_true", help="also write report.html, the models side by side")
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a run (funnel[report])")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run, several runs, or a `funnel compare` folder")
+    rp.add_argument("--out", help="the .html file (default RUN_DIR/report.html)")
+    rp.add_argument("--rows", type=int, help="score at most this many rows of the split (default 1,000,000)")
+    _trust_flag(rp)
 
     t = sub.add_parser("tune", help="search the config's tune: space with Optuna (funnel[tune]); each trial is a run")
     t.add_argument("config")
@@ -256,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
         from funnel.compare import compare
 
         models = [m.strip() for m in args.models.split(",") if m.strip()]
-        out, table = compare(args.config, models, args.seeds, args.overrides, args.out)
+        out, table = compare(args.config, models, args.seeds, args.overrides, args.out, report=args.report)
         print(table)
         print(f"comparison written to: {out}")
         return 0
@@ -271,6 +278,11 @@ def _run(args: argparse.Namespace) -> int:
         print(result.table)
         print(f"study written to: {result.out}")
         return EXIT_INTERRUPTED if result.interrupted else 0
+    if args.command == "report":
+        from funnel.report import report as write_report
+
+        print(f"report: {write_report(args.run_dirs, args.out, args.rows, args.trust_plugins)}")
+        return 0
     if args.command == "synth":
         from funnel import synthetic
 

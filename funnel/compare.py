@@ -34,10 +34,16 @@ def compare(
     seeds: int,
     overrides: list[str] | tuple[str, ...] = (),
     out_dir: str | Path | None = None,
+    report: bool = False,
 ) -> tuple[Path, str]:
-    """Train every model for every seed; return the output folder and the markdown table."""
+    """Train every model for every seed; return the output folder and the markdown table.
+    ``report``: also write ``report.html`` (`funnel report`), the models side by side."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}.")
+    if report:  # said before hours of training, not after
+        from funnel.report import require_matplotlib
+
+        require_matplotlib()
     cfg, _ = load_config(config, overrides)  # validates the base config once, before any training
 
     def model_overrides(model: str) -> list[str]:
@@ -77,6 +83,10 @@ def compare(
         json.dumps({"config": str(config), "overrides": list(overrides), "summary": summary, "runs": runs}, indent=1),
     )
     write_text(out / "compare.md", table + "\n")
+    if report:
+        from funnel.report import report as write_report
+
+        write_report([out], out / "report.html", trust_plugins=bool(cfg.plugins))
     return out, table
 
 

@@ -20,7 +20,7 @@ from funnel.models.inputs import InputShape, TowerInput
 from funnel.models.towers import build_tower
 from funnel.models.towers.dcn import CrossLayer
 from funnel.models.towers.deepfm import fm_interaction
-from funnel.models.towers.dupn import valid_first
+from funnel.models.towers.dupn import LSTM, valid_first
 from funnel.models.towers.nfwfm import fwfm_interaction
 from funnel.runs import build_graph
 from funnel.spec import config_from_dict
@@ -217,6 +217,19 @@ def test_valid_first_moves_the_items_to_the_front_in_their_order():
     moved, moved_mask = valid_first(keys, mask)
     assert moved.squeeze(-1).tolist() == [[2.0, 3.0, 0.0], [4.0, 6.0, 0.0]]
     assert moved_mask.tolist() == [[True, True, False], [True, True, False]]
+
+
+def test_dupn_lstm_is_torchs_lstm_written_out():
+    torch.manual_seed(0)
+    mine, ref = LSTM(4, 6, layers=2), nn.LSTM(4, 6, num_layers=2, batch_first=True)
+    with torch.no_grad():
+        for k in range(2):
+            getattr(ref, f"weight_ih_l{k}").copy_(mine.inputs[k].weight)
+            getattr(ref, f"bias_ih_l{k}").copy_(mine.inputs[k].bias)
+            getattr(ref, f"weight_hh_l{k}").copy_(mine.recurrent[k].weight)
+            getattr(ref, f"bias_hh_l{k}").zero_()
+    x = torch.randn(3, 5, 4)
+    torch.testing.assert_close(mine(x), ref(x)[0])
 
 
 def test_dupn_ignores_padding_and_where_it_lies():

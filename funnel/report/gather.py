@@ -42,6 +42,7 @@ class StageScores:
     parent: np.ndarray  # bool: the ``after`` stage happened (all True for a first stage)
     true_p: np.ndarray | None = None  # the generator's truth, when the data has it
     true_cond: np.ndarray | None = None
+    counterfactual: np.ndarray | None = None  # the stage's draw had its ``after`` stage happened
 
 
 @dataclass
@@ -92,7 +93,7 @@ def gather(
         labels = table.labels.numpy()
         for j, s in enumerate(graph.names):
             pred[f"label_{s}"] = labels[:, j]
-            for kind in ("true_reach", "true_cond"):
+            for kind in ("true_reach", "true_cond", "cf"):
                 if kind in table.truth:
                     pred[f"{kind}_{s}"] = table.truth[kind][:, j].numpy()
         parts.append(pred)
@@ -115,6 +116,7 @@ def gather(
             parent=parent,
             true_p=_optional(scored, f"true_reach_{s}"),
             true_cond=_optional(scored, f"true_cond_{s}"),
+            counterfactual=_optional(scored, f"cf_{s}"),
         )
     return RunData(
         name=name or run_dir.name,

@@ -8,29 +8,32 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # before pyplot: no display, no GUI toolkit
-
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from funnel.report.bins import Bins  # noqa: E402
-from funnel.report.gather import RunData, StageScores, funnel_counts  # noqa: E402
+from funnel.report.bins import Bins
+from funnel.report.gather import RunData, StageScores, funnel_counts
 
 DPI = 100
 SIZE = (5.6, 3.6)  # inches: 560 x 360 pixels at DPI
 OBSERVED, PREDICTED, TRUTH, TRAIN, VALID = "#4c72b0", "#dd8452", "#55a868", "#4c72b0", "#c44e52"
 
 
-def png(fig: plt.Figure) -> bytes:
-    """The figure as PNG bytes (the figure is closed: pyplot keeps no reference to it)."""
+def _figure(ncols: int = 1) -> tuple[Figure, list[Axes]]:
+    """A figure of ``ncols`` axes. Figures are made without pyplot: no global state, no GUI
+    backend, nothing to close; savefig renders with Agg."""
+    fig = Figure(figsize=SIZE, layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes."""
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     return buf.getvalue()
 
 
@@ -44,19 +47,25 @@ def _epoch_series(curves: pd.DataFrame, column: str) -> pd.Series | None:
     return values.groupby("epoch")[column].last()
 
 
-def _empty(ax: plt.Axes, text: str) -> None:
+def _empty(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
     ax.set_xticks([])
     ax.set_yticks([])
 
 
+def _epochs_axis(ax: Axes) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def training_loss(run: RunData) -> bytes:
     """The total loss: per training step, and per epoch for train and valid."""
-    fig, (steps, epochs) = plt.subplots(1, 2, figsize=SIZE, layout="constrained")
+    fig, (steps, epochs) = _figure(2)
     c = run.curves
     if "train/loss" in c.columns and "step" in c.columns and c["train/loss"].notna().any():
         rows = c[["step", "train/loss"]].dropna()
-        steps.plot(rows["step"], rows["train/loss"], color=TRAIN, lw=0.8)
+        marker = "o-" if len(rows) < 30 else "-"  # a few logged steps must still show
+        steps.plot(rows["step"], rows["train/loss"], marker, color=TRAIN, lw=0.8, ms=3)
         steps.set_xlabel("step")
     else:
         _empty(steps, "no step losses logged")
@@ -68,7 +77,7 @@ def training_loss(run: RunData) -> bytes:
             epochs.plot(s.index, s.values, "o-", color=color, label=label, ms=3)
             drawn = True
     if drawn:
-        epochs.set_xlabel("epoch")
+        _epochs_axis(epochs)
         epochs.legend(fontsize=8)
     else:
         _empty(epochs, "no epoch losses logged")
@@ -78,7 +87,7 @@ def training_loss(run: RunData) -> bytes:
 
 def stage_curves(run: RunData, stage: str) -> bytes:
     """The stage's loss (train and valid) and validation AUCs, per epoch."""
-    fig, (loss, auc) = plt.subplots(1, 2, figsize=SIZE, layout="constrained")
+    fig, (loss, auc) = _figure(2)
     c = run.curves
     drawn = False
     for column, label, color in (
@@ -91,7 +100,7 @@ def stage_curves(run: RunData, stage: str) -> bytes:
             drawn = True
     if drawn:
         loss.legend(fontsize=8)
-        loss.set_xlabel("epoch")
+        _epochs_axis(loss)
     else:
         _empty(loss, "no losses logged")
     loss.set_title(f"{stage}: loss", fontsize=10)
@@ -105,8 +114,8 @@ def stage_curves(run: RunData, stage: str) -> bytes:
                 auc.plot(oracle.index, oracle.values, "--", color=line.get_color(), lw=0.8, label=f"oracle_{key}")
             drawn = True
     if drawn:
-        auc.legend(fontsize=7)
-        auc.set_xlabel("epoch")
+        auc.legend(fontsize=7, loc="best")
+        _epochs_axis(auc)
     else:
         _empty(auc, "no AUCs logged")
     auc.set_title(f"{stage}: validation AUC", fontsize=10)
@@ -115,7 +124,7 @@ def stage_curves(run: RunData, stage: str) -> bytes:
 
 def reliability(bins: Bins, title: str) -> bytes:
     """Mean predicted against observed rate per bin (and the truth), with the bins' counts."""
-    fig, ax = plt.subplots(figsize=SIZE, layout="constrained")
+    fig, (ax,) = _figure()
     if bins.rows == 0:
         _empty(ax, "no rows")
         ax.set_title(title, fontsize=10)
@@ -124,7 +133,8 @@ def reliability(bins: Bins, title: str) -> bytes:
     top = min(1.0, top * 1.08) or 1.0
     counts = ax.twinx()  # drawn first and behind: the counts are context, the curves the point
     width = np.maximum(bins.hi - bins.lo, top / 200)
-    counts.bar(bins.lo, bins.count, width=width, align="edge", color="lightgrey", alpha=0.6)
+    counts.bar(bins.lo, bins.count, width=width, align="edge", color="lightgrey", alpha=0.5, edgecolor="white")
+    counts.set_ylim(0, bins.count.max() * 3)  # the bars keep to the lowest third, under the curves
     counts.set_ylabel("rows per bin", fontsize=8, color="grey")
     counts.tick_params(labelsize=7, colors="grey")
     ax.set_zorder(counts.get_zorder() + 1)
@@ -144,7 +154,7 @@ def reliability(bins: Bins, title: str) -> bytes:
 
 def histogram(scores: StageScores) -> bytes:
     """p_<stage> of the negative and the positive rows (each normalised), on a log score axis."""
-    fig, ax = plt.subplots(figsize=SIZE, layout="constrained")
+    fig, (ax,) = _figure()
     p = scores.p.astype(np.float64)
     positive = p[p > 0]
     if positive.size == 0:
@@ -170,7 +180,7 @@ def histogram(scores: StageScores) -> bytes:
 def funnel_chart(run: RunData) -> bytes:
     """Per stage: the rows that reached it (Σ labels) against the expected count (Σ p_<stage>)
     and, with the truth, Σ true probability."""
-    fig, ax = plt.subplots(figsize=SIZE, layout="constrained")
+    fig, (ax,) = _figure()
     rows = funnel_counts(run)
     names = list(rows)
     series = [("observed", OBSERVED), ("predicted", PREDICTED)] + ([("truth", TRUTH)] if run.has_truth else [])
@@ -188,4 +198,3 @@ def funnel_chart(run: RunData) -> bytes:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"funnel: observed vs predicted counts ({run.split})", fontsize=10)
     return png(fig)
-

@@ -12,7 +12,7 @@ Padding never reaches the result. Sequences arrive right-aligned (padding first,
 last; see ``funnel/data/list_encoders.py``), so the valid items are first moved to the front
 in their order (one scatter, any mask works); the LSTM then reads them before any padding,
 its states at valid positions are exact, and the attention masks the rest. A row without any
-history gets u = 0. No ``pack_padded_sequence``: the graph traces and exports (ONNX ``LSTM``).
+history gets u = 0. No ``pack_padded_sequence``: the graph traces and exports.
 
 The paper learns one user vector shared by all its tasks. Here each stage's tower has its own
 LSTM and attention (``funnel.tower`` gives every stage one of the same shape, not the same
@@ -44,14 +44,33 @@ def valid_first(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return moved, torch.zeros_like(m).scatter(1, pos, m).bool()
 
 
-class TraceableLSTM(nn.LSTM):
-    """``nn.LSTM`` without its Python argument checks while tracing: they compare traced sizes as
-    Python booleans, a TracerWarning that ``funnel export`` refuses, and they only re-check the
-    shapes of the trace batch (the exported LSTM op checks its own at run time)."""
+class LSTM(nn.Module):
+    """A batch-first LSTM written out step by step (the gates of ``nn.LSTM``, zero initial state):
+    (B, L, E) -> (B, L, H) states. ``nn.LSTM`` traces, but its Python shape checks raise
+    TracerWarnings and its ONNX conversion warns on every export, both of which ``funnel export``
+    refuses; this one traces into plain matrix products, unrolled over the fixed ``max_len``."""
 
-    def check_forward_args(self, input, hidden, batch_sizes):  # noqa: A002  (nn.LSTM's names)
-        if not torch.jit.is_tracing():
-            super().check_forward_args(input, hidden, batch_sizes)
+    def __init__(self, width: int, hidden: int, layers: int = 1):
+        super().__init__()
+        self.hidden = hidden
+        self.inputs = nn.ModuleList(nn.Linear(width if k == 0 else hidden, 4 * hidden) for k in range(layers))
+        self.recurrent = nn.ModuleList(nn.Linear(hidden, 4 * hidden, bias=False) for _ in range(layers))
+        bound = hidden**-0.5  # nn.LSTM's initialisation
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for inputs, recurrent in zip(self.inputs, self.recurrent, strict=True):
+            gates_in = inputs(x)  # (B, L, 4H): every step's input part at once
+            h = c = torch.zeros_like(gates_in[:, 0, : self.hidden])  # (B, H), batch axis traced
+            states = []
+            for t in range(x.shape[1]):
+                i, f, g, o = (gates_in[:, t] + recurrent(h)).chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                states.append(h)
+            x = torch.stack(states, 1)
+        return x
 
 
 class UserRepresentation(nn.Module):
@@ -59,14 +78,14 @@ class UserRepresentation(nn.Module):
 
     def __init__(self, width: int, query_dim: int, lstm_hidden: int, lstm_layers: int, attention: int):
         super().__init__()
-        self.lstm = TraceableLSTM(width, lstm_hidden, num_layers=lstm_layers, batch_first=True)
+        self.lstm = LSTM(width, lstm_hidden, lstm_layers)
         self.state = nn.Linear(lstm_hidden, attention)
         self.query = nn.Linear(query_dim, attention, bias=False)
         self.score = nn.Linear(attention, 1, bias=False)
 
     def forward(self, keys: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         keys, mask = valid_first(keys, mask)
-        states, _ = self.lstm(keys)  # (B, L, H); exact at valid positions, which come first
+        states = self.lstm(keys)  # (B, L, H); exact at valid positions, which come first
         hidden = torch.tanh(self.state(states) + self.query(query).unsqueeze(1))  # (B, L, A)
         scores = self.score(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, L)
         weights = torch.softmax(scores, 1).nan_to_num(0.0)  # a row without history attends to nothing
