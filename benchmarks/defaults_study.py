@@ -249,13 +249,30 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, li
     return {d: {a: {m: stats(v) for m, v in ms.items()} for a, ms in arms.items()} for d, arms in table.items()}
 
 
-def markdown(summary: dict[str, Any], arms: list[str]) -> str:
-    lines = [f"| dataset | metric | {' | '.join(arms)} |", "| --- | --- |" + " --- |" * len(arms)]
+def paired(results: list[dict[str, Any]], arm: str, other: str) -> dict[str, dict[str, list[float]]]:
+    """dataset -> metric -> [mean, std] of the per-seed difference ``arm`` - ``other``."""
+    by = {(r["dataset"], r["seed"], r["arm"]): r["aucs"] for r in results}
+    diffs: dict[str, dict[str, list[float]]] = {}
+    for (d, seed, a), aucs in by.items():
+        if a == arm and (d, seed, other) in by:
+            for m, v in aucs.items():
+                diffs.setdefault(d, {}).setdefault(m, []).append(v - by[(d, seed, other)][m])
+    return {d: {m: [statistics.fmean(v), statistics.pstdev(v)] for m, v in ms.items()} for d, ms in diffs.items()}
+
+
+def markdown(results: list[dict[str, Any]], arms: list[str]) -> str:
+    """mean ± std per arm, then the paired per-seed difference after - plain."""
+    summary = summarise(results)
+    diff = paired(results, "after", "plain") if {"after", "plain"} <= set(arms) else {}
+    head = [*arms, *(["after − plain (paired)"] if diff else [])]
+    lines = [f"| dataset | metric | {' | '.join(head)} |", "| --- | --- |" + " --- |" * len(head)]
     for d, by_arm in summary.items():
-        metrics = next(iter(by_arm.values())).keys()
-        for m in metrics:
+        for m in next(iter(by_arm.values())):
             cells = [f"{by_arm[a][m][0]:.4f} ± {by_arm[a][m][1]:.4f}" if a in by_arm else "" for a in arms]
-            lines.append(f"| {d} | {m} | {' | '.join(cells)} |")
+            if diff:
+                cells.append(f"{diff[d][m][0]:+.4f} ± {diff[d][m][1]:.4f}" if d in diff else "")
+            seeds = max(v[2] for v in (by_arm[a][m] for a in by_arm))
+            lines.append(f"| {d} ({seeds} seeds) | {m} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -266,7 +283,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     ap.add_argument("--out", default=None, help="write the results JSON here (and the table beside it as .md)")
+    ap.add_argument("--table", default=None, help="only print the table of a results JSON written by --out")
     args = ap.parse_args()
+    if args.table:
+        results = json.loads(Path(args.table).read_text())["results"]
+        print(markdown(results, [a for a in ("before", "after", "plain") if any(r["arm"] == a for r in results)]))
+        return
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     arms = args.arms.split(",")
@@ -289,8 +311,8 @@ def main() -> None:
     out = {"results": results, "summary": summary}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
-        Path(args.out).with_suffix(".md").write_text(markdown(summary, arms) + "\n")
-    print(markdown(summary, arms))
+        Path(args.out).with_suffix(".md").write_text(markdown(results, arms) + "\n")
+    print(markdown(results, arms))
     print(json.dumps({"summary": summary}))
 
 

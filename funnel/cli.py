@@ -318,6 +318,7 @@ def _report_run(run_dir: Path) -> int:
         return 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = {k: v for k, v in metrics.items() if k.startswith(("auc", "oracle_auc", "calib"))}
-    print(json.dumps({"split": metrics["split"], **summary}, indent=1))
+    note = {"note": metrics["note"]} if "note" in metrics else {}
+    print(json.dumps({"split": metrics["split"], **note, **summary}, indent=1))
     print(f"run directory: {run_dir}")
     return 0

@@ -155,3 +155,31 @@ def test_the_summary_lines():
         "health: stage 'b' stuck (its conditional prediction is the constant 0.25, 3 of 3 validation epoch(s))"
     )
     assert summary_line("c", "diverged", stuck, 3).startswith("health: stage 'c' diverged (the loss")
+
+
+# ---- the fix of the dead conditional tower: bottoms centre their experts -----------------------
+
+
+def test_bottom_experts_end_centred_and_train_on_a_one_row_batch():
+    from funnel.models.bottoms import BatchCentre, MMoE
+    from funnel.models.inputs import InputShape, TowerInput
+
+    torch.manual_seed(0)
+    flat = torch.randn(64, 5)
+    bottom = MMoE(InputShape(flat_dim=5, field_dims={}, numeric_dim=5), ["a", "b"], experts=2, expert_hidden=[4])
+    assert all(isinstance(net[-1], BatchCentre) for net in bottom.experts.nets)
+    experts = bottom.experts(flat)  # (B, E, out): every expert's output has mean 0 over the rows
+    torch.testing.assert_close(experts.mean(0), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    one = bottom(TowerInput(flat[:1], {}, flat[:1], {}))  # BatchNorm1d alone raises on one row
+    assert one["a"].shape == (1, 4) and torch.isfinite(one["a"]).all()
+
+
+def test_norm_none_is_the_uncentred_bottom_and_a_bad_norm_is_refused():
+    from funnel.models.bottoms import PLE, SharedBottom
+    from funnel.models.inputs import InputShape
+
+    shape = InputShape(flat_dim=5, field_dims={}, numeric_dim=5)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in SharedBottom(shape, ["a"], hidden=[4], norm="none").modules())
+    assert any(isinstance(m, nn.BatchNorm1d) for m in PLE(shape, ["a"], expert_hidden=[4]).modules())
+    with pytest.raises(ValueError, match="norm must be one of batch, none, got 'layer'"):
+        SharedBottom(shape, ["a"], norm="layer")

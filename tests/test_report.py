@@ -174,11 +174,12 @@ def test_compare_report_puts_the_models_side_by_side(run_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(compare_module, "fit", fake_fit)
     out = tmp_path / "cmp"
-    compare_module.compare(write_config(base_config), ["esmm", "base"], 2, out_dir=out, report=True)
+    compare_module.compare(write_config(base_config), ["esmm", "base"], 1, out_dir=out, report=True)
     parsed = Page((out / "report.html").read_text())
     assert {r for r, _, _ in parsed.cells} == {"esmm", "base"}  # the first seed of each model
     assert len(parsed.images) == 2 * (2 + 3 + 5)
     assert parsed.captions.count("esmm") == parsed.captions.count("base") == 10
+    assert parsed.captions[:2] == ["esmm", "base"]  # the order of --models, side by side
     assert parsed.cells[("esmm", "metrics.json", "auc/click")] == parsed.cells[("base", "metrics.json", "auc/click")]
 
 

@@ -37,6 +37,9 @@ from funnel.data import store
 from funnel.data.featurizer import FORMAT_VERSION, Featurizer
 from funnel.data.io import input_files, resolve_path
 from funnel.data.prepare import prepare_store
+from funnel.data.splits import BLOCK as SPLIT_BLOCK
+from funnel.data.splits import Holdout
+from funnel.data.splits import expected_splits as splits_of
 from funnel.data.table import EncodedTable
 from funnel.errors import DataError
 from funnel.graph import FunnelGraph
@@ -94,16 +97,15 @@ def cache_key(cfg: Config) -> str | None:
         "stages": [[s.name, s.label_column, s.after, list(s.positive or [])] for s in cfg.funnel.stages],
         "csv": dataclasses.asdict(d.csv),
         "chunk_rows": d.chunk_rows,  # label conflicts are dropped per chunk: the same rows, but keyed safely
-        "valid_split": d.valid_split if not d.valid else None,
-        "seed": cfg.seed if not d.valid else None,
+        "holdout": None if Holdout.of(d) is None else [Holdout.of(d).shares, d.split_seed, d.split_by, SPLIT_BLOCK],
         "label_conflicts": d.label_conflicts,
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def expected_splits(cfg: Config) -> list[str]:
-    """The splits prepare() encodes: valid is a file or held out of train; test only when set."""
-    return ["train", "valid", "test"] if cfg.data.test else ["train", "valid"]
+    """The splits prepare() encodes: valid is a file or held out of train; test when set."""
+    return splits_of(cfg)
 
 
 def problem(entry: Path, key: str, splits: list[str]) -> str | None:

@@ -28,6 +28,11 @@ def _empty_split(split: str, cfg: Config | None) -> str:
             f"valid: 0 rows in the share data.valid_split = {data.valid_split} held out of train; "
             "raise data.valid_split or give data.valid a file with data rows."
         )
+    if split == "test" and data is not None and not data.test and data.test_split is not None:
+        return (
+            f"test: 0 rows in the share data.test_split = {data.test_split} held out of train; "
+            "raise data.test_split or give data.test a file with data rows."
+        )
     source = getattr(data, split, None) if data is not None else None
     where = f" (data.{split}: {source!r})" if source else ""
     return (

@@ -7,16 +7,17 @@ Data of any size is read in chunks (``data.chunk_rows`` rows of one shard at a t
    one fit on the whole split (tests/test_prepare.py checks it);
 2. encode: every chunk of every split is encoded and appended to the store (see store.py).
 
-Without ``data.valid`` the validation rows are held out of train by one random draw per
-row from ``seed``, drawn chunk after chunk: the same rows as the in-memory hold-out. Memory
-stays flat in the number of rows: one chunk, the vocabularies and the writers' buffers.
+Without ``data.valid`` (and with ``data.test_split``) the held-out rows are chosen by
+``data.split_seed`` in blocks of 1,000 rows (funnel/data/splits.py), the chunks re-cut at block
+boundaries: the same rows as the in-memory hold-out. Memory stays flat in the number of rows:
+one chunk, the vocabularies and the writers' buffers.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ import pandas as pd
 
 from funnel.data.featurizer import Featurizer
 from funnel.data.io import iter_table, prefetched, table_columns
+from funnel.data.sources import check_split_by
+from funnel.data.splits import TEST, TRAIN, VALID, Holdout, aligned, expected_splits
 from funnel.data.store import SplitWriter
 from funnel.spec.schema import Config
 
@@ -60,26 +63,30 @@ def _chunks(cfg: Config, featurizer: Featurizer, split: str, labels: bool = True
     path = getattr(cfg.data, split)
     header = table_columns(path, cfg.data.csv, key=f"data.{split}")
     featurizer.check_columns(pd.DataFrame(columns=header), split, labels=labels)
-    return prefetched(iter_table(path, cfg.data.csv, featurizer.wanted_columns(header, labels), cfg.data.chunk_rows))
+    columns = featurizer.wanted_columns(header, labels)
+    if split == "train" and cfg.data.split_by is not None:  # the hold-out reads the key column
+        check_split_by(cfg.data, header)
+        columns = [*columns, *([cfg.data.split_by] if cfg.data.split_by not in columns else [])]
+    return prefetched(iter_table(path, cfg.data.csv, columns, cfg.data.chunk_rows))
 
 
-def _holdout(cfg: Config) -> Callable[[int], np.ndarray] | None:
-    """The valid-row mask of the next train chunk of n rows, drawn from one generator chunk after
-    chunk (so the masks together are the in-memory hold-out's); None with data.valid."""
-    if cfg.data.valid:
-        return None
-    rng = np.random.default_rng(cfg.seed)
-    share = cfg.data.valid_split
-    return lambda n: rng.random(n) < share
+def _train_parts(cfg: Config, featurizer: Featurizer) -> Iterator[tuple[pd.DataFrame, np.ndarray | None]]:
+    """The train file's chunks with each row's split code (funnel/data/splits.py), or None
+    when nothing is held out of it: the same rows chunk after chunk as in memory."""
+    held = Holdout.of(cfg.data)
+    if held is None:
+        yield from ((chunk, None) for chunk in _chunks(cfg, featurizer, "train"))
+        return
+    for chunk, last in aligned(_chunks(cfg, featurizer, "train")):
+        yield chunk, held.assign(chunk, last)
 
 
 def fit_streaming(cfg: Config, featurizer: Featurizer) -> None:
-    """Fit ``featurizer`` on the train split (its train part when valid is held out)."""
-    held_out = _holdout(cfg)
+    """Fit ``featurizer`` on the train split (its train part when valid or test is held out)."""
     progress = _Progress("prepare: fitting the encoders on train")
-    for chunk in _chunks(cfg, featurizer, "train"):
-        if held_out is not None:
-            chunk = chunk[~held_out(len(chunk))]
+    for chunk, codes in _train_parts(cfg, featurizer):
+        if codes is not None:
+            chunk = chunk[codes == TRAIN]
         featurizer.observe(chunk)
         progress.add(len(chunk))
     featurizer.finalize()
@@ -89,17 +96,17 @@ def fit_streaming(cfg: Config, featurizer: Featurizer) -> None:
 def encode_streaming(cfg: Config, featurizer: Featurizer, directory: Path, id_dtype: np.dtype) -> dict[str, int]:
     """Encode every split into the store in ``directory``; returns the rows written per split."""
     d = cfg.data
-    writers = {s: SplitWriter(directory, s, id_dtype) for s in ("train", "valid", *(("test",) if d.test else ()))}
+    writers = {s: SplitWriter(directory, s, id_dtype) for s in expected_splits(cfg)}
     try:
-        held_out = _holdout(cfg)
-        progress = _Progress("prepare: encoding train" + (" and the held-out valid rows" if held_out else ""))
-        for chunk in _chunks(cfg, featurizer, "train"):
-            if held_out is None:
+        held = Holdout.of(d)
+        progress = _Progress("prepare: encoding train" + (" and the held-out rows" if held else ""))
+        for chunk, codes in _train_parts(cfg, featurizer):
+            if codes is None:
                 writers["train"].append(featurizer.encode(chunk, "train"))
             else:
-                held = held_out(len(chunk))
-                writers["train"].append(featurizer.encode(chunk[~held].reset_index(drop=True), "train"))
-                writers["valid"].append(featurizer.encode(chunk[held].reset_index(drop=True), "valid"))
+                for code, split in ((TRAIN, "train"), (VALID, "valid"), (TEST, "test")):
+                    if split in writers and (split == "train" or split in held.splits):
+                        writers[split].append(featurizer.encode(chunk[codes == code].reset_index(drop=True), split))
             progress.add(len(chunk))
         progress.done()
         for split in ("valid", "test"):

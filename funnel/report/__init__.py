@@ -10,6 +10,7 @@ run, ``bins`` computes reliability bins, ``plots`` draws the figures, ``html`` a
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -39,7 +40,7 @@ def resolve_runs(paths: list[str | Path]) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     for raw in paths:
         path = Path(raw)
-        if is_run(path):
+        if is_run(path) or (path / "config.yaml").is_file():  # gather says what an unfinished run lacks
             found.append((path.name, path))
             continue
         runs = sorted(p for p in path.iterdir() if is_run(p)) if path.is_dir() else []
@@ -55,9 +56,20 @@ def resolve_runs(paths: list[str | Path]) -> list[tuple[str, Path]]:
             model, seed = (match.group(1), int(match.group(2))) if match else (run.name, 0)
             if model not in first or seed < first[model][0]:
                 first[model] = (seed, run)
-        found += [(model, run) for model, (_, run) in first.items()]
+        order = _compared_models(path)  # the order of --models, else by name
+        models = sorted(first, key=lambda m: (order.index(m) if m in order else len(order), m))
+        found += [(model, first[model][1]) for model in models]
     names = [n for n, _ in found]
     return [(f"{p.parent.name}/{n}" if names.count(n) > 1 else n, p) for n, p in found]
+
+
+def _compared_models(folder: Path) -> list[str]:
+    """The models of a `funnel compare` folder in the order they were given ([] without one)."""
+    try:
+        runs = json.loads((folder / "compare.json").read_text()).get("runs", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return list(runs) if isinstance(runs, dict) else []
 
 
 def report(

@@ -162,7 +162,7 @@ def _split_chunks(cfg: Config, split: str, featurizer: Any, max_rows: int) -> It
     """The first ``max_rows`` rows of ``split``, as training made it, in chunks."""
     d = cfg.data
     chunk = max(1, min(d.chunk_rows, max_rows))
-    if d.synthetic is not None or (split == "valid" and not d.valid):
+    if d.synthetic is not None or (split == "valid" and not d.valid) or (split == "test" and not d.test):
         from funnel.data.sources import load_frames  # generated (seeded), or held out of train (seeded)
 
         frame = load_frames(cfg)[split].iloc[:max_rows]

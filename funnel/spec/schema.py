@@ -37,6 +37,14 @@ class DataSpec:
     test: str | None = None
     synthetic: SyntheticSpec | None = None  # generate the data instead of reading files
     valid_split: float = 0.1  # share of train held out for validation when `valid` is absent
+    # share of train held out for the test split when `test` is absent (None: no test split;
+    # metrics.json is then computed on valid, which chose the checkpoint, and says so)
+    test_split: float | None = None
+    # the held-out rows are chosen by this seed, never by the model's `seed`: every seed and model
+    # trains on the same rows (see funnel/data/splits.py)
+    split_seed: int = 0
+    # hold out whole key values instead of rows (e.g. user_id: no user is in two splits)
+    split_by: str | None = None
     batch_size: int = 1024
     eval_batch_size: int = 16384  # evaluation has no backward pass, so larger batches are cheap
     label_conflicts: Literal["drop", "zero", "error"] = "drop"
@@ -70,6 +78,13 @@ class DataSpec:
             )
         if not 0.0 < self.valid_split < 1.0:
             raise ValueError(f"valid_split must lie in (0, 1), got {self.valid_split}")
+        if self.test_split is not None and not 0.0 < self.test_split < 1.0:
+            raise ValueError(f"test_split must lie in (0, 1), got {self.test_split}")
+        if self.test_split is not None and not self.valid and self.valid_split + self.test_split >= 1.0:
+            raise ValueError(
+                f"valid_split + test_split = {self.valid_split + self.test_split:g} leaves no train rows; "
+                "lower one of them"
+            )
 
 
 # Which options each feature kind accepts (besides name, kind, column).

@@ -94,6 +94,13 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("data: give `train` (a CSV/Parquet path) or `synthetic: {}` for generated data.")
     if d.synthetic is not None and (d.train or d.valid or d.test):
         problems.append("data: `synthetic` and file paths exclude each other; keep one.")
+    if d.test and d.test_split is not None:
+        problems.append("data.test_split: the test split is the file data.test; give one of them, not both.")
+    if d.synthetic is not None and (d.test_split is not None or d.split_by is not None):
+        problems.append(
+            "data.test_split / data.split_by: generated data has its own splits "
+            "(data.synthetic.valid_frac and test_frac); drop them."
+        )
     if d.synthetic is not None and stages and complete and not graph_errors:
         # the generator's chain runs parent first, whatever order the stages are listed in
         graph = FunnelGraph.from_stages(stages)

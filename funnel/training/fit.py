@@ -64,6 +64,11 @@ from funnel.training.trainer_args import quiet_lightning, raise_trainer_data_pro
 
 log = logging.getLogger(__name__)
 
+VALID_ONLY = (
+    "computed on the valid split, which chose the best checkpoint (and stopped training): an optimistic "
+    "estimate. Give data.test (a file) or data.test_split (a share of train) for an unbiased one."
+)
+
 # Lightning callbacks added to every run trained inside `with extra_callbacks(...)` (funnel tune's pruning)
 _EXTRA_CALLBACKS: contextvars.ContextVar[tuple[pl.Callback, ...]] = contextvars.ContextVar("extra", default=())
 
@@ -335,13 +340,18 @@ def _finish(
     """Rank 0 alone: the best checkpoint and the metrics of the whole test (and valid) split,
     computed in this process by the same function as `funnel evaluate`."""
     copy_file(best, run_dir / BEST)
-    log.info("best checkpoint: %s (%s = %s)", best, monitor, checkpoint.best_model_score)
+    score = checkpoint.best_model_score
+    shown = "n/a" if score is None else f"{float(score):.6g}"
+    log.info("best checkpoint: %s (%s = %s)", best, monitor, shown)
 
     state = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     model = module.model
     split = "test" if "test" in dm.tables else "valid"
     metrics = {"split": split, **evaluate_table(model, dm.tables[split], cfg.data.eval_batch_size)}
+    if split == "valid":  # no test split: the metrics are of the rows that chose the checkpoint
+        metrics = {"split": split, "note": VALID_ONLY, **{k: v for k, v in metrics.items() if k != "split"}}
+        log.warning("metrics.json: %s", VALID_ONLY)
     if split == "test":
         valid = {"split": "valid", **evaluate_table(model, dm.tables["valid"], cfg.data.eval_batch_size)}
         write_text(run_dir / METRICS_VALID, json.dumps(valid, indent=1))

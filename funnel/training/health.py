@@ -78,7 +78,8 @@ class TrainingHealth(pl.Callback):
         views = [f"{kind}/{s}" for s in self.names for kind in ("auc", "auc_cond")]
         keys = [v.replace("/", "__") for v in views]
         preds = [getattr(metrics[k], "preds", None) if k in metrics else None for k in keys]
-        stats = torch.stack([_range(p or [], pl_module.device) for p in preds])  # (V, 3): max, -min, any non-finite; one all-reduce for all views
+        # (V, 3): max, -min, any non-finite; one all-reduce for all the views
+        stats = torch.stack([_range(p or [], pl_module.device) for p in preds])
         if trainer.world_size > 1:
             stats = trainer.strategy.reduce(stats, reduce_op="max")
         self._spread = {
@@ -96,7 +97,8 @@ class TrainingHealth(pl.Callback):
             state = self.stages[s]
             state.auc_cond = values.get(f"val/auc_cond/{s}", math.nan)
             problems = [p for kind in ("auc_cond", "auc") if (p := self._problem(kind, s, values))]
-            state.finite = loss_finite and all(self._spread.get(f"{k}/{s}", (0, 0, True))[2] for k in ("auc", "auc_cond"))
+            spreads = [self._spread.get(f"{k}/{s}", (0.0, 0.0, True)) for k in ("auc", "auc_cond")]
+            state.finite = loss_finite and all(finite for _, _, finite in spreads)
             if not problems:
                 state.streak, state.since, state.warned, state.reason = 0, None, False, ""
                 continue
@@ -266,13 +268,14 @@ def _diagnose(net: nn.Module | None, stage: str, probe: dict[str, Any]) -> tuple
             alive, units = probe[k]
             if alive == 0:
                 layer = int(k.rsplit(":", 1)[1])
+                uncentred = bottom is not None and not any(isinstance(m, nn.BatchNorm1d) for m in bottom.modules())
                 return (
                     f"tower {name!r}",
                     f"all {units} ReLU units of its hidden layer {layer} are inactive on a validation batch",
                     "the tower's ReLU units are all inactive: use a wider tower (hidden), activation: gelu or silu, "
-                    "or a lower optim.lr",
+                    "or a lower optim.lr" + ("; give funnel.bottom back its norm: batch" if uncentred else ""),
                 )
-        head = net.heads[key] if key in net.heads else None
+        head = net.heads[key] if key in net.heads else None  # noqa: SIM401 (a ModuleDict has no get)
         weight = getattr(head, "weight", None)
         if isinstance(weight, Tensor) and not bool(weight.detach().abs().gt(0).any()):
             frozen = " and frozen" if not weight.requires_grad else ""
@@ -309,4 +312,6 @@ def _gate_note(bottom: nn.Module, stage: str) -> str:
     if not isinstance(w, Tensor) or not w.numel():
         return ""
     top = int(w.argmax())
-    return f"; its gate puts {float(w[top]):.3f} of its weight on expert {top}" if float(w[top]) > GATE_COLLAPSED else ""
+    if float(w[top]) <= GATE_COLLAPSED:
+        return ""
+    return f"; its gate puts {float(w[top]):.3f} of its weight on expert {top}"
