@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from funnel.errors import UserError
@@ -18,16 +20,53 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+QUIET_HELP = "only warnings and errors: no progress bar, no Lightning banners (also after the command)"
+VERBOSE_HELP = "funnel's debug messages too (also after the command)"
+CONFIG_HELP = "the YAML config file"
+OVERRIDES_HELP = "override config values, e.g. optim.lr=0.01 trainer.max_epochs=5"
+RUN_DIR_HELP = "a run directory, as `funnel fit` printed it"
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help that ends with each option's default, unless it is empty or the help text says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, "", [], argparse.SUPPRESS):
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def _parser() -> argparse.ArgumentParser:
+    from funnel import __version__
+
     p = argparse.ArgumentParser(
-        prog="funnel", description="Train and score sequential-funnel multi-task models (ESMM family)."
+        prog="funnel",
+        description="Train and score sequential-funnel multi-task models (ESMM family).",
+        epilog="Results go to stdout; logs and progress bars to stderr. Run `funnel COMMAND --help` for a command.",
+        formatter_class=_Formatter,
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    p.add_argument("--version", action="version", version=f"funnel {__version__}", help="print the version and exit")
+    # the same flags after the command: SUPPRESS keeps a flag given before it when absent after it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    f = sub.add_parser("fit", help="train a model from a YAML config; prints the run directory last")
+    def command(name: str, help_text: str, within: argparse._SubParsersAction = sub) -> argparse.ArgumentParser:
+        return within.add_parser(
+            name, help=help_text, description=help_text, parents=[common], formatter_class=_Formatter
+        )
+
+    f = command("fit", "train a model from a YAML config; prints the metrics and the run directory last")
     f.add_argument("config", nargs="?", help="the YAML config (not with --resume)")
-    f.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values, e.g. optim.lr=0.01")
+    f.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
     f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     f.add_argument(
         "--resume",
@@ -41,16 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _trust_flag(f)
 
-    e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint on a data file, as JSON")
-    e.add_argument("run_dir")
-    e.add_argument("--data", required=True)
+    e = command("evaluate", "metrics of a run's best checkpoint on a data file, as JSON")
+    e.add_argument("run_dir", help=RUN_DIR_HELP)
+    e.add_argument("--data", required=True, help="the data file (.csv, .parquet or a folder of Parquet shards)")
     e.add_argument("--out", help="also write the metrics to this .json file")
     _trust_flag(e)
 
-    pr = sub.add_parser("predict", help="write p_<stage> and p_<stage>_cond for every input row")
-    pr.add_argument("run_dir")
-    pr.add_argument("--data", required=True)
-    pr.add_argument("--out", required=True, help=".csv or .parquet")
+    pr = command("predict", "write p_<stage> and p_<stage>_cond for every input row")
+    pr.add_argument("run_dir", help=RUN_DIR_HELP)
+    pr.add_argument("--data", required=True, help="the rows to score (.csv, .parquet or a folder of Parquet shards)")
+    pr.add_argument("--out", required=True, help="the predictions file: .csv or .parquet")
     pr.add_argument("--keep", default="", help="comma-separated input columns to copy into the output")
     pr.add_argument(
         "--chunk-rows",
@@ -62,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=4096,
-        help="rows per forward pass (default 4096: the fastest measured on CPU; larger on a GPU)",
+        help="rows per forward pass (the fastest measured on CPU; larger on a GPU)",
     )
     pr.add_argument(
         "--bf16",
@@ -71,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _trust_flag(pr)
 
-    ex = sub.add_parser("export", help="write a run as an ONNX or TorchScript graph with its encoders and a manifest")
-    ex.add_argument("run_dir")
+    ex = command("export", "write a run as an ONNX or TorchScript graph with its encoders and a manifest")
+    ex.add_argument("run_dir", help=RUN_DIR_HELP)
     ex.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx needs funnel[export]")
     ex.add_argument(
         "--out", required=True, help="a new or empty folder: model.onnx|model.pt, encoders.json, manifest.json"
@@ -85,47 +124,45 @@ def _parser() -> argparse.ArgumentParser:
     )
     _trust_flag(ex)
 
-    pp = sub.add_parser(
-        "prepare", help="fit the encoders and write the encoded data cache (streaming; fit runs it when needed)"
-    )
-    pp.add_argument("config")
-    pp.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    pp = command("prepare", "fit the encoders and write the encoded data cache (streaming; fit runs it when needed)")
+    pp.add_argument("config", help=CONFIG_HELP)
+    pp.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
 
-    c = sub.add_parser("check", help="validate the config and the data without training")
-    c.add_argument("config")
-    c.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    c = command("check", "validate the config and the data without training")
+    c.add_argument("config", help=CONFIG_HELP)
+    c.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
 
-    cmp = sub.add_parser("compare", help="train several models x seeds on the same splits; print a mean ± std table")
-    cmp.add_argument("config")
-    cmp.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    cmp.add_argument("--models", default="esmm,base", help="comma-separated, e.g. esmm,esmm_ns,division,base,naive")
-    cmp.add_argument("--seeds", type=int, default=3)
-    cmp.add_argument("--out", help="folder for the runs, compare.json and compare.md")
+    cmp = command("compare", "train several models x seeds on the same splits; print a mean ± std table")
+    cmp.add_argument("config", help=CONFIG_HELP)
+    cmp.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
+    cmp.add_argument("--models", default="esmm,base", help="comma-separated model names, e.g. esmm,esmm_ns,division")
+    cmp.add_argument("--seeds", type=int, default=3, help="seeds per model")
+    cmp.add_argument("--out", help="folder for the runs, compare.json and compare.md (default: runs/compare/...)")
     cmp.add_argument("--report", action="store_true", help="also write report.html, the models side by side")
 
-    rp = sub.add_parser("report", help="write a self-contained HTML report of a run (funnel[report])")
+    rp = command("report", "write a self-contained HTML report of a run (funnel[report])")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run, several runs, or a `funnel compare` folder")
     rp.add_argument("--out", help="the .html file (default RUN_DIR/report.html)")
     rp.add_argument("--rows", type=int, help="score at most this many rows of the split (default 1,000,000)")
     _trust_flag(rp)
 
-    t = sub.add_parser("tune", help="search the config's tune: space with Optuna (funnel[tune]); each trial is a run")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    t.add_argument("--trials", type=int, default=20, help="the number of trials (default 20)")
+    t = command("tune", "search the config's tune: space with Optuna (funnel[tune]); each trial is a run")
+    t.add_argument("config", help=CONFIG_HELP)
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
+    t.add_argument("--trials", type=int, default=20, help="the number of trials")
     t.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
-    t.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
+    t.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna's sampler")
     t.add_argument("--pruner", choices=["median", "none"], default="median", help="stop trials worse than the median")
     t.add_argument("--seed", type=int, help="the sampler's seed (default: the config's seed)")
     t.add_argument("--out", help="folder for the trials, trials.csv, study.json and best.yaml")
 
-    s = sub.add_parser("synth", help="write the synthetic funnel (train/valid/test CSV + truth.json)")
-    s.add_argument("out_dir")
-    s.add_argument("--rows", type=int, default=200_000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--stages", nargs="+", default=["click", "conversion"])
+    s = command("synth", "write the synthetic funnel (train/valid/test CSV + truth.json)")
+    s.add_argument("out_dir", help="the folder to write train.csv, valid.csv, test.csv and truth.json into")
+    s.add_argument("--rows", type=int, default=200_000, help="rows in all (80%% train, 10%% valid, 10%% test)")
+    s.add_argument("--seed", type=int, default=0, help="the generator's seed")
+    s.add_argument("--stages", nargs="+", default=["click", "conversion"], help="the stages after the impression")
     s.add_argument("--bias-share", type=float, default=None, help="share of items whose later stages run against click")
-    _convert_parser(sub)
+    _convert_parser(command("convert", "convert raw Ali-CCP or PaddleRec ESMM text to Parquet shards"), command)
     return p
 
 
@@ -137,22 +174,22 @@ def _trust_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _convert_parser(sub: argparse._SubParsersAction) -> None:
-    cv = sub.add_parser("convert", help="convert raw Ali-CCP or PaddleRec ESMM text to Parquet shards")
+def _convert_parser(cv: argparse.ArgumentParser, command) -> None:
     formats = cv.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    a = formats.add_parser("ali-ccp", help="the raw release: sample_skeleton_*.csv joined with common_features_*.csv")
+    a = command("ali-ccp", "the raw release: sample_skeleton_*.csv joined with common_features_*.csv", within=formats)
     a.add_argument("raw_dir", help="the folder of the unpacked sample_skeleton_*.csv and common_features_*.csv")
     a.add_argument("out_dir", help="an empty or new folder: OUT_DIR/{train,test}/part-*.parquet and convert.json")
-    a.add_argument("--splits", default="train,test", help="comma-separated, of train,test (default both)")
-    pe = formats.add_parser("paddlerec-esmm", help="PaddleRec's ESMM text: sample_id,click,conversion,field:id,...")
+    a.add_argument("--splits", default="train,test", help="comma-separated, of train,test")
+    pe = command("paddlerec-esmm", "PaddleRec's ESMM text: sample_id,click,conversion,field:id,...", within=formats)
     pe.add_argument("inputs", nargs="+", metavar="[SPLIT=]INPUT", help="a file or folder; SPLIT: train|valid|test")
     pe.add_argument("out_dir", help="an empty or new folder: OUT_DIR/<split>/part-*.parquet and convert.json")
     for f in (a, pe):
-        f.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per Parquet file (default 1,000,000)")
+        f.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per Parquet file")
         f.add_argument(
             "--fields",
             default="default",
-            help="default (the 23 documented fields), all (every field found: one extra read), or a comma list",
+            help="default (the 23 documented fields), all (every field found: one extra read), or a comma list "
+            "(default: default)",
         )
         f.add_argument("--skip-bad", action="store_true", help="skip malformed lines (counted in convert.json)")
 
@@ -167,14 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose contradict each other: give one of them")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
     )
-    if args.quiet:  # Lightning sets its own loggers to INFO
-        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    funnel_log = logging.getLogger("funnel")
+    funnel_level = funnel_log.level
+    if args.verbose:
+        funnel_log.setLevel(logging.DEBUG)
     try:
-        return _run(args)
+        with _quiet(args.quiet):
+            return _run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -192,6 +233,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         traceback.print_exc()
         return 1
+    finally:
+        funnel_log.setLevel(funnel_level)
+
+
+@contextlib.contextmanager
+def _quiet(quiet: bool) -> Iterator[None]:
+    """Under -q: Lightning's loggers at WARNING (it sets them to INFO itself: its banners and tips)
+    and no progress bar unless the config asks for one; as they were afterwards."""
+    if not quiet:
+        yield
+        return
+    from funnel.training.progress import quiet_progress
+    from funnel.training.trainer_args import lightning_level
+
+    with lightning_level(logging.WARNING), quiet_progress():
+        yield
 
 
 def _run(args: argparse.Namespace) -> int:

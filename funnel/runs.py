@@ -26,7 +26,11 @@ from funnel.graph import FunnelGraph
 from funnel.models.registry import FunnelModel, create_model
 from funnel.spec import Config, config_from_dict
 from funnel.spec.loader import read_yaml
-from funnel.spec.schema import FEATURE_OPTIONS, FeatureSpec, ModelSpec, TowerSpec, TrainerSpec
+from funnel.spec.schema import FEATURE_OPTIONS, DataSpec, FeatureSpec, ModelSpec, TowerSpec, TrainerSpec
+
+# the fields that hold paths, per spec; and the nulls left out of the YAML form
+_PATH_KEYS = {Config: ("run_dir", "init_from"), DataSpec: ("train", "valid", "test", "cache_dir")}
+_LEFT_OUT = {("synthetic", DataSpec)}
 
 CONFIG = "config.yaml"
 MANIFEST = "run.json"
@@ -37,8 +41,17 @@ METRICS = "metrics.json"
 METRICS_VALID = "metrics_valid.json"
 
 
+def absolute(path: Any) -> Any:
+    """A relative path as an absolute one (against the working directory, where it was read);
+    absolute paths, ``${data_dir}``/``$VAR``/``~`` paths and nulls as they are."""
+    if not isinstance(path, str) or path.startswith(("$", "~")) or Path(path).is_absolute():
+        return path
+    return str(Path.cwd() / path)
+
+
 def config_to_raw(cfg: Config) -> dict[str, Any]:
-    """The YAML form of a config, with every default written out."""
+    """The YAML form of a config, with every default written out and every path absolute, so
+    that the run's config.yaml reloads from any folder."""
 
     def conv(obj: Any) -> Any:
         if isinstance(obj, ModelSpec) and not obj.params:
@@ -56,12 +69,16 @@ def config_to_raw(cfg: Config) -> dict[str, Any]:
                 if f.name in keep and getattr(obj, f.name) is not None
             }
         if dataclasses.is_dataclass(obj):
-            # a null that is also the default is left out: it says nothing, and `synthetic: null` is ambiguous
-            return {
+            # every value is written, nulls too (`data.synthetic: null` alone is left out: it reads as
+            # "no generated data" but looks like "generated with defaults")
+            out = {
                 f.name: conv(getattr(obj, f.name))
                 for f in dataclasses.fields(obj)
-                if not (getattr(obj, f.name) is None and f.default is None)
+                if not (getattr(obj, f.name) is None and (f.name, type(obj)) in _LEFT_OUT)
             }
+            for key in _PATH_KEYS.get(type(obj), ()):
+                out[key] = absolute(out.get(key))
+            return out
         if isinstance(obj, (tuple, list)):
             return [conv(v) for v in obj]
         return obj

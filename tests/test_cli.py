@@ -187,7 +187,14 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(fitted, tmp_
         "sparse_embeddings": False,
     }
     assert printed["data"]["eval_batch_size"] == 16384  # defaults are written out
-    assert printed["funnel"]["tower"] == {"type": "mlp", "hidden": [8]}
+    # every tower argument, defaults included
+    assert printed["funnel"]["tower"] == {
+        "type": "mlp",
+        "activation": "relu",
+        "batch_norm": False,
+        "dropout": 0.0,
+        "hidden": [8],
+    }
     assert config_from_dict(printed) == load_config(fitted.config, ["optim.lr=0.02", f"run_dir={run_dir}"])[0]
     assert not run_dir.exists()
 

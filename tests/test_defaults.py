@@ -27,11 +27,15 @@ def chunked(enc: NumericEncoder, col: pd.Series, cuts: list[int]) -> NumericEnco
 
 
 # Hand-checked: nine 0s and a 100 have mean 10, m2/n = 900 and m3/n = 72,000, so skewness
-# 72,000 / 900^1.5 = 2.67 > 2; one -1 among them keeps the skew but rules log1p out; 1..5 has 0.
+# 72,000 / 900^1.5 = 2.67; one -1 among them keeps the skew but rules log1p out; 1..5 has 0.
+# Either side of the threshold 1: 0, 0, 0, 1 has (3/32) / (3/16)^1.5 = 1.15; 0, 0, 1 has
+# (2/27) / (2/9)^1.5 = 0.71.
 @pytest.mark.parametrize(
     ("values", "skewness", "chosen"),
     [
         ([0.0] * 9 + [100.0], 72_000 / 900**1.5, "log1p"),
+        ([0.0, 0.0, 0.0, 1.0], (3 / 32) / (3 / 16) ** 1.5, "log1p"),
+        ([0.0, 0.0, 1.0], (2 / 27) / (2 / 9) ** 1.5, "standardize"),
         ([-1.0] + [0.0] * 8 + [100.0], None, "standardize"),
         ([1.0, 2.0, 3.0, 4.0, 5.0], 0.0, "standardize"),
     ],

@@ -157,7 +157,7 @@ def test_the_summary_lines():
     assert summary_line("c", "diverged", stuck, 3).startswith("health: stage 'c' diverged (the loss")
 
 
-# ---- the fix of the dead conditional tower: bottoms centre their experts -----------------------
+# ---- the fix of the dead conditional tower: heads start at the base rates; centred bottoms -----
 
 
 def test_bottom_experts_end_centred_and_train_on_a_one_row_batch():
@@ -166,7 +166,8 @@ def test_bottom_experts_end_centred_and_train_on_a_one_row_batch():
 
     torch.manual_seed(0)
     flat = torch.randn(64, 5)
-    bottom = MMoE(InputShape(flat_dim=5, field_dims={}, numeric_dim=5), ["a", "b"], experts=2, expert_hidden=[4])
+    shape = InputShape(flat_dim=5, field_dims={}, numeric_dim=5)
+    bottom = MMoE(shape, ["a", "b"], experts=2, expert_hidden=[4], norm="batch")
     assert all(isinstance(net[-1], BatchCentre) for net in bottom.experts.nets)
     experts = bottom.experts(flat)  # (B, E, out): every expert's output has mean 0 over the rows
     torch.testing.assert_close(experts.mean(0), torch.zeros(2, 4), atol=1e-5, rtol=0)
@@ -174,12 +175,47 @@ def test_bottom_experts_end_centred_and_train_on_a_one_row_batch():
     assert one["a"].shape == (1, 4) and torch.isfinite(one["a"]).all()
 
 
-def test_norm_none_is_the_uncentred_bottom_and_a_bad_norm_is_refused():
+def test_the_default_bottom_is_uncentred_and_a_bad_norm_is_refused():
     from funnel.models.bottoms import PLE, SharedBottom
     from funnel.models.inputs import InputShape
 
     shape = InputShape(flat_dim=5, field_dims={}, numeric_dim=5)
-    assert not any(isinstance(m, nn.BatchNorm1d) for m in SharedBottom(shape, ["a"], hidden=[4], norm="none").modules())
-    assert any(isinstance(m, nn.BatchNorm1d) for m in PLE(shape, ["a"], expert_hidden=[4]).modules())
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in SharedBottom(shape, ["a"], hidden=[4]).modules())
+    assert any(isinstance(m, nn.BatchNorm1d) for m in PLE(shape, ["a"], expert_hidden=[4], norm="batch").modules())
     with pytest.raises(ValueError, match="norm must be one of batch, none, got 'layer'"):
         SharedBottom(shape, ["a"], norm="layer")
+
+
+@pytest.mark.parametrize(("model", "second"), [("esmm", 0.25), ("division", 0.1)])
+def test_heads_start_at_the_stage_base_rates(model, second):
+    """Click on 40% of rows, conversion on 10% of all rows (25% of the clicked): ESMM's
+    conversion head predicts the conditional rate, DIVISION's the path rate."""
+    from funnel.data.featurizer import Featurizer
+    from funnel.models.registry import create_model
+    from funnel.runs import build_graph
+    from funnel.spec import config_from_dict
+    from funnel.synthetic import SyntheticSpec, generate
+    from funnel.training.priors import init_head_priors
+
+    raw = {
+        "data": {"train": "unused.csv"},
+        "features": [{"name": "user_id", "kind": "categorical"}, {"name": "price", "kind": "numeric"}],
+        "funnel": {
+            "model": model,
+            "embed_dim": 4,
+            "tower": {"type": "mlp", "hidden": [4]},
+            "stages": [{"name": "click"}, {"name": "conversion", "after": "click"}],
+        },
+    }
+    cfg = config_from_dict(raw)
+    graph = build_graph(cfg)
+    layout = Featurizer(cfg, graph).fit(generate(SyntheticSpec(rows=50, n_users=5, n_items=5))).layout()
+    net = create_model(graph, cfg.funnel, layout)
+    labels = torch.zeros(20, 2)
+    labels[:8, 0] = 1  # 8 of 20 clicked
+    labels[:2, 1] = 1  # 2 of them converted
+    rates = init_head_priors(net, labels)
+    assert rates == pytest.approx({"click": 0.4, "conversion": second})
+    heads = net.net.heads
+    assert torch.sigmoid(heads["m_click"].bias).item() == pytest.approx(0.4)
+    assert torch.sigmoid(heads["m_conversion"].bias).item() == pytest.approx(second)

@@ -47,10 +47,18 @@ def with_overrides(mapping: dict, *overrides: str) -> Config:
 def test_minimal_config_fills_defaults():
     cfg = config_from_dict(copy.deepcopy(MINIMAL))
     assert cfg.stage_names() == ["click", "conversion"]
-    assert cfg.funnel.model.type == "esmm" and cfg.funnel.model.kwargs == {} and cfg.funnel.embed_dim == 8
+    assert cfg.funnel.model.type == "esmm" and cfg.funnel.embed_dim == 8
+    # the resolved config: every argument of the model and the tower, defaults included
+    assert cfg.funnel.model.kwargs == {
+        "calibrator": 0.6,
+        "compose": "product",
+        "share_embeddings": True,
+        "transfer": "none",
+    }
+    assert cfg.funnel.tower.kwargs == {"hidden": (128, 64), "activation": "relu", "dropout": 0.0, "batch_norm": False}
     assert cfg.optim.name == "adam" and cfg.optim.lr == 1e-3
     assert cfg.data.batch_size == 1024 and cfg.data.label_conflicts == "drop"
-    assert cfg.trainer.kwargs == {"max_epochs": 1}
+    assert cfg.trainer.kwargs == {"max_epochs": 10} and cfg.trainer.early_stopping == 2  # issue 14's defaults
     assert cfg.funnel.stages[1].label_column == "conversion"
 
 
@@ -162,12 +170,14 @@ def test_unknown_tower_type_suggests_the_closest():
 
 def test_tower_given_as_a_name_uses_default_arguments():
     cfg = config_from_dict(raw(funnel={**MINIMAL["funnel"], "tower": "mlp"}))
-    assert cfg.funnel.tower.type == "mlp" and cfg.funnel.tower.kwargs == {}
+    assert cfg.funnel.tower.type == "mlp"
+    assert cfg.funnel.tower.kwargs == {"hidden": (128, 64), "activation": "relu", "dropout": 0.0, "batch_norm": False}
 
 
 def test_tower_arguments_are_kept_as_keyword_arguments():
     cfg = config_from_dict(raw(funnel={**MINIMAL["funnel"], "tower": {"hidden": [16, 8], "dropout": 0.1}}))
-    assert cfg.funnel.tower.kwargs == {"hidden": (16, 8), "dropout": 0.1}
+    # the given ones, and the tower's defaults for the rest (the resolved config)
+    assert cfg.funnel.tower.kwargs == {"hidden": (16, 8), "dropout": 0.1, "activation": "relu", "batch_norm": False}
 
 
 # ---- overrides ---------------------------------------------------------------------------------------

@@ -7,14 +7,13 @@ numerics and sequences stay available to towers such as DeepFM and DIN). Gated b
 the batch-mean gate weights of the last forward in ``self.gates`` (stage -> (experts,)) so
 training can log them.
 
-Every bottom centres what it hands the towers (``norm: batch``, the default; ``norm: none``
-turns it off): a BatchNorm over the rows ends each expert (and the shared bottom's MLP), so the
-gate mixes centred experts. Without it a bottom's output is the ReLU layer of its experts,
-non-negative with a large common mean, so a tower unit's pre-activation has nearly the same
-sign on every row; the first epoch's uniform push of a rare stage's probability
-downwards then switches whole units off for all rows at once. With a narrow tower
-(``hidden: [8]``) under MMoE on Census that killed every unit of the conditional tower on about
-1 seed in 6 (``auc_cond`` exactly 0.5 for good); centred inputs keep the units alive.
+``norm: batch`` (default ``none``) ends each expert (and the shared bottom's MLP) with a
+BatchNorm over the rows, so the gate mixes centred experts. A bottom's output is otherwise the
+ReLU layer of its experts, non-negative with a large common mean, so a tower unit's
+pre-activation has nearly the same sign on every row and a push that is the same on every row
+switches whole units off for all rows at once (a narrow conditional tower under MMoE on
+Census lost all its units on some seeds). The default fix of that is the heads' start at the
+stage base rates (funnel/training/priors.py); ``norm: batch`` is a further guard.
 
 - ``shared_bottom``: one MLP shared by every stage ("split at the last layer").
 - ``mmoe`` (Ma et al. 2018): shared experts and one softmax gate per stage.
@@ -73,7 +72,7 @@ class SharedBottom(nn.Module):
         hidden: Sequence[int] = (256, 128),
         activation: str = "relu",
         dropout: float = 0.0,
-        norm: str = "batch",
+        norm: str = "none",
     ):
         super().__init__()
         self.stages = list(stages)
@@ -88,7 +87,7 @@ class SharedBottom(nn.Module):
 class Experts(nn.Module):
     """``n`` MLP experts over the same input: (B, in) -> (B, n, out)."""
 
-    def __init__(self, n: int, width: int, hidden: Sequence[int], activation: str, dropout: float, norm: str = "batch"):
+    def __init__(self, n: int, width: int, hidden: Sequence[int], activation: str, dropout: float, norm: str = "none"):
         super().__init__()
         if n < 1:
             raise ValueError(f"the number of experts must be >= 1, got {n}")
@@ -118,7 +117,7 @@ class MMoE(nn.Module):
         expert_hidden: Sequence[int] = (128, 64),
         activation: str = "relu",
         dropout: float = 0.0,
-        norm: str = "batch",
+        norm: str = "none",
     ):
         super().__init__()
         self.stages = list(stages)
@@ -149,7 +148,7 @@ class _Extraction(nn.Module):
         activation: str,
         dropout: float,
         last: bool,
-        norm: str = "batch",
+        norm: str = "none",
     ):
         super().__init__()
         self.stages = stages
@@ -187,7 +186,7 @@ class PLE(nn.Module):
         expert_hidden: Sequence[int] = (128, 64),
         activation: str = "relu",
         dropout: float = 0.0,
-        norm: str = "batch",
+        norm: str = "none",
     ):
         super().__init__()
         if layers < 1:

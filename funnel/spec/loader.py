@@ -15,6 +15,7 @@ import yaml
 
 from funnel.errors import ConfigError, did_you_mean
 from funnel.spec.convert import build
+from funnel.spec.resolve import with_defaults
 from funnel.spec.schema import FLAT_MODEL_DEFAULTS, FLAT_MODEL_KEYS, Config
 from funnel.spec.validate import config_problems
 
@@ -116,7 +117,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         errors += config_problems(cfg)
     if errors:
         raise ConfigError(errors)
-    return cfg
+    return with_defaults(cfg)
 
 
 def _move_flat_model_keys(raw: dict[str, Any]) -> None:
@@ -184,9 +185,34 @@ def _parent_first(stages: list[Any]) -> list[Any]:
     return [by_name[name] for name in graph.names]
 
 
+# paths a config file holds: relative ones are relative to the file's folder
+PATH_KEYS = (
+    ("data", "train"),
+    ("data", "valid"),
+    ("data", "test"),
+    ("data", "cache_dir"),
+    ("run_dir",),
+    ("init_from",),
+)
+
+
+def relative_to_file(raw: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths of a config file's mapping relative to ``folder`` (the file's);
+    absolute paths and those starting with ``${data_dir}``, ``$VAR`` or ``~`` stay as written."""
+    for key in PATH_KEYS:
+        node: Any = raw
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(key[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not value.startswith(("$", "~")) and not Path(value).is_absolute():
+            node[key[-1]] = str(folder / value)
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, Any]]:
-    """Return the validated config and the resolved raw mapping (saved with every run)."""
+    """Return the validated config and the resolved raw mapping (saved with every run). Relative
+    paths in the file are relative to its folder; those of ``overrides`` to the working directory."""
     raw = read_yaml(path)
+    relative_to_file(raw, Path(path).resolve().parent)
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw), raw

@@ -112,7 +112,7 @@ class FeatureSpec:
     share_with: str | None = None
     embed_dim: int | None = None  # defaults to funnel.embed_dim
     # numeric
-    # auto: log1p when the train column has no negative value and a skewness above 2, else
+    # auto: log1p when the train column has no negative value and a skewness above 1, else
     # standardize (the choice is saved in encoders.json and shown by `funnel check`)
     transform: Literal["auto", "standardize", "log1p", "none"] = "auto"
     missing: Literal["fill", "error"] = "fill"  # fill: train mean plus a 0/1 missing flag
@@ -406,6 +406,28 @@ class WarmStartSpec:
 
 
 TRAINER_OWN_KEYS = ("monitor", "mode", "early_stopping", "save_top_k")
+# trainer.logger: Lightning's loggers by name (funnel/training/loggers.py builds them)
+LOGGERS = ("csv", "tensorboard", "mlflow")
+
+
+def _logger_names(value: Any, path: str, errors: list[str]) -> tuple[str, ...] | None:
+    """``trainer.logger`` as a tuple of logger names: true is (csv,), false is (). The CSV log
+    (logs/metrics.csv, read by reports and --resume) is written whatever the value."""
+    if isinstance(value, bool):
+        return ("csv",) if value else ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        errors.append(
+            f"{path}: give a logger name ({', '.join(LOGGERS)}), a list of them, true (csv) or false; "
+            f"got {describe(value)}."
+        )
+        return None
+    unknown = [v for v in items if v not in LOGGERS]
+    for name in unknown:
+        errors.append(f"{path}: unknown logger {name!r}; known: {', '.join(LOGGERS)}.{did_you_mean(name, LOGGERS)}")
+    return None if unknown else tuple(dict.fromkeys(items))
+
+
 # a cap, not a schedule: early stopping (patience 2 by default) ends most runs sooner
 DEFAULT_MAX_EPOCHS = 10
 
@@ -448,8 +470,10 @@ class TrainerSpec:
                 own[key] = value
             elif key in ("callbacks", "plugins"):
                 errors.append(f"{path}.{key}: cannot be set from YAML; funnel adds checkpointing and early stopping.")
-            elif key == "logger" and not isinstance(value, bool):
-                errors.append(f"{path}.logger: true (CSV logs in the run directory) or false, got {describe(value)}.")
+            elif key == "logger":
+                names = _logger_names(value, f"{path}.logger", errors)
+                if names is not None:
+                    passed[key] = names
             elif key == "strategy" and not isinstance(value, str):
                 errors.append(f"{path}.strategy: give a strategy name such as ddp, got {describe(value)}.")
             elif key in accepted:

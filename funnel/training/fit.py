@@ -28,7 +28,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 
 from funnel.atomic import copy_file, write_text
 from funnel.claim import RunClaim, claim_existing, claim_new
@@ -56,10 +55,13 @@ from funnel.training.carry_optimizer import CarryOptimizer
 from funnel.training.distributed import Launch
 from funnel.training.guards import DivergenceGuard, TrainingDiverged
 from funnel.training.health import TrainingHealth
+from funnel.training.loggers import build_loggers
 from funnel.training.metrics import free_stages
 from funnel.training.module import FunnelLightningModule
 from funnel.training.monitor import choose_monitor
 from funnel.training.preflight import preflight
+from funnel.training.priors import init_head_priors
+from funnel.training.progress import StderrProgressBar, show_progress
 from funnel.training.trainer_args import quiet_lightning, raise_trainer_data_problems
 
 log = logging.getLogger(__name__)
@@ -279,6 +281,7 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
         model = warm_start.build_model(cfg, graph, dm.featurizer, source)
     else:
         model = create_model(graph, cfg.funnel, dm.featurizer.layout())
+        init_head_priors(model, dm.tables["train"].labels)  # heads start at the base rates, not 0.5
     valid = dm.tables["valid"]
     module = FunnelLightningModule(
         model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth)
@@ -300,8 +303,10 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
         callbacks.append(CarryOptimizer(source, cfg.optim, model))
     if cfg.trainer.early_stopping is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.early_stopping))
-    kwargs = {"enable_model_summary": False, **cfg.trainer.kwargs}
-    kwargs["logger"] = CSVLogger(run_dir, name="logs", version="") if kwargs.get("logger", True) else False
+    kwargs = {"enable_model_summary": False, **cfg.trainer.kwargs, "enable_progress_bar": show_progress(cfg)}
+    if kwargs["enable_progress_bar"]:
+        callbacks.append(StderrProgressBar())  # Lightning's own bar writes to stdout, the results' stream
+    kwargs["logger"] = build_loggers(cfg, run_dir)  # logs/metrics.csv always, and trainer.logger's others
     with quiet_lightning():  # the arguments were checked before the data was read
         trainer = pl.Trainer(default_root_dir=run_dir, callbacks=callbacks, **kwargs)
     return trainer, module, checkpoint, monitor
@@ -339,10 +344,10 @@ def _finish(
 ) -> None:
     """Rank 0 alone: the best checkpoint and the metrics of the whole test (and valid) split,
     computed in this process by the same function as `funnel evaluate`."""
-    copy_file(best, run_dir / BEST)
+    _keep_one_best(Path(best), run_dir)
     score = checkpoint.best_model_score
     shown = "n/a" if score is None else f"{float(score):.6g}"
-    log.info("best checkpoint: %s (%s = %s)", best, monitor, shown)
+    log.info("best checkpoint: %s (%s, %s = %s)", run_dir / BEST, Path(best).name, monitor, shown)
 
     state = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
@@ -356,6 +361,40 @@ def _finish(
         valid = {"split": "valid", **evaluate_table(model, dm.tables["valid"], cfg.data.eval_batch_size)}
         write_text(run_dir / METRICS_VALID, json.dumps(valid, indent=1))
     write_text(run_dir / METRICS, json.dumps(metrics, indent=1))
+
+
+def _keep_one_best(best: Path, run_dir: Path) -> None:
+    """Make checkpoints/best.ckpt the one copy of the best weights: ModelCheckpoint's file of the
+    best epoch is renamed to it. checkpoints/last.ckpt stays for --resume and warm starts; when it
+    holds the same step as the best (the last epoch was the best), it becomes a hard link to it."""
+    target, last = run_dir / BEST, run_dir / LAST
+    if best.resolve() == last.resolve():  # no monitored checkpoint (save_top_k 0): the last is the best
+        _link(last, target)
+        return
+    best.replace(target)
+    if last.is_file() and _step(last) == _step(target):
+        _link(target, last)
+
+
+def _step(ckpt: Path) -> tuple[int, int] | None:
+    """(epoch, global_step) of a checkpoint, read without loading its tensors."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (unreadable: treated as different, both files are kept)
+        return None
+    return state.get("epoch"), state.get("global_step")
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (a copy where the file system has no hard links), atomically."""
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.hardlink_to(src)
+    except OSError:
+        copy_file(src, dst)
+        return
+    tmp.replace(dst)
 
 
 def _health(trainer: pl.Trainer, diverged: bool = False) -> dict[str, str]:

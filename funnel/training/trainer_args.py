@@ -17,21 +17,37 @@ from typing import Any
 from funnel.errors import ConfigError
 from funnel.spec.schema import Config
 
-# Lightning's own loggers: the probe Trainer must not print its "GPU available" banner
-LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+# Lightning's own loggers (pytorch_lightning sets itself to INFO on import): its banners ("GPU
+# available", "`Trainer.fit` stopped") and its litlogger / litmodels tips are rank_zero_info
+# messages of their children (pytorch_lightning.utilities.rank_zero, ...)
+LIGHTNING_LOGGERS = (
+    "pytorch_lightning",
+    "lightning.pytorch",
+    "lightning_fabric",
+    "lightning.fabric",
+    "lightning_utilities",
+)
 
 
 @contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
+def lightning_level(level: int) -> Iterator[None]:
+    """Lightning's loggers at ``level`` in this block (their own levels again after it)."""
+    import pytorch_lightning  # noqa: F401  (importing it sets its loggers to INFO: first, then ours)
+
     loggers = [logging.getLogger(n) for n in LIGHTNING_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(level)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        for lg, old in zip(loggers, levels, strict=True):
+            lg.setLevel(old)
+
+
+def quiet_lightning() -> contextlib.AbstractContextManager[None]:
+    """Lightning's errors only: the probe Trainer must not print its "GPU available" banner."""
+    return lightning_level(logging.ERROR)
 
 
 def _value_problems(kwargs: dict[str, Any]) -> list[str]:
@@ -67,8 +83,10 @@ def trainer_problems(cfg: Config) -> list[str]:
     import pytorch_lightning as pl
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
+    from funnel.training.loggers import logger_problems
+
     given = dict(cfg.trainer.kwargs)
-    problems = _value_problems(given)
+    problems = _value_problems(given) + logger_problems(cfg)
     fixed = {"logger": False, "enable_checkpointing": False, "callbacks": None, "enable_model_summary": False}
     rejected = (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError)
 
