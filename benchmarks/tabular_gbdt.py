@@ -189,7 +189,7 @@ def funnel_config(ds: Dataset, files: dict[str, Path], variant: str, chain: bool
         "features": features(ds, variant, args.bins, args.frequencies, args.sigma),
         "funnel": {
             "model": "esmm",
-            "embed_dim": hp["embed_dim"],
+            "embed_dim": args.embed_dim or hp["embed_dim"],
             "tower": {"type": "mlp", "hidden": hp["hidden"]},
             "stages": stages,
         },
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--early-stopping", type=int, default=3)
     p.add_argument("--lr", type=float, default=None, help="funnel's learning rate (default: per dataset)")
+    p.add_argument("--embed-dim", type=int, default=None, help="funnel's embed_dim (default: per dataset)")
     p.add_argument("--bins", type=int, default=32)
     p.add_argument("--frequencies", type=int, default=16)
     p.add_argument("--sigma", type=float, default=1.0)

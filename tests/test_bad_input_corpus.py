@@ -740,6 +740,33 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     return files
 
 
+# ---- tune, report, splits ----------------------------------------------------------------------------
+@case("tune-unknown-key")
+def _(ctx):
+    cfg = ctx.cfg()
+    cfg["tune"] = {"optim.lrr": {"log_uniform": [1e-4, 1e-2]}}
+    return ["tune", ctx.write(cfg), "--trials", "1"], ["tune.optim.lrr"]
+
+
+@case("tune-bad-range")
+def _(ctx):
+    cfg = ctx.cfg()
+    cfg["tune"] = {"optim.lr": {"log_uniform": [1e-2, 1e-4]}}
+    return ["tune", ctx.write(cfg), "--trials", "1"], ["tune.optim.lr"]
+
+
+@case("report-not-a-run")
+def _(ctx):
+    return ["report", str(ctx.tmp), "--out", str(ctx.tmp / "r.html")], ["neither a finished run"]
+
+
+@case("fit-split-by-missing-column")
+def _(ctx):
+    cfg = ctx.cfg()
+    cfg["data"] = {"train": str(ctx.data / "train.csv"), "split_by": "usr"}
+    return ["fit", ctx.write(cfg)], ["data.split_by", "'usr'"]
+
+
 @pytest.fixture(scope="module")
 def shared(make_config, synth_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("corpus")

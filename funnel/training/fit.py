@@ -281,7 +281,7 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
         model = warm_start.build_model(cfg, graph, dm.featurizer, source)
     else:
         model = create_model(graph, cfg.funnel, dm.featurizer.layout())
-        init_head_priors(model, dm.tables["train"].labels)  # heads start at the base rates, not 0.5
+        init_head_priors(model, getattr(dm.tables.get("train"), "labels", None))  # base rates, not 0.5
     valid = dm.tables["valid"]
     module = FunnelLightningModule(
         model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth)
