@@ -119,7 +119,7 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "val_check_batches": (_set("trainer.val_check_interval", 1000), ["trainer.val_check_interval", "1000", "10"]),
     "accumulate_zero": (_set("trainer.accumulate_grad_batches", 0), ["trainer.accumulate_grad_batches", "0"]),
     "callbacks": (_set("trainer.callbacks", ["x"]), ["trainer.callbacks"]),
-    "logger_text": (_set("trainer.logger", "tensorboard"), ["trainer.logger", "tensorboard"]),
+    "logger_text": (_set("trainer.logger", "tensorbord"), ["trainer.logger", "tensorbord", "tensorboard"]),
     "ckpt_path": (_set("trainer.ckpt_path", "last.ckpt"), ["trainer.ckpt_path", "--resume"]),
     "monitor": (_set("trainer.monitor", "val/auc/convrsion"), ["val/auc/convrsion", "val/auc/conversion"]),
     "trainer_unknown": (_set("trainer.max_epoch", 2), ["trainer.max_epoch", "max_epochs"]),

@@ -3,7 +3,8 @@
 The spec layer checks each argument's type against ``lightning.Trainer``'s signature. Here the
 Trainer itself is built once with them (it rejects an unknown precision, strategy or an
 accelerator this machine lacks), and the values Lightning only checks inside ``fit()`` are
-checked by hand, so that `funnel check` and `fit` refuse them before the data is read.
+checked by hand, so that `funnel check` and `fit` refuse them before the data is read; so is a
+``trainer.logger`` whose package is missing (funnel/training/loggers.py).
 """
 
 from __future__ import annotations
