@@ -36,6 +36,7 @@ from funnel.spec import load_config
 from funnel.training import distributed
 from funnel.training.distributed import Launch
 from funnel.training.module import FunnelLightningModule
+from funnel.training.priors import init_head_priors
 from tests.test_cli import run_cli
 
 B = 256  # the one-process batch; each DDP rank takes B / 2
@@ -199,6 +200,7 @@ def _hand_loop(config: Path, world: int) -> dict[str, torch.Tensor]:
     dm = FunnelDataModule(cfg, graph)
     dm.prepare()
     model = create_model(graph, cfg.funnel, dm.featurizer.layout())
+    init_head_priors(model, dm.tables["train"].labels)  # as fit does: heads start at the base rates
     optimiser = FunnelLightningModule(model, cfg.optim).configure_optimizers()
     model.train()
     shards = [

@@ -78,12 +78,13 @@ def _config(model: str, **funnel) -> dict:
 def test_oversample_is_an_argument_of_base_only():
     with pytest.raises(ConfigError, match="funnel.model.oversample: model 'esmm' has no argument 'oversample'"):
         config_from_dict(_config({"type": "esmm", "oversample": 3}))
-    assert config_from_dict(_config({"type": "base", "oversample": 3})).funnel.model.kwargs == {"oversample": 3}
+    kwargs = config_from_dict(_config({"type": "base", "oversample": 3})).funnel.model.kwargs
+    assert kwargs == {"oversample": 3, "share_embeddings": False}  # the builder's defaults filled in
 
 
 def test_flat_model_keys_of_earlier_releases_still_work_with_a_deprecation(caplog):
     cfg = config_from_dict(_config("base", oversample=3))
-    assert cfg.funnel.model.type == "base" and cfg.funnel.model.kwargs == {"oversample": 3}
+    assert cfg.funnel.model.type == "base" and cfg.funnel.model.kwargs == {"oversample": 3, "share_embeddings": False}
     assert "funnel.model: {type: base, oversample: 3}" in caplog.text
 
 
@@ -265,7 +266,7 @@ def test_a_config_yaml_of_an_earlier_release_loads_unchanged(caplog):
     """Run directories written before models took arguments list every flat default."""
     old = {"share_embeddings": None, "oversample": 1.0, "transfer": None, "compose": None, "calibrator": 0.6}
     cfg = config_from_dict(_config("esmm", **old))
-    assert cfg.funnel.model.type == "esmm" and cfg.funnel.model.kwargs == {}
+    assert cfg.funnel.model.type == "esmm" and cfg.funnel.model.kwargs["share_embeddings"] is True  # defaults filled
     assert "deprecated" not in caplog.text  # the defaults said nothing: nothing to warn about
     cfg = config_from_dict(_config("base", **{**old, "oversample": 2.0}))
-    assert cfg.funnel.model.kwargs == {"oversample": 2.0} and "deprecated" in caplog.text
+    assert cfg.funnel.model.kwargs == {"oversample": 2.0, "share_embeddings": False} and "deprecated" in caplog.text
