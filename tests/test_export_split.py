@@ -218,3 +218,27 @@ def test_the_python_api_exports_a_split(runs, tmp_path):  # noqa: F811  (the fix
 
     out = load_run(runs("model=esmm")).export(tmp_path / "api", "torchscript", split=USER)
     assert sorted(p.name for p in out.iterdir()) == ["encoders.json", "item.pt", "manifest.json", "user.pt"]
+
+
+def test_plr_numeric_embeddings_split_with_their_side(data, tmp_path):  # noqa: F811  (the fixtures of test_export)
+    from funnel.spec import config_from_dict
+    from funnel.training.fit import fit_config
+    from tests.test_export import raw_config
+
+    raw = raw_config(data["chain"], tmp_path / "run", {"tower": {"type": "deepfm", "hidden": [8]}})
+    for f in raw["features"]:  # one PLR feature on each side: n_prev_visits (user), price (item)
+        if f["name"] in ("price", "n_prev_visits"):
+            f.update({"embedding": "plr", "frequencies": 4})
+    run_dir = fit_config(config_from_dict(raw))
+    out = export_run(run_dir, "onnx", tmp_path / "split", split=USER)
+    _, user_graph, item_graph = _graphs(out)
+    model, table, _ = encoded_test_rows(run_dir, data["chain"])
+    want = predict_table(model, table)
+    sides = _sides(run_dir)
+    user, items = split_batch(table.tensors(), sides[0]), split_batch(table.tensors(), sides[1])
+    state = _run("onnx", out, user_graph, tuple(user[i.key] for i in sides[0].inputs))
+    got = _run("onnx", out, item_graph, (*state, *(items[i.key] for i in sides[1].inputs)))
+    worst = max(
+        (g.double() - torch.tensor(want[c].to_numpy())).abs().max().item() for g, c in zip(got, want, strict=True)
+    )
+    assert worst <= 1e-5, worst

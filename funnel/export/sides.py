@@ -84,7 +84,9 @@ def make_sides(featurizer: Featurizer, used: list[str], user: list[str], seq_len
             fields.append(f)
         tables = tuple(t for t in layout.tables if t.name in {f.table for f in fields})
         num = tuple(i for i, c in enumerate(columns) if c["feature"] in keep)
-        sub = FeatureLayout(tables=tables, fields=tuple(fields), numeric_dim=len(num))
+        # a PLR feature's field is computed from its column of the side's own `num`
+        periodic = tuple(dataclasses.replace(p, column=num.index(p.column)) for p in layout.periodic if p.name in keep)
+        sub = FeatureLayout(tables=tables, fields=tuple(fields), numeric_dim=len(num), periodic=periodic)
         inputs = [
             i
             for i in graph_inputs(sub, {f: n for f, n in seq_lengths.items() if f in keep})
@@ -101,6 +103,8 @@ def side_embeddings(full: SharedEmbeddings, side: Side) -> SharedEmbeddings:
     with torch.no_grad():
         for table in part.table_names:
             part.table_weight(table).copy_(full.table_weight(table))
+    for key, module in part.periodic.items():  # the PLR embeddings of the side's numeric features
+        module.load_state_dict(full.periodic[key].state_dict())
     return part.eval()
 
 

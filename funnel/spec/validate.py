@@ -16,6 +16,12 @@ def config_problems(cfg: Config) -> list[str]:
     from funnel.models.towers import tower_problems
 
     problems: list[str] = []
+    monitor = cfg.trainer.monitor or ""
+    if cfg.trainer.mode == "max" and monitor.split("/")[1:2] and monitor.split("/")[1].endswith(("loss", "mae")):
+        problems.append(
+            f"trainer.mode: the monitor {monitor} is lower-is-better, but the mode is max (the default), which "
+            "would keep the worst checkpoint; set trainer.mode: min."
+        )
     stages = [s for s in cfg.funnel.stages if s is not None]
     complete = len(stages) == len(cfg.funnel.stages)  # else a malformed stage is reported already
     graph_errors = []
