@@ -112,7 +112,10 @@ def test_missing_stage_name_is_named_with_its_index():
 
 def test_option_of_another_feature_kind_is_rejected():
     msg = problems_of(raw(features=[{"name": "price", "kind": "numeric", "min_count": 3}]))
-    assert msg == "features[0].min_count: a numeric feature does not take `min_count`. Its options: bins, embed_dim, embedding, frequencies, missing, sigma, transform."
+    assert msg == (
+        "features[0].min_count: a numeric feature does not take `min_count`. "
+        "Its options: bins, embed_dim, embedding, frequencies, missing, sigma, transform."
+    )
 
 
 def test_value_checks_in_post_init_are_reported():
