@@ -9,6 +9,7 @@ import logging
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -51,6 +52,20 @@ def _sides(run_dir: Path):
     cfg, _, featurizer, model = load_run(run_dir)
     lengths = {f.name: f.max_len for f in cfg.features if f.kind == "sequence"}
     return make_sides(featurizer, used_features(featurizer, model, "the model"), USER, lengths)
+
+
+def _split_outputs(run_dir: Path, data_dir: Path, out: Path) -> tuple[list[torch.Tensor], pd.DataFrame]:
+    """The split ONNX pair's outputs on the run's test rows (a user row per candidate), and
+    what `funnel predict` gives on them."""
+    out = export_run(run_dir, "onnx", out, split=USER)
+    _, user_graph, item_graph = _graphs(out)
+    model, table, _ = encoded_test_rows(run_dir, data_dir)
+    sides = _sides(run_dir)
+    user, items = split_batch(table.tensors(), sides[0]), split_batch(table.tensors(), sides[1])
+    state = _run("onnx", out, user_graph, tuple(user[i.key] for i in sides[0].inputs))
+    return _run("onnx", out, item_graph, (*state, *(items[i.key] for i in sides[1].inputs))), predict_table(
+        model, table
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -116,14 +131,7 @@ def test_tower_variants_split_exactly(data, tmp_path, variant):  # noqa: F811  (
     from tests.test_export import raw_config
 
     run_dir = fit_config(config_from_dict(raw_config(data["chain"], tmp_path / "run", VARIANTS[variant])))
-    out = export_run(run_dir, "onnx", tmp_path / "split", split=USER)
-    _, user_graph, item_graph = _graphs(out)
-    model, table, _ = encoded_test_rows(run_dir, data["chain"])
-    want = predict_table(model, table)
-    sides = _sides(run_dir)
-    user, items = split_batch(table.tensors(), sides[0]), split_batch(table.tensors(), sides[1])
-    state = _run("onnx", out, user_graph, tuple(user[i.key] for i in sides[0].inputs))
-    got = _run("onnx", out, item_graph, (*state, *(items[i.key] for i in sides[1].inputs)))
+    got, want = _split_outputs(run_dir, data["chain"], tmp_path / "split")
     worst = max(
         (g.double() - torch.tensor(want[c].to_numpy())).abs().max().item() for g, c in zip(got, want, strict=True)
     )
@@ -230,14 +238,7 @@ def test_plr_numeric_embeddings_split_with_their_side(data, tmp_path):  # noqa: 
         if f["name"] in ("price", "n_prev_visits"):
             f.update({"embedding": "plr", "frequencies": 4})
     run_dir = fit_config(config_from_dict(raw))
-    out = export_run(run_dir, "onnx", tmp_path / "split", split=USER)
-    _, user_graph, item_graph = _graphs(out)
-    model, table, _ = encoded_test_rows(run_dir, data["chain"])
-    want = predict_table(model, table)
-    sides = _sides(run_dir)
-    user, items = split_batch(table.tensors(), sides[0]), split_batch(table.tensors(), sides[1])
-    state = _run("onnx", out, user_graph, tuple(user[i.key] for i in sides[0].inputs))
-    got = _run("onnx", out, item_graph, (*state, *(items[i.key] for i in sides[1].inputs)))
+    got, want = _split_outputs(run_dir, data["chain"], tmp_path / "split")
     worst = max(
         (g.double() - torch.tensor(want[c].to_numpy())).abs().max().item() for g, c in zip(got, want, strict=True)
     )

@@ -38,8 +38,7 @@ from funnel.data.featurizer import FORMAT_VERSION, Featurizer
 from funnel.data.io import input_files, resolve_path
 from funnel.data.prepare import prepare_store
 from funnel.data.splits import BLOCK as SPLIT_BLOCK
-from funnel.data.splits import Holdout
-from funnel.data.splits import expected_splits as splits_of
+from funnel.data.splits import Holdout, expected_splits
 from funnel.data.table import EncodedTable
 from funnel.errors import DataError
 from funnel.graph import FunnelGraph
@@ -88,6 +87,7 @@ def cache_key(cfg: Config) -> str | None:
                 files[split] = [[p.stat().st_size, digest(p)] for p in input_files(path, f"data.{split}")]
             except (OSError, DataError):
                 return None  # reading the data reports the missing or unreadable file with its fix
+    held = Holdout.of(d)
     shape = {
         "layout": LAYOUT,
         "format": FORMAT_VERSION,
@@ -97,15 +97,10 @@ def cache_key(cfg: Config) -> str | None:
         "stages": [[s.name, s.label_column, s.after, list(s.positive or [])] for s in cfg.funnel.stages],
         "csv": dataclasses.asdict(d.csv),
         "chunk_rows": d.chunk_rows,  # label conflicts are dropped per chunk: the same rows, but keyed safely
-        "holdout": None if Holdout.of(d) is None else [Holdout.of(d).shares, d.split_seed, d.split_by, SPLIT_BLOCK],
+        "holdout": None if held is None else [held.shares, d.split_seed, d.split_by, SPLIT_BLOCK],
         "label_conflicts": d.label_conflicts,
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def expected_splits(cfg: Config) -> list[str]:
-    """The splits prepare() encodes: valid is a file or held out of train; test when set."""
-    return splits_of(cfg)
 
 
 def problem(entry: Path, key: str, splits: list[str]) -> str | None:

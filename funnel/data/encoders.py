@@ -75,6 +75,19 @@ def int_values(col: pd.Series) -> np.ndarray | None:
     return None
 
 
+def float_values(col: pd.Series, spec: FeatureSpec) -> np.ndarray:
+    """A numeric feature's column as float64 (missing cells NaN); a non-numeric cell is refused."""
+    numeric = pd.to_numeric(col, errors="coerce")
+    bad = numeric.isna() & col.notna()
+    if bad.any():
+        examples = ", ".join(repr(v) for v in col[bad].astype(str).unique()[:3])
+        raise DataError(
+            f"column {spec.source!r} (numeric feature {spec.name!r}) holds non-numeric values "
+            f"({examples}); declare it `kind: categorical` or clean the column."
+        )
+    return numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 @dataclass
 class CategoricalEncoder:
     spec: FeatureSpec
@@ -263,15 +276,7 @@ class NumericEncoder:
     def _values(self, col: pd.Series, transform: str | None = None) -> np.ndarray:
         """The column as float64 after ``transform`` (default: the one in effect; auto: raw)."""
         transform = transform or self.transform
-        numeric = pd.to_numeric(col, errors="coerce")
-        bad = numeric.isna() & col.notna()
-        if bad.any():
-            examples = ", ".join(repr(v) for v in col[bad].astype(str).unique()[:3])
-            raise DataError(
-                f"column {self.spec.source!r} (numeric feature {self.spec.name!r}) holds non-numeric values "
-                f"({examples}); declare it `kind: categorical` or clean the column."
-            )
-        values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+        values = float_values(col, self.spec)
         if transform == "log1p":
             finite = np.isfinite(values)  # inf and -inf stay as they are: non-finite, not negative
             neg = finite & (values < 0)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from funnel.data.encoders import float_values
 from funnel.errors import DataError
 from funnel.spec.schema import FeatureSpec
 
@@ -72,15 +73,7 @@ class QuantileBinEncoder:
 
     def _values(self, col: pd.Series, where: str) -> tuple[np.ndarray, np.ndarray]:
         """(float64 values, missing mask); non-numeric cells and, under ``missing: error``, gaps are refused."""
-        numeric = pd.to_numeric(col, errors="coerce")
-        bad = numeric.isna() & col.notna()
-        if bad.any():
-            examples = ", ".join(repr(v) for v in col[bad].astype(str).unique()[:3])
-            raise DataError(
-                f"column {self.spec.source!r} (numeric feature {self.spec.name!r}) holds non-numeric values "
-                f"({examples}); declare it `kind: categorical` or clean the column."
-            )
-        values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+        values = float_values(col, self.spec)
         missing = np.isnan(values)
         if missing.any() and self.spec.missing == "error":
             raise DataError(

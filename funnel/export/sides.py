@@ -41,6 +41,11 @@ class Side:
     def keys(self) -> list[str]:
         return [i.key for i in self.inputs]
 
+    @property
+    def batch_input(self) -> GraphInput:
+        """An input with a row per batch row (a bag's offsets: one more)."""
+        return next(i for i in self.inputs if i.shape[0] in ("batch", "batch+1"))
+
 
 def parse_split(text: str) -> list[str]:
     """``user=a,b,c`` -> ``["a", "b", "c"]`` (the user side's features)."""
@@ -178,5 +183,5 @@ def join_batches(sides: list[Side], user: dict[str, Tensor], item: dict[str, Ten
 
 def rows_of(side: Side, part: dict[str, Tensor]) -> int:
     """The rows of a side batch: an input's batch axis (a bag's offsets have one more)."""
-    first = next(i for i in side.inputs if i.shape[0] in ("batch", "batch+1"))
+    first = side.batch_input
     return part[first.key].shape[0] - (1 if first.shape[0] == "batch+1" else 0)

@@ -135,7 +135,7 @@ def _complete(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
 
 def _row_anchor(batch: dict[str, Tensor], side: Side) -> Tensor:
     """A tensor with one entry per row of the side batch (to size the empty blocks)."""
-    first = next(i for i in side.inputs if i.shape[0] in ("batch", "batch+1"))
+    first = side.batch_input
     t = batch[first.key]
     return t[1:] if first.shape[0] == "batch+1" else t
 

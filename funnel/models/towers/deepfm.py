@@ -34,6 +34,15 @@ def field_width(shape: InputShape, tower: str) -> int:
     return widths.pop()
 
 
+def field_vectors(x: TowerInput, numeric_vectors: torch.Tensor | None) -> torch.Tensor:
+    """(B, F, E): every field's vector, then x_j·w_j per numeric column j (``numeric_vectors``
+    (K, E), or no numeric fields when None)."""
+    vectors = list(x.fields.values())
+    if numeric_vectors is not None:
+        vectors += list((x.numeric.unsqueeze(-1) * numeric_vectors).unbind(1))
+    return torch.stack(vectors, 1)
+
+
 @register_tower("deepfm")
 class DeepFMTower(nn.Module):
     def __init__(
@@ -54,10 +63,7 @@ class DeepFMTower(nn.Module):
         self.out_dim = deep_dim + width
 
     def field_vectors(self, x: TowerInput) -> torch.Tensor:
-        vectors = list(x.fields.values())
-        if self.numeric_vectors is not None:
-            vectors += list((x.numeric.unsqueeze(-1) * self.numeric_vectors).unbind(1))
-        return torch.stack(vectors, 1)  # (B, F, E)
+        return field_vectors(x, self.numeric_vectors)
 
     def forward(self, x: TowerInput) -> torch.Tensor:
         return torch.cat([self.deep(x.flat), fm_interaction(self.field_vectors(x))], 1)

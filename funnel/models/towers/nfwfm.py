@@ -30,7 +30,7 @@ from torch import nn
 
 from funnel.models.inputs import InputShape, TowerInput
 from funnel.models.towers import register_tower
-from funnel.models.towers.deepfm import field_width
+from funnel.models.towers.deepfm import field_vectors, field_width
 from funnel.models.towers.mlp import mlp_layers
 
 
@@ -77,10 +77,7 @@ class NFwFMTower(nn.Module):
         self.out_dim = deep_dim + (width if self.vector else 1) + (1 if first_order else 0)
 
     def field_vectors(self, x: TowerInput) -> torch.Tensor:
-        vectors = list(x.fields.values())
-        if self.numeric_vectors is not None:
-            vectors += list((x.numeric.unsqueeze(-1) * self.numeric_vectors).unbind(1))
-        return torch.stack(vectors, 1)  # (B, F, E)
+        return field_vectors(x, self.numeric_vectors)  # (B, F, E)
 
     def forward(self, x: TowerInput) -> torch.Tensor:
         v = self.field_vectors(x)
