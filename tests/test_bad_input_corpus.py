@@ -760,6 +760,23 @@ def _(ctx):
     return ["report", str(ctx.tmp), "--out", str(ctx.tmp / "r.html")], ["neither a finished run"]
 
 
+@case("fit-test-split-beside-a-test-file")
+def _(ctx):
+    cfg = ctx.cfg()
+    cfg["data"]["test_split"] = 0.2
+    return ["fit", ctx.write(cfg)], ["data.test_split", "data.test"]
+
+
+@case("fit-numeric-bins-below-two")
+def _(ctx):
+    cfg = ctx.cfg()
+    cfg["features"] = [
+        *cfg["features"],
+        {"name": "price_bins", "column": "price", "kind": "numeric", "embedding": "bins", "bins": 1},
+    ]
+    return ["fit", ctx.write(cfg)], ["bins must be >= 2", "got 1"]
+
+
 @case("fit-split-by-missing-column")
 def _(ctx):
     cfg = ctx.cfg()

@@ -20,6 +20,19 @@ from funnel.models.towers import register_tower
 from funnel.models.towers.mlp import mlp_layers
 
 
+def history_feature(shape: InputShape, sequence: str | None, needs: str) -> str:
+    """The sequence feature a tower reads: ``sequence``, or the only one when not given
+    (``needs``: what the error says when there is not exactly one)."""
+    seqs = list(shape.sequence_fields)
+    if sequence is None:
+        if len(seqs) != 1:
+            raise ValueError(f"{needs} (sequence features: {seqs or 'none'})")
+        return seqs[0]
+    if sequence not in seqs:
+        raise ValueError(f"sequence {sequence!r} is not a `kind: sequence` feature.{did_you_mean(sequence, seqs)}")
+    return sequence
+
+
 @register_tower("din")
 class DINTower(nn.Module):
     def __init__(
@@ -36,15 +49,9 @@ class DINTower(nn.Module):
     ):
         super().__init__()
         seqs = list(shape.sequence_fields)
-        if sequence is None:
-            if len(seqs) != 1:
-                raise ValueError(
-                    "din needs `sequence`: the behaviour-history feature to attend over "
-                    f"(sequence features: {seqs or 'none'})"
-                )
-            sequence = seqs[0]
-        if sequence not in seqs:
-            raise ValueError(f"sequence {sequence!r} is not a `kind: sequence` feature.{did_you_mean(sequence, seqs)}")
+        sequence = history_feature(
+            shape, sequence, "din needs `sequence`: the behaviour-history feature to attend over"
+        )
         if target not in shape.field_dims or target in seqs:
             cats = [f for f in shape.field_dims if f not in seqs]
             raise ValueError(f"target {target!r} is not a categorical feature.{did_you_mean(target, cats)}")

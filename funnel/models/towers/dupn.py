@@ -30,6 +30,7 @@ from torch import nn
 from funnel.errors import did_you_mean
 from funnel.models.inputs import InputShape, TowerInput
 from funnel.models.towers import register_tower
+from funnel.models.towers.din import history_feature
 from funnel.models.towers.mlp import mlp_layers
 
 
@@ -109,15 +110,9 @@ class DUPNTower(nn.Module):
     ):
         super().__init__()
         seqs = list(shape.sequence_fields)
-        if sequence is None:
-            if len(seqs) != 1:
-                raise ValueError(
-                    "dupn needs `sequence`: the behaviour-history feature to run the LSTM over "
-                    f"(sequence features: {seqs or 'none'})"
-                )
-            sequence = seqs[0]
-        if sequence not in seqs:
-            raise ValueError(f"sequence {sequence!r} is not a `kind: sequence` feature.{did_you_mean(sequence, seqs)}")
+        sequence = history_feature(
+            shape, sequence, "dupn needs `sequence`: the behaviour-history feature to run the LSTM over"
+        )
         others = [f for f in shape.field_dims if f not in seqs]
         query = list(others if query is None else query)
         for name in query:
