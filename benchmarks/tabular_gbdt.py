@@ -182,7 +182,7 @@ def funnel_config(ds: Dataset, files: dict[str, Path], variant: str, chain: bool
         ),
         "data": {
             **{s: str(p) for s, p in files.items()},
-            "batch_size": hp["batch_size"],
+            "batch_size": args.batch_size or hp["batch_size"],
             "label_conflicts": "zero",  # the chain: second = first AND second
             "cache": False,
         },
@@ -190,10 +190,16 @@ def funnel_config(ds: Dataset, files: dict[str, Path], variant: str, chain: bool
         "funnel": {
             "model": "esmm",
             "embed_dim": args.embed_dim or hp["embed_dim"],
-            "tower": {"type": "mlp", "hidden": hp["hidden"]},
+            "tower": {"type": "mlp", "hidden": args.hidden or hp["hidden"], "dropout": args.dropout},
             "stages": stages,
         },
-        "optim": {"name": "adam", "lr": args.lr or hp["lr"]},
+        "optim": {
+            "name": args.optim,
+            "lr": args.lr or hp["lr"],
+            "weight_decay": args.weight_decay,
+            "schedule": args.schedule,
+            "warmup_steps": args.warmup_steps,
+        },
         "trainer": {
             "max_epochs": args.epochs,
             "monitor": "val/loss",
@@ -254,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--early-stopping", type=int, default=3)
     p.add_argument("--lr", type=float, default=None, help="funnel's learning rate (default: per dataset)")
     p.add_argument("--embed-dim", type=int, default=None, help="funnel's embed_dim (default: per dataset)")
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help="funnel's MLP widths (default: per dataset)")
+    p.add_argument("--batch-size", type=int, default=None, help="funnel's batch size (default: per dataset)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--optim", default="adam", choices=["adam", "adamw"])
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine", "linear"])
+    p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--bins", type=int, default=32)
     p.add_argument("--frequencies", type=int, default=16)
     p.add_argument("--sigma", type=float, default=1.0)

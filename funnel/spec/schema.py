@@ -382,10 +382,20 @@ class OptimSpec:
     # arithmetic of torch's SparseAdam: only the rows a batch touches are updated, moments
     # included); the rest keeps Adam. Not bit-identical to dense Adam (lazy moments)
     sparse_embeddings: bool = False
+    # the learning rate over the run's steps (funnel/training/schedule.py): constant, cosine or
+    # linear decay from lr to lr * min_lr_ratio at the last step of trainer.max_epochs, after a
+    # linear warm-up over warmup_steps optimiser steps
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1] (a share of optim.lr), got {self.min_lr_ratio}")
         if self.sparse_embeddings and self.name != "adam":
             raise ValueError(f"sparse_embeddings works with name: adam (lazy Adam + Adam), not {self.name!r}")
         if self.sparse_embeddings and self.weight_decay:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
 from funnel.atomic import copy_file, write_text
 from funnel.claim import RunClaim, claim_existing, claim_new
@@ -62,6 +62,7 @@ from funnel.training.monitor import choose_monitor
 from funnel.training.preflight import preflight
 from funnel.training.priors import init_head_priors
 from funnel.training.progress import StderrProgressBar, show_progress
+from funnel.training.schedule import needs_scheduler
 from funnel.training.trainer_args import quiet_lightning, raise_trainer_data_problems
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,8 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
     callbacks += _EXTRA_CALLBACKS.get()
     if source is not None and cfg.warm_start.init_optimizer:
         callbacks.append(CarryOptimizer(source, cfg.optim, model))
+    if needs_scheduler(cfg.optim.schedule, cfg.optim.warmup_steps):  # lr-<optimiser> per epoch in metrics.csv
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.trainer.early_stopping is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.early_stopping))
     kwargs = {"enable_model_summary": False, **cfg.trainer.kwargs, "enable_progress_bar": show_progress(cfg)}

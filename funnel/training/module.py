@@ -17,6 +17,7 @@ from funnel.models.registry import FunnelModel, model_loss
 from funnel.spec.schema import OptimSpec
 from funnel.training.lazy_adam import LazyAdam
 from funnel.training.metrics import FunnelMetrics, WeightedMean, truth_of
+from funnel.training.schedule import build_scheduler, needs_scheduler
 
 
 class FunnelLightningModule(pl.LightningModule):
@@ -60,10 +61,18 @@ class FunnelLightningModule(pl.LightningModule):
             self.manual_backward(loss.total)
             optimizers[0].step()  # through Lightning: counts one global step per batch
             optimizers[1].optimizer.step()  # the raw torch optimiser: no second count
+            for scheduler in self._schedulers():  # manual optimisation steps its schedulers too
+                scheduler.step()
         logged = self.model.logged()  # e.g. MMoE/PLE: mean gate weight per expert
         if logged:  # every rank trains on as many rows: the mean of the ranks' means is the mean
             self.log_dict(logged, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss.total
+
+    def _schedulers(self) -> list:
+        if not needs_scheduler(self.optim.schedule, self.optim.warmup_steps):
+            return []
+        found = self.lr_schedulers()
+        return found if isinstance(found, list) else [found]
 
     def on_train_epoch_start(self) -> None:
         self._epoch_keys, self._epoch_sum, self._epoch_rows = [], None, 0
@@ -145,7 +154,20 @@ class FunnelLightningModule(pl.LightningModule):
             for m in self._tables():
                 m.sparse = True
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+    def configure_optimizers(self):
+        o = self.optim
+        optimizers = self._optimizers()
+        if not needs_scheduler(o.schedule, o.warmup_steps):
+            return optimizers
+        steps = self.trainer.estimated_stepping_batches  # every step of trainer.max_epochs
+        listed = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = [
+            {"scheduler": build_scheduler(opt, o.schedule, steps, o.warmup_steps, o.min_lr_ratio), "interval": "step"}
+            for opt in listed
+        ]
+        return listed, schedulers
+
+    def _optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         o = self.optim
         if o.sparse_embeddings:
             for m in self._tables():
