@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from funnel.data.degenerate import check_degenerate, monitor_undefined
+from funnel.data.degenerate import check_degenerate
 from funnel.data.encoders import NumericEncoder
 from funnel.data.featurizer import Featurizer
 from funnel.data.labels import conflict_counts, encode_label
@@ -14,7 +14,7 @@ from funnel.data.sources import load_frames
 from funnel.errors import DataError
 from funnel.runs import build_graph
 from funnel.spec import load_config
-from funnel.spec.validate import default_monitor
+from funnel.training.monitor import monitor_choice
 from funnel.training.preflight import preflight
 from funnel.training.trainer_args import trainer_data_problems
 
@@ -65,15 +65,10 @@ def check(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict
             }
             check_degenerate(tables, graph, cfg)
             problems += trainer_data_problems(cfg, len(tables["train"]))
-            monitor = cfg.trainer.monitor or default_monitor(graph)
-            undefined = monitor_undefined(tables["valid"], graph, monitor)
-            if undefined:
-                report["warnings"] = [
-                    (
-                        f"trainer.monitor {monitor} is undefined on the valid split ({undefined}); "
-                        "fit will monitor val/loss (mode min) instead."
-                    )
-                ]
+            monitor, mode, why, undefined = monitor_choice(cfg, graph, tables["valid"])
+            report["monitor"] = {"metric": monitor, "mode": mode, **({"why": why} if why else {})}
+            if undefined:  # a monitor that cannot work is a warning; a default's reasoned switch is not
+                report["warnings"] = [why]
         except DataError as exc:
             problems += exc.problems
     if problems:

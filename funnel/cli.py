@@ -155,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--pruner", choices=["median", "none"], default="median", help="stop trials worse than the median")
     t.add_argument("--seed", type=int, help="the sampler's seed (default: the config's seed)")
     t.add_argument("--out", help="folder for the trials, trials.csv, study.json and best.yaml")
+    t.add_argument(
+        "--report", action="store_true", help="also write report.html: the trials and the best trials side by side"
+    )
 
     s = command("synth", "write the synthetic funnel (train/valid/test CSV + truth.json)")
     s.add_argument("out_dir", help="the folder to write train.csv, valid.csv, test.csv and truth.json into")
@@ -331,6 +334,7 @@ def _run(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr, flush=True)
 
         options = {"sampler": args.sampler, "pruner": args.pruner, "seed": args.seed, "out_dir": args.out}
+        options["report"] = args.report
         result = tune(args.config, args.overrides, args.trials, args.timeout, progress=progress, **options)
         print(result.table)
         print(f"study written to: {result.out}")

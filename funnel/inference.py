@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from funnel.data.io import TableWriter, iter_table, output_format, prefetched, r
 from funnel.data.loader import BatchLoader
 from funnel.data.table import LABELS, EncodedTable
 from funnel.errors import UserError
+from funnel.fusion import fuse_linear_relu
 from funnel.graph import FunnelGraph
 from funnel.models.registry import FunnelModel
 from funnel.runs import BEST, CONFIG, ENCODERS, MANIFEST, METRICS, METRICS_VALID, load_run
@@ -167,9 +168,11 @@ def predict_run(
     trust_plugins: bool = False,
 ) -> Path:
     """Score ``data`` chunk by chunk (reading only the feature and ``keep`` columns) and append
-    each chunk's predictions to ``out``, so memory stays flat for files larger than memory.
+    each chunk's predictions to ``out``, so memory stays flat for files larger than memory
+    (three chunks at most: one being read, one scored, one written).
     ``batch_size`` rows go through each forward pass: 4096 keeps the activations in the CPU's
-    caches (measured faster than 16384 in float32 and bfloat16)."""
+    caches (measured faster than 16384 in float32 and bfloat16). The towers' Linear+ReLU pairs
+    run fused (funnel/fusion.py: float32 results within 1e-6 of the eager layers)."""
     output_format(out)
     _refuse_inputs(out, [resolve_path(str(data)), *_run_files(run_dir)])
     cfg, graph, featurizer, model = load_run(run_dir, trust_plugins)
@@ -189,15 +192,20 @@ def predict_run(
     if len(set(keep)) < len(keep):
         raise UserError(f"--keep: a column is listed twice ({','.join(keep)}).")
     featurizer.check_columns(pd.DataFrame(columns=header), str(data), labels=False)
+    fuse_linear_relu(model)
     wanted = list(dict.fromkeys([*featurizer.feature_columns(), *keep]))
     start, rows = time.perf_counter(), 0
-    with TableWriter(out) as writer:
-        for k, df in enumerate(prefetched(iter_table(data, cfg.data.csv, wanted, chunk_rows))):
-            table = featurizer.encode(df, f"{data} (chunk {k})", labels=False)
+
+    def encoded() -> Iterator[tuple[EncodedTable, pd.DataFrame]]:
+        for k, df in enumerate(iter_table(data, cfg.data.csv, wanted, chunk_rows)):
+            yield featurizer.encode(df, f"{data} (chunk {k})", labels=False), df[keep].reset_index(drop=True)
+
+    # a pipeline of three: chunk k+1 is parsed and encoded in one background thread and chunk
+    # k-1 written in another while chunk k goes through the model here
+    with TableWriter(out, background=True) as writer:
+        for table, kept in prefetched(encoded()):
             pred = predict_table(model, table, batch_size, bf16)
-            if keep:
-                pred = pd.concat([df[keep].reset_index(drop=True), pred], axis=1)
-            writer.write(pred)
+            writer.write(pd.concat([kept, pred], axis=1) if keep else pred)
             rows += len(pred)
     seconds = time.perf_counter() - start
     log.info("wrote %d predictions to %s in %.1fs (%.0f rows/s)", rows, out, seconds, rows / max(seconds, 1e-9))

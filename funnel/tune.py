@@ -109,9 +109,16 @@ def tune(
     seed: int | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    report: bool = False,
 ) -> StudyResult:
-    """Run the study; ``progress`` gets one line per trial (default: the log)."""
+    """Run the study; ``progress`` gets one line per trial (default: the log). ``report``: also
+    write ``report.html`` into the study folder (`funnel report` of it: the trials and the best
+    trials' runs side by side)."""
     optuna = _import_optuna()
+    if report:  # said before hours of trials, not after
+        from funnel.report import require_matplotlib
+
+        require_matplotlib()
     progress = progress or log.info
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}.")
@@ -142,6 +149,9 @@ def tune(
         study_name=out.name,
     )
     monitor = cfg.trainer.monitor or default_monitor(build_graph(cfg))
+    # every trial monitors the study's objective, named: fit's own choice of val/loss for a
+    # default monitor over few labels would give the trials another objective than the study's
+    base["trainer"] = {**(base.get("trainer") or {}), "monitor": monitor}
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     records: list[TrialRecord] = []
@@ -177,6 +187,10 @@ def tune(
     table = _table(records, cfg.tune, monitor, best, str(config))
     _write_outputs(out, records, configs, best, config, overrides, monitor, cfg, sampler, pruner, seed, trials, timeout)
     write_text(out / "summary.md", table + "\n")
+    if report and best is not None:
+        from funnel.report import report as write_report
+
+        write_report([out], out / "report.html", trust_plugins=bool(cfg.plugins))
     return StudyResult(out, table, best, interrupted)
 
 

@@ -112,6 +112,8 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "lr_schedule": (_set("optim.schedule", "cosin"), ["optim.schedule", "cosin", "cosine"]),
     "min_lr_ratio": (_set("optim.min_lr_ratio", 2.0), ["optim.min_lr_ratio", "2.0", "[0, 1]"]),
     "warmup_negative": (_set("optim.warmup_steps", -1), ["optim.warmup_steps", "-1"]),
+    "sparse_embeddings_maybe": (_set("optim.sparse_embeddings", "maybe"), ["optim.sparse_embeddings", "maybe"]),
+    "sparse_min_rows_negative": (_set("optim.sparse_min_rows", -5), ["optim.sparse_min_rows", "-5"]),
     "max_epochs_text": (_set("trainer.max_epochs", "abc"), ["trainer.max_epochs", "'abc'", "integer"]),
     "max_epochs_fraction": (_set("trainer.max_epochs", 1.5), ["trainer.max_epochs", "1.5", "integer"]),
     "max_epochs_negative": (_set("trainer.max_epochs", -5), ["max_epochs", "-5"]),

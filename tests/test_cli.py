@@ -184,7 +184,11 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(fitted, tmp_
         "lr": 0.02,
         "weight_decay": 0.0,
         "momentum": 0.0,
-        "sparse_embeddings": False,
+        "sparse_embeddings": "auto",
+        "sparse_min_rows": 1_000_000,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "min_lr_ratio": 0.0,
     }
     assert printed["data"]["eval_batch_size"] == 16384  # defaults are written out
     # every tower argument, defaults included

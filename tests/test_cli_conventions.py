@@ -250,8 +250,11 @@ def test_tensorboard_writes_an_events_file(make_config, tmp_path):
 def test_a_run_keeps_one_copy_of_the_best_checkpoint_and_last_ckpt(fitted):
     names = sorted(p.name for p in (fitted.run / "checkpoints").iterdir())
     assert names == ["best.ckpt", "last.ckpt"]
-    # one epoch: the best is the last, one file under two names
-    assert (fitted.run / BEST).stat().st_ino == (fitted.run / LAST).stat().st_ino
+    # one epoch: the best is the last; best.ckpt holds its weights alone, last.ckpt what --resume needs
+    best = torch.load(fitted.run / BEST, weights_only=True)
+    last = torch.load(fitted.run / LAST, weights_only=True)
+    assert "optimizer_states" not in best and "optimizer_states" in last
+    assert best["global_step"] == last["global_step"]
 
 
 def _ckpt(path: Path, step: int) -> Path:
@@ -266,10 +269,11 @@ def test_the_best_epoch_is_renamed_and_an_older_last_ckpt_kept_apart(tmp_path):
     fit_module._keep_one_best(best, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert torch.load(tmp_path / BEST, weights_only=True)["global_step"] == 10
-    assert (tmp_path / BEST).stat().st_ino != (tmp_path / LAST).stat().st_ino
+    assert torch.load(tmp_path / LAST, weights_only=True)["global_step"] == 20
 
 
-def test_without_a_monitored_checkpoint_best_is_a_link_to_last(tmp_path):
+def test_without_a_monitored_checkpoint_best_is_the_weights_of_last(tmp_path):
     _ckpt(tmp_path / LAST, 20)
     fit_module._keep_one_best(tmp_path / LAST, tmp_path)
-    assert (tmp_path / BEST).stat().st_ino == (tmp_path / LAST).stat().st_ino
+    assert torch.load(tmp_path / BEST, weights_only=True) == {"epoch": 2, "global_step": 20, "state_dict": {}}
+    assert (tmp_path / LAST).is_file()

@@ -77,7 +77,9 @@ def test_unknown_nested_key_lists_allowed_keys():
     msg = problems_of(raw(optim={"lrate": 0.1}))
     assert (
         "optim.lrate: unknown key." in msg
-        and "Allowed keys: name, lr, weight_decay, momentum, sparse_embeddings, schedule, warmup_steps, min_lr_ratio." in msg
+        and "Allowed keys: name, lr, weight_decay, momentum, sparse_embeddings, sparse_min_rows, schedule, "
+        "warmup_steps, min_lr_ratio."
+        in msg
     )
 
 

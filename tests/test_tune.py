@@ -107,7 +107,7 @@ def test_the_pruning_callback_stops_the_run_cleanly_after_the_validation_it_prun
     from funnel.training.fit import extra_callbacks, fit_config
     from funnel.tune import OptunaPruning
 
-    base_config["trainer"]["max_epochs"] = 3
+    base_config["trainer"] |= {"max_epochs": 3, "monitor": "val/auc/conversion"}  # as tune sets it
     trial = FakeTrial()
     pruning = OptunaPruning(trial)
     with extra_callbacks(pruning):
@@ -131,7 +131,7 @@ def test_a_three_trial_study_writes_runs_a_summary_and_a_best_yaml_that_fit_repr
     base_config["trainer"]["max_epochs"] = 2
     path = write_config(with_tune(base_config, SPACE))
     out = tmp_path / "study"
-    assert main(["tune", str(path), "--trials", "3", "--seed", "1", "--out", str(out)]) == 0
+    assert main(["tune", str(path), "--trials", "3", "--seed", "1", "--out", str(out), "--report"]) == 0
     printed = capsys.readouterr()
     assert printed.err.count("trial ") >= 3 and "trial 3/3 pruned" in printed.err
     assert "| trial | optim.lr | funnel.tower.hidden | value | state | epochs | seconds |" in printed.out
@@ -147,6 +147,15 @@ def test_a_three_trial_study_writes_runs_a_summary_and_a_best_yaml_that_fit_repr
     trial = load_config_of_run(out / "trial-000")
     assert best == dataclasses.replace(trial, run_dir=None)
     assert best.optim.lr == float(rows[0]["optim.lr"]) and best.seed == 0 and best.tune is None
+    # --report: the study (objective by trial, every trial) above its best trials' runs, best first
+    page = (out / "report.html").read_text()
+    study_part = page[page.index('<section id="study">') : page.index("</section>")]
+    assert "<h1>funnel tune report</h1>" in page and "val/auc/conversion" in study_part
+    assert study_part.count("<tr>") == 1 + 3  # the header and one row per trial
+    order = sorted(rows, key=lambda r: (r["state"] != "complete", -float(r["value"])))  # as the study ranks
+    names = [f"trial {r['trial']}" + (" (best)" if k == 0 else "") for k, r in enumerate(order)]
+    at = [page.index(f"<b>{n}</b>") for n in names]
+    assert at == sorted(at) and names[0] == "trial 0 (best)"
 
 
 def test_ctrl_c_ends_the_study_with_what_completed(base_config, write_config, tmp_path, capsys, monkeypatch):

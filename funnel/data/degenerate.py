@@ -72,6 +72,38 @@ def check_degenerate(tables: Mapping[str, EncodedTable], graph: FunnelGraph, cfg
         raise DataError(problems)
 
 
+def monitor_minority(table: EncodedTable, graph: FunnelGraph, monitor: str) -> tuple[int, str] | None:
+    """(count, "positives" | "negatives") of the rarer class that the AUC ``monitor`` is computed
+    over on ``table`` (the rows of its space, as in :func:`monitor_undefined`), or None when
+    ``monitor`` is not a stage AUC."""
+    space = _auc_labels(table, graph, monitor)
+    if space is None:
+        return None
+    labels = space[0]
+    pos = int((labels > 0).sum())
+    neg = len(labels) - pos
+    return (pos, "positives") if pos <= neg else (neg, "negatives")
+
+
+def _auc_labels(table: EncodedTable, graph: FunnelGraph, monitor: str):
+    """(labels of the AUC's space, a description of the space) for a stage AUC monitor, else None."""
+    parts = monitor.split("/")
+    if len(parts) != 3 or parts[1] not in ("auc", "auc_cond") or table.labels is None:
+        return None
+    _, kind, name = parts
+    if name not in graph.names:
+        return None
+    j = graph.index(name)
+    labels = table.labels[:, j]  # (N,)
+    space = f"{len(table)} rows"
+    parent = graph.stages[j].after
+    if kind == "auc_cond" and parent is not None:
+        rows = table.labels[:, graph.index(parent)] > 0
+        labels = labels[rows]
+        space = f"{int(rows.sum())} rows with {parent!r} = 1"
+    return labels, space
+
+
 def monitor_undefined(table: EncodedTable, graph: FunnelGraph, monitor: str) -> str | None:
     """Why the metric ``monitor`` (e.g. "val/auc_cond/conversion") is undefined on ``table``, or None.
 
@@ -79,23 +111,13 @@ def monitor_undefined(table: EncodedTable, graph: FunnelGraph, monitor: str) -> 
     the rows whose parent stage is 1 (all rows for a first stage); either needs both classes.
     ``logloss``, ``calib`` and ``loss`` are defined whenever there are rows.
     """
-    n = len(table)
-    if n == 0:
+    if len(table) == 0:
         return "valid has 0 rows"
-    parts = monitor.split("/")
-    if len(parts) != 3 or parts[1] not in ("auc", "auc_cond") or table.labels is None:
+    found = _auc_labels(table, graph, monitor)  # None: not a stage AUC this graph logs
+    if found is None:
         return None
-    _, kind, name = parts
-    if name not in graph.names:
-        return None  # not a stage metric this graph logs; the config check reports the name
-    j = graph.index(name)
-    labels = table.labels[:, j]  # (N,)
-    space = f"{n} rows"
-    parent = graph.stages[j].after
-    if kind == "auc_cond" and parent is not None:
-        rows = table.labels[:, graph.index(parent)] > 0
-        labels = labels[rows]
-        space = f"{int(rows.sum())} rows with {parent!r} = 1"
+    labels, space = found
+    name = monitor.split("/")[2]
     pos = int((labels > 0).sum())
     neg = len(labels) - pos
     if pos and neg:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -226,19 +226,39 @@ class TableWriter:
     """Append DataFrames to one CSV or Parquet file (by extension), chunk by chunk.
 
     The rows go to a temporary file beside ``path``, which replaces ``path`` only when the
-    ``with`` block completes: a failure leaves an earlier file of that name as it was."""
+    ``with`` block completes: a failure leaves an earlier file of that name as it was.
 
-    def __init__(self, path: str | Path):
+    ``background``: each chunk is converted and written in a background thread while the
+    caller computes the next one (`funnel predict`: the write of chunk k overlaps the forward
+    pass of chunk k+1). At most one chunk is in flight; a write's error is raised by the next
+    ``write`` or by ``close``."""
+
+    def __init__(self, path: str | Path, background: bool = False):
         self.path = Path(path)
         self.parquet = output_format(self.path) == "parquet"
         if self.parquet:
             _require_pyarrow(self.path)
         self.rows = 0
         self._writer = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funnel-write") if background else None
+        self._pending: Future[None] | None = None
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
 
     def write(self, df: pd.DataFrame) -> None:
+        if self._pool is None:
+            self._write_now(df)
+            return
+        self._wait()
+        self._pending = self._pool.submit(self._write_now, df)
+
+    def _wait(self) -> None:
+        """Wait for the chunk in flight; re-raises its error here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write_now(self, df: pd.DataFrame) -> None:
         if self.parquet:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -270,13 +290,24 @@ class TableWriter:
             pa_csv.write_csv(table, fh, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
 
     def close(self, exc: BaseException | None = None) -> None:
-        """Finish the file and rename it into place; with ``exc``, discard it instead."""
+        """Finish the file and rename it into place; with ``exc``, discard it instead (also
+        when the chunk still in flight fails: its error is raised after the file is discarded)."""
+        failed = None
+        if self._pool is not None:
+            try:
+                self._wait()
+            except Exception as err:  # noqa: BLE001  (the caller's own error, if any, comes first)
+                failed = err
+            self._pool.shutdown()
+            exc = exc or failed
         if self._writer is not None:
             self._writer.close()
         if exc is None:
             self._atomic.__exit__(None, None, None)
         else:
             self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+        if failed is not None and exc is failed:
+            raise failed
 
     def __enter__(self) -> Self:
         return self

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from funnel.data.layout import FeatureLayout
 from funnel.data.table import BAG, CAT, NUM, SEQ, bag_key, bag_offsets_key, bag_weights_key, seq_key
+from funnel.models import huge_pages
 from funnel.models.inputs import InputShape, TowerInput, module_key
 from funnel.models.numeric_embedding import PeriodicEmbedding
 
@@ -63,6 +64,15 @@ def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
     return _Lookup.apply(table.weight, ids, table.sparse)
 
 
+def _table(rows: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(rows, dim)``, its weight in huge pages where it is large (fewer TLB misses
+    when a step reads and updates rows scattered over gigabytes; funnel/models/huge_pages.py).
+    The same values: the weight gets nn.Embedding's own initial draw."""
+    weight = huge_pages.empty(rows, dim)
+    nn.init.normal_(weight)  # what nn.Embedding.reset_parameters draws: the RNG stream is unchanged
+    return nn.Embedding(rows, dim, _weight=weight)
+
+
 class SharedEmbeddings(nn.Module):
     """Look up every categorical field (binned numerics among them), pool every sequence and
     multi-hot field, embed every ``plr`` numeric, and concatenate with numerics."""
@@ -80,7 +90,7 @@ class SharedEmbeddings(nn.Module):
                 key = f"d{t.dim}"
                 self.slots[t.name] = (key, rows_per_width.get(key, 0), t.rows)
                 rows_per_width[key] = rows_per_width.get(key, 0) + t.rows
-        self.fused = nn.ModuleDict({key: nn.Embedding(rows, int(key[1:])) for key, rows in rows_per_width.items()})
+        self.fused = nn.ModuleDict({key: _table(rows, int(key[1:])) for key, rows in rows_per_width.items()})
         for table in self.fused.values():
             nn.init.normal_(table.weight, std=init_std)
         cats = [f for f in fields if f.block == CAT]

@@ -3,6 +3,7 @@
     funnel report runs/esmm/20261201-120000                 # -> that folder's report.html
     funnel report runs/compare/esmm-20261201-120000         # a `funnel compare` folder: its models
     funnel report RUN_A RUN_B --out a-vs-b.html
+    funnel report runs/esmm_tune/tune-20261201-120000       # a `funnel tune` folder: the study, its best trials
 
 Needs matplotlib (``pip install 'funnel[report]'``). The pieces: ``gather`` reads and re-scores a
 run, ``bins`` computes reliability bins, ``plots`` draws the figures, ``html`` assembles the page.
@@ -87,9 +88,16 @@ def report(
         out = Path(paths[0]) / REPORT
     if Path(out).suffix.lower() not in (".html", ".htm"):
         raise UserError(f"--out: {str(out)!r} must be an .html file.")
-    runs = resolve_runs(paths)
-    from funnel.report import html
+    from funnel.report import html, study
     from funnel.report.gather import MAX_ROWS, gather
+
+    lead, title = [], "funnel report"
+    if len(paths) == 1 and study.is_study(Path(paths[0])):  # a `funnel tune` folder: its best trials
+        found = study.read_study(Path(paths[0]))
+        runs = study.best_runs(found, Path(paths[0]))
+        lead, title = [study.section(found)], "funnel tune report"
+    else:
+        runs = resolve_runs(paths)
 
     data = [gather(p, name, max_rows or MAX_ROWS, trust_plugins) for name, p in runs]
     stages = data[0].stages
@@ -99,6 +107,6 @@ def report(
                 f"report: {d.path} has the stages {', '.join(d.stages)}, {data[0].path} has {', '.join(stages)}; "
                 "runs side by side need the same funnel."
             )
-    path = write_text(out, html.render(data))
+    path = write_text(out, html.render(data, lead, title))
     log.info("report of %d run(s) written to %s", len(data), path)
     return path

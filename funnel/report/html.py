@@ -208,13 +208,14 @@ def _meta(r: RunData) -> str:
     )
 
 
-def render(runs: list[RunData]) -> str:
-    """The whole page."""
+def render(runs: list[RunData], lead: Iterable[str] = (), title: str = "funnel report") -> str:
+    """The whole page; ``lead``: sections (HTML) before the runs' own, e.g. a tuning study's."""
     stages = runs[0].stages
     names = ", ".join(r.name for r in runs)
     nav = " ".join(f'<a href="#stage-{html.escape(s)}">{html.escape(s)}</a>' for s in stages)
     body = [
-        "<h1>funnel report</h1>",
+        f"<h1>{html.escape(title)}</h1>",
+        *lead,
         f'<ul class="meta">{"".join(_meta(r) for r in runs)}</ul>',
         f"<nav>stages: {nav}</nav>",
         '<section id="funnel"><h2>Funnel and training</h2>',

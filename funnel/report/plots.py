@@ -198,3 +198,27 @@ def funnel_chart(run: RunData) -> bytes:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"funnel: observed vs predicted counts ({run.split})", fontsize=10)
     return png(fig)
+
+
+def study_values(trials: list[dict], monitor: str, mode: str) -> bytes:
+    """A tuning study: each trial's best validation value by trial number (complete, pruned),
+    and the best value so far as a step line."""
+    fig, (ax,) = _figure()
+    shown = [(t["number"], t["value"], t.get("state")) for t in trials if isinstance(t.get("value"), int | float)]
+    shown = [(n, v, s) for n, v, s in shown if np.isfinite(v)]
+    if not shown:
+        _empty(ax, "no trial has a value")
+        return png(fig)
+    for state, colour, marker in (("complete", OBSERVED, "o"), ("pruned", PREDICTED, "x")):
+        pts = [(n, v) for n, v, s in shown if s == state]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), color=colour, marker=marker, label=state, zorder=3)
+    numbers = [n for n, _, _ in shown]
+    values = np.array([v for _, v, _ in shown])
+    best = np.maximum.accumulate(values) if mode == "max" else np.minimum.accumulate(values)
+    ax.step(numbers, best, where="post", color=TRUTH, label="best so far")
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(monitor)
+    ax.legend(fontsize="small")
+    return png(fig)

@@ -42,7 +42,7 @@ def convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
             out = convert(candidate, value, path, trial)
             if not trial:
                 return out
-        errors.append(f"{path}: {describe(value)} is not a valid {type_name(tp)}.")
+        errors.append(f"{path}: {describe(value)} is not {type_text(tp)}.")
         return None
     if origin is Literal:
         if value in args:

@@ -380,8 +380,13 @@ class OptimSpec:
     momentum: float = 0.0  # sgd only
     # adam only: embedding tables get sparse gradients and lazy Adam (funnel's LazyAdam, the
     # arithmetic of torch's SparseAdam: only the rows a batch touches are updated, moments
-    # included); the rest keeps Adam. Not bit-identical to dense Adam (lazy moments)
-    sparse_embeddings: bool = False
+    # included); the rest keeps Adam. Not bit-identical to dense Adam (lazy moments). auto:
+    # sparse when the tables hold more than sparse_min_rows rows in all and the config allows
+    # it (adam, weight_decay 0, no gradnorm, no gradient_clip_val), else dense; a dense step
+    # walks every row of every table (funnel/training/sparse_choice.py)
+    sparse_embeddings: bool | Literal["auto"] = "auto"
+    # auto's threshold: measured, dense Adam's step time grows with the rows, sparse's does not
+    sparse_min_rows: int = 1_000_000
     # the learning rate over the run's steps (funnel/training/schedule.py): constant, cosine or
     # linear decay from lr to lr * min_lr_ratio at the last step of trainer.max_epochs, after a
     # linear warm-up over warmup_steps optimiser steps
@@ -396,9 +401,11 @@ class OptimSpec:
             raise ValueError(f"optim.warmup_steps must be 0 or more, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1] (a share of optim.lr), got {self.min_lr_ratio}")
-        if self.sparse_embeddings and self.name != "adam":
+        if self.sparse_min_rows < 0:
+            raise ValueError(f"optim.sparse_min_rows must be 0 or more (embedding rows), got {self.sparse_min_rows}")
+        if self.sparse_embeddings is True and self.name != "adam":
             raise ValueError(f"sparse_embeddings works with name: adam (lazy Adam + Adam), not {self.name!r}")
-        if self.sparse_embeddings and self.weight_decay:
+        if self.sparse_embeddings is True and self.weight_decay:
             raise ValueError("sparse_embeddings cannot apply weight_decay (lazy Adam has none); set it to 0")
 
 

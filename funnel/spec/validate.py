@@ -48,11 +48,11 @@ def config_problems(cfg: Config) -> list[str]:
             )
     problems += tower_problems(cfg.funnel.tower, "funnel.tower")
     problems += bottom_problems(cfg.funnel.bottom)
-    if cfg.optim.sparse_embeddings and cfg.funnel.loss_weighting.method == "gradnorm":
+    if cfg.optim.sparse_embeddings is True and cfg.funnel.loss_weighting.method == "gradnorm":
         problems.append(
             "optim.sparse_embeddings: gradnorm needs dense gradients of the shared tables; turn one of them off."
         )
-    if cfg.optim.sparse_embeddings and cfg.trainer.kwargs.get("gradient_clip_val"):
+    if cfg.optim.sparse_embeddings is True and cfg.trainer.kwargs.get("gradient_clip_val"):
         problems.append(
             "optim.sparse_embeddings: steps its optimisers by hand, which Lightning's "
             "gradient_clip_val does not support; remove one of them."
@@ -135,7 +135,7 @@ def config_problems(cfg: Config) -> list[str]:
 
     if stages and complete and not graph_errors:
         monitor = cfg.trainer.monitor or default_monitor(FunnelGraph.from_stages(stages))
-        valid = [f"val/{m}/{s.name}" for m in METRIC_PREFIXES for s in stages] + ["val/loss"]
+        valid = [f"val/{m}/{s.name}" for m in METRIC_PREFIXES for s in stages] + ["val/loss", "val/auc_mean"]
         if monitor not in valid:
             problems.append(
                 f"trainer.monitor: {monitor!r} is not a logged metric.{did_you_mean(monitor, valid)} "

@@ -1,8 +1,9 @@
 """``warm_start.init_optimizer: true``: a warm start's optimisers begin from the old run's state.
 
-The state carried is the one saved beside the weights ``init_from`` loads, the old run's
-checkpoints/best.ckpt (Lightning writes every checkpoint with its optimisers' state); a run
-whose best checkpoint has none (saved with weights only) gives that of checkpoints/last.ckpt.
+The state carried is that of the old run's checkpoints/last.ckpt: funnel writes best.ckpt with
+the weights alone (funnel/training/checkpointing.py), so the moments are those of the old run's
+last epoch, beside the weights of its best one (the same epoch when the last was the best). A
+best.ckpt that does hold optimiser states (written by an older funnel) gives its own.
 
 The state is matched to the new model by parameter name: the old optimisers' parameter ids
 are named through the order in which funnel builds its optimisers
@@ -33,6 +34,7 @@ from funnel.models.embedding import SharedEmbeddings
 from funnel.runs import BEST, LAST
 from funnel.spec.schema import OptimSpec
 from funnel.training.module import optimizer_params
+from funnel.training.sparse_choice import sparse_tables
 from funnel.training.warm_start import WarmSource
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,14 @@ Rows = list[tuple[int, int, int]]
 class CarryOptimizer(pl.Callback):
     """Loads the old run's optimiser state, remapped to ``model``'s parameters, at fit start."""
 
-    def __init__(self, source: WarmSource, optim: OptimSpec, model: nn.Module):
-        refuse_other_optimizer(source.run_dir, source.config.optim, optim)
+    def __init__(self, source: WarmSource, optim: OptimSpec, model: nn.Module, clip: bool = False):
+        """``clip``: this run clips gradients (as the LightningModule's ``clip``)."""
+        old_clip = bool(source.config.trainer.kwargs.get("gradient_clip_val"))
+        old_sparse = sparse_tables(source.config.optim, source.model, old_clip)
+        new_sparse = sparse_tables(optim, model, clip)
+        refuse_other_optimizer(source.run_dir, source.config.optim, optim, old_sparse, new_sparse)
         self.path, saved = saved_states(Path(source.run_dir))
-        old_groups = optimizer_params(source.model, source.config.optim)
+        old_groups = optimizer_params(source.model, source.config.optim, old_clip)
         if len(saved) != len(old_groups):
             raise UserError(
                 f"warm_start.init_optimizer: {self.path} holds {len(saved)} optimiser state(s), its run's "
@@ -71,20 +77,24 @@ class CarryOptimizer(pl.Callback):
         self.states = None  # loaded: not kept twice
 
 
-def refuse_other_optimizer(run_dir: Path, old: OptimSpec, new: OptimSpec) -> None:
-    def kind(o: OptimSpec) -> str:
-        return f"optim.name: {o.name}, optim.sparse_embeddings: {str(o.sparse_embeddings).lower()}"
+def refuse_other_optimizer(run_dir: Path, old: OptimSpec, new: OptimSpec, old_sparse: bool, new_sparse: bool) -> None:
+    """``old_sparse``, ``new_sparse``: what each run's optim.sparse_embeddings resolved to."""
 
-    if (old.name, old.sparse_embeddings) != (new.name, new.sparse_embeddings):
+    def kind(o: OptimSpec, sparse: bool) -> str:
+        auto = " (auto)" if o.sparse_embeddings == "auto" else ""
+        return f"optim.name: {o.name}, optim.sparse_embeddings: {str(sparse).lower()}{auto}"
+
+    if (old.name, old_sparse) != (new.name, new_sparse):
+        old_kind, new_kind = kind(old, old_sparse), kind(new, new_sparse)
         raise UserError(
-            f"warm_start.init_optimizer: {run_dir} was trained with {kind(old)}, this config has {kind(new)}; "
+            f"warm_start.init_optimizer: {run_dir} was trained with {old_kind}, this config has {new_kind}; "
             "an optimiser's state carries only to the same optimiser. Drop warm_start.init_optimizer "
             "(the optimiser then starts afresh) or use the same optim settings."
         )
 
 
 def saved_states(run_dir: Path) -> tuple[Path, list[dict]]:
-    """The optimiser states of the best checkpoint, else of the last one."""
+    """The optimiser states of the best checkpoint when it has them (older runs), else of the last one."""
     for name in (BEST, LAST):
         path = run_dir / name
         if not path.is_file():

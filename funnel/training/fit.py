@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
 
-from funnel.atomic import copy_file, write_text
+from funnel.atomic import write_text
 from funnel.claim import RunClaim, claim_existing, claim_new
 from funnel.data.datamodule import FunnelDataModule
 from funnel.data.featurizer import Featurizer
@@ -52,6 +52,7 @@ from funnel.runs import (
 from funnel.spec import Config, load_config
 from funnel.training import distributed, resume_logs, warm_start
 from funnel.training.carry_optimizer import CarryOptimizer
+from funnel.training.checkpointing import BackgroundCheckpointIO, BestAndLast, is_lean, remove_partials, write_lean
 from funnel.training.distributed import Launch
 from funnel.training.guards import DivergenceGuard, TrainingDiverged
 from funnel.training.health import TrainingHealth
@@ -284,24 +285,25 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
         model = create_model(graph, cfg.funnel, dm.featurizer.layout())
         init_head_priors(model, getattr(dm.tables.get("train"), "labels", None))  # base rates, not 0.5
     valid = dm.tables["valid"]
+    clip = bool(cfg.trainer.kwargs.get("gradient_clip_val"))  # optim.sparse_embeddings: auto stays dense
     module = FunnelLightningModule(
-        model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth)
+        model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth), clip=clip
     )
     monitor, mode = choose_monitor(cfg, graph, valid)
-    checkpoint = ModelCheckpoint(
+    # the best epoch's weights alone (epochN.ckpt) and everything --resume needs (last.ckpt)
+    checkpoint = BestAndLast(
         dirpath=run_dir / "checkpoints",
         filename="epoch{epoch}",
         auto_insert_metric_name=False,
         monitor=monitor,
         mode=mode,
         save_top_k=cfg.trainer.save_top_k,
-        save_last=True,
     )
     callbacks: list[pl.Callback] = [checkpoint, DivergenceGuard(cfg.optim.lr), _Progress(run_dir)]
     callbacks.append(TrainingHealth(graph.names))  # warns of a stuck stage; summarised by _health
     callbacks += _EXTRA_CALLBACKS.get()
     if source is not None and cfg.warm_start.init_optimizer:
-        callbacks.append(CarryOptimizer(source, cfg.optim, model))
+        callbacks.append(CarryOptimizer(source, cfg.optim, model, clip))
     if needs_scheduler(cfg.optim.schedule, cfg.optim.warmup_steps):  # lr-<optimiser> per epoch in metrics.csv
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.trainer.early_stopping is not None:
@@ -311,7 +313,9 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
         callbacks.append(StderrProgressBar())  # Lightning's own bar writes to stdout, the results' stream
     kwargs["logger"] = build_loggers(cfg, run_dir)  # logs/metrics.csv always, and trainer.logger's others
     with quiet_lightning():  # the arguments were checked before the data was read
-        trainer = pl.Trainer(default_root_dir=run_dir, callbacks=callbacks, **kwargs)
+        trainer = pl.Trainer(
+            default_root_dir=run_dir, callbacks=callbacks, plugins=[BackgroundCheckpointIO()], **kwargs
+        )
     return trainer, module, checkpoint, monitor
 
 
@@ -326,13 +330,14 @@ def _fit(trainer: pl.Trainer, module: FunnelLightningModule, dm: FunnelDataModul
         raise KeyboardInterrupt
 
 
-def _best_checkpoint(trainer: pl.Trainer, checkpoint: ModelCheckpoint, run_dir: Path) -> str:
+def _best_checkpoint(trainer: pl.Trainer, checkpoint: BestAndLast, run_dir: Path) -> str:
     """The best checkpoint's path (the same on every rank: Lightning broadcasts it). Every rank
     calls this: saving the final weights, when no checkpoint was kept, is a collective."""
     best = checkpoint.best_model_path or checkpoint.last_model_path
     if not best:  # fast_dev_run and friends save nothing: keep the final weights
         best = str(run_dir / "checkpoints" / "final.ckpt")
-        trainer.save_checkpoint(best)
+        trainer.save_checkpoint(best, weights_only=True)
+        trainer.strategy.checkpoint_io.teardown()  # written before anyone reads it
     return best
 
 
@@ -341,13 +346,17 @@ def _finish(
     module: FunnelLightningModule,
     dm: FunnelDataModule,
     best: str,
-    checkpoint: ModelCheckpoint,
+    checkpoint: BestAndLast,
     monitor: str,
     run_dir: Path,
 ) -> None:
     """Rank 0 alone: the best checkpoint and the metrics of the whole test (and valid) split,
     computed in this process by the same function as `funnel evaluate`."""
     _keep_one_best(Path(best), run_dir)
+    kept = {Path(p).name for p in checkpoint.best_k_models}  # save_top_k > 1 keeps the others
+    for stale in (run_dir / "checkpoints").glob("epoch*.ckpt"):  # a crash left it between a save and a removal
+        if stale.name not in kept:
+            stale.unlink()
     score = checkpoint.best_model_score
     shown = "n/a" if score is None else f"{float(score):.6g}"
     log.info("best checkpoint: %s (%s, %s = %s)", run_dir / BEST, Path(best).name, monitor, shown)
@@ -367,37 +376,20 @@ def _finish(
 
 
 def _keep_one_best(best: Path, run_dir: Path) -> None:
-    """Make checkpoints/best.ckpt the one copy of the best weights: ModelCheckpoint's file of the
-    best epoch is renamed to it. checkpoints/last.ckpt stays for --resume and warm starts; when it
-    holds the same step as the best (the last epoch was the best), it becomes a hard link to it."""
+    """Make checkpoints/best.ckpt the one copy of the best weights, weights only: the best
+    epoch's file is renamed to it (rewritten without its optimiser state when it has one: a
+    run interrupted before checkpoints were lean, or fast_dev_run's final.ckpt).
+    checkpoints/last.ckpt stays, whole, for the optimiser moments of warm starts; without a
+    monitored checkpoint (save_top_k 0) best.ckpt is the weights of last.ckpt."""
     target, last = run_dir / BEST, run_dir / LAST
-    if best.resolve() == last.resolve():  # no monitored checkpoint (save_top_k 0): the last is the best
-        _link(last, target)
-        return
-    best.replace(target)
-    if last.is_file() and _step(last) == _step(target):
-        _link(target, last)
-
-
-def _step(ckpt: Path) -> tuple[int, int] | None:
-    """(epoch, global_step) of a checkpoint, read without loading its tensors."""
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001  (unreadable: treated as different, both files are kept)
-        return None
-    return state.get("epoch"), state.get("global_step")
-
-
-def _link(src: Path, dst: Path) -> None:
-    """``dst`` as a hard link to ``src`` (a copy where the file system has no hard links), atomically."""
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        tmp.hardlink_to(src)
-    except OSError:
-        copy_file(src, dst)
-        return
-    tmp.replace(dst)
+    if best.resolve() == last.resolve():
+        write_lean(last, target)
+    elif is_lean(best):
+        best.replace(target)
+    else:
+        write_lean(best, target)
+        best.unlink()
+    remove_partials(target.parent)
 
 
 def _health(trainer: pl.Trainer, diverged: bool = False) -> dict[str, str]:

@@ -8,6 +8,9 @@ best checkpoint and stops early agrees everywhere.
 
 from __future__ import annotations
 
+import logging
+import math
+
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -18,16 +21,38 @@ from funnel.spec.schema import OptimSpec
 from funnel.training.lazy_adam import LazyAdam
 from funnel.training.metrics import FunnelMetrics, WeightedMean, truth_of
 from funnel.training.schedule import build_scheduler, needs_scheduler
+from funnel.training.sparse_choice import choose
+
+log = logging.getLogger(__name__)
+
+
+def stage_auc_mean(values: dict[str, float], names: list[str] | tuple[str, ...]) -> float:
+    """The mean of the stages' path AUCs (``auc/<stage>``) that are defined (NaN: none is): the
+    monitor that funnel falls back on when the last stage's AUC rests on too few labels."""
+    aucs = [values.get(f"auc/{n}", math.nan) for n in names]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return sum(aucs) / len(aucs) if aucs else math.nan
 
 
 class FunnelLightningModule(pl.LightningModule):
-    def __init__(self, model: FunnelModel, optim: OptimSpec, with_truth: bool = False, free: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        model: FunnelModel,
+        optim: OptimSpec,
+        with_truth: bool = False,
+        free: tuple[str, ...] = (),
+        clip: bool = False,
+    ):
+        """``clip``: the Trainer clips gradients (optim.sparse_embeddings: auto then stays dense)."""
         super().__init__()
         self.model = model
         self.optim = optim
         self.names = model.graph.names
+        self.choice = choose(optim, model, clip)  # sparse embedding updates or not, and why
+        self.sparse = self.choice.sparse
+        self.clip = clip
         # sparse embeddings: two optimisers (LazyAdam, Adam) stepped by hand
-        self.automatic_optimization = not optim.sparse_embeddings
+        self.automatic_optimization = not self.sparse
         self._epoch_keys: list[str] = []
         self._epoch_sum: Tensor | None = None
         self._epoch_rows = 0
@@ -118,6 +143,7 @@ class FunnelLightningModule(pl.LightningModule):
 
     def _log_metrics(self, metrics: FunnelMetrics, loss_mean: WeightedMean, prefix: str) -> None:
         values = {"loss": float(loss_mean.compute()), **metrics.compute()}
+        values["auc_mean"] = stage_auc_mean(values, self.names)
         metrics.reset()
         loss_mean.reset()
         shown = {f"{prefix}/{k}": v for k, v in values.items()}  # NaN where a space has one class
@@ -150,7 +176,9 @@ class FunnelLightningModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # sparse before Lightning wraps the model in DDP, which lays out its gradient buckets
         # (and all-reduces sparse gradients apart) by what the parameters give at that moment
-        if self.optim.sparse_embeddings:
+        if stage == "fit" and self.trainer.is_global_zero:
+            log.info(self.choice.message())
+        if self.sparse:
             for m in self._tables():
                 m.sparse = True
 
@@ -169,12 +197,12 @@ class FunnelLightningModule(pl.LightningModule):
 
     def _optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         o = self.optim
-        if o.sparse_embeddings:
+        if self.sparse:
             for m in self._tables():
                 m.sparse = True
-            tables, dense = optimizer_params(self.model, o)
+            tables, dense = optimizer_params(self.model, o, self.clip)
             return [LazyAdam(tables, lr=o.lr), _fused(torch.optim.Adam, dense, lr=o.lr)]
-        (params,) = optimizer_params(self.model, o)
+        (params,) = optimizer_params(self.model, o, self.clip)
         # fused: one kernel over all parameters instead of a Python loop of small ops (same
         # arithmetic; CPU and CUDA both have it)
         if o.name == "adam":
@@ -186,12 +214,13 @@ class FunnelLightningModule(pl.LightningModule):
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-def optimizer_params(model: torch.nn.Module, optim: OptimSpec) -> list[list[torch.nn.Parameter]]:
+def optimizer_params(model: torch.nn.Module, optim: OptimSpec, clip: bool = False) -> list[list[torch.nn.Parameter]]:
     """The parameters of each optimiser ``configure_optimizers`` builds, in its order: with
     sparse embeddings the tables (LazyAdam) and the rest (Adam), else all of them. A warm start
-    with ``init_optimizer`` reads the other run's optimiser state by it."""
+    with ``init_optimizer`` reads the other run's optimiser state by it. ``clip``: as the
+    module's (it can turn optim.sparse_embeddings: auto dense)."""
     params = list(model.parameters())
-    if not optim.sparse_embeddings:
+    if not choose(optim, model, clip).sparse:
         return [params]
     tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     sparse_ids = {id(p) for p in tables}

@@ -12,7 +12,7 @@ checkpoint and encoders, on today's data.
   ``warm_start.refit_numerics: true``.
 - Every other weight is copied as it is.
 - The optimiser starts afresh, unless ``warm_start.init_optimizer: true``: then it starts from
-  the old run's optimiser state (of its best checkpoint, else of checkpoints/last.ckpt), moments
+  the old run's optimiser state (of checkpoints/last.ckpt: its last epoch's moments), moments
   and step counts matched by parameter name, a grown table's new rows with zero moments; the
   learning rate and weight decay are the new config's, and another ``optim.name`` or
   ``optim.sparse_embeddings`` is refused (funnel/training/carry_optimizer.py).
