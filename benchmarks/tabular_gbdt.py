@@ -153,13 +153,18 @@ def labels_of(ds: Dataset) -> dict[str, np.ndarray]:
 
 
 # ---- the funnel side -----------------------------------------------------------------------------------------
-def features(ds: Dataset, variant: str, bins: int, frequencies: int, sigma: float) -> list[dict]:
+def features(
+    ds: Dataset, variant: str, bins: int, frequencies: int, sigma: float, sigma_log1p: float | None = None
+) -> list[dict]:
+    """Every numeric column as ``variant``; ``sigma_log1p``: the PLR sigma of the log1p (skewed
+    money) columns, where it differs from the others' ``sigma``."""
     out = []
     for c, transform in ds.numeric.items():
+        col_sigma = sigma_log1p if sigma_log1p is not None and transform == "log1p" else sigma
         plain = {"name": c, "kind": "numeric", "transform": transform}
         binned = {"name": c, "kind": "numeric", "embedding": "bins", "bins": bins}
         plr = {"name": c, "kind": "numeric", "transform": transform, "embedding": "plr"}
-        plr |= {"frequencies": frequencies, "sigma": sigma}
+        plr |= {"frequencies": frequencies, "sigma": col_sigma}
         if variant == "none":
             out.append(plain)
         elif variant == "bins":
@@ -186,7 +191,7 @@ def funnel_config(ds: Dataset, files: dict[str, Path], variant: str, chain: bool
             "label_conflicts": "zero",  # the chain: second = first AND second
             "cache": False,
         },
-        "features": features(ds, variant, args.bins, args.frequencies, args.sigma),
+        "features": features(ds, variant, args.bins, args.frequencies, args.sigma, args.sigma_log1p),
         "funnel": {
             "model": "esmm",
             "embed_dim": args.embed_dim or hp["embed_dim"],
@@ -270,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bins", type=int, default=32)
     p.add_argument("--frequencies", type=int, default=16)
     p.add_argument("--sigma", type=float, default=1.0)
+    p.add_argument("--sigma-log1p", type=float, default=None, help="PLR sigma of the log1p columns (default: --sigma)")
     p.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap rounds (0: none)")
     p.add_argument("--work", default=None, help="folder for the split files and runs (default: a temporary one)")
     p.add_argument("--out", default=None, help="also write the JSON result here")

@@ -153,7 +153,8 @@ def test_two_fits_with_default_run_dirs_in_the_same_second_get_two_folders(confi
 
 def test_ctrl_c_exits_130_and_leaves_a_resumable_run(config_file, tmp_path):
     run = tmp_path / "shared-run"
-    proc = _popen(["fit", str(config_file), "trainer.max_epochs=500"], tmp_path)
+    # no early stopping: the run must still be training when the signal comes, however loaded the machine
+    proc = _popen(["fit", str(config_file), "trainer.max_epochs=500", "trainer.early_stopping=null"], tmp_path)
     deadline = time.monotonic() + 120
     while not (run / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
         time.sleep(0.1)

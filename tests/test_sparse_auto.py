@@ -190,10 +190,16 @@ def test_lazy_adam_on_the_lookup_gradient_steps_as_torch_sparse_adam():
     torch.testing.assert_close(mine["exp_avg_sq"], torch_state["exp_avg_sq"], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("rows", [1_000, 1_100_000], ids=["small", "huge_pages"])  # 1.1M x 16 x 4 B > 64 MiB
-def test_tables_in_huge_pages_keep_nn_embeddings_initial_values(rows):
+@pytest.mark.parametrize(
+    ("rows", "advise"),
+    [(1_000, "1"), (1_100_000, "1"), (1_100_000, "0")],  # 1.1M x 16 x 4 B > 64 MiB: advised when enabled
+    ids=["small", "huge_pages", "huge_pages_off"],
+)
+def test_tables_in_huge_pages_keep_nn_embeddings_initial_values(rows, advise, monkeypatch):
     from funnel.models import huge_pages
     from funnel.models.embedding import _table
+
+    monkeypatch.setenv("FUNNEL_HUGE_PAGES", advise)
 
     torch.manual_seed(7)
     plain = nn.Embedding(rows, 16).weight.detach()

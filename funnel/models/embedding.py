@@ -65,8 +65,9 @@ def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
 
 
 def _table(rows: int, dim: int) -> nn.Embedding:
-    """``nn.Embedding(rows, dim)``, its weight in huge pages where it is large (fewer TLB misses
-    when a step reads and updates rows scattered over gigabytes; funnel/models/huge_pages.py).
+    """``nn.Embedding(rows, dim)``, its weight in huge pages where it is large and
+    ``FUNNEL_HUGE_PAGES=1`` (fewer TLB misses when a step updates rows scattered over
+    gigabytes; funnel/models/huge_pages.py).
     The same values: the weight gets nn.Embedding's own initial draw."""
     weight = huge_pages.empty(rows, dim)
     nn.init.normal_(weight)  # what nn.Embedding.reset_parameters draws: the RNG stream is unchanged

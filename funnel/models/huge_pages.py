@@ -1,16 +1,20 @@
-"""Large embedding tables and their optimiser moments in transparent huge pages (Linux).
+"""Large embedding tables and their optimiser moments in transparent huge pages (Linux), opt-in.
 
 A row-wise update at 40M rows reads and writes rows scattered over gigabytes: with 4 KiB
 pages nearly every row access misses the TLB. Asking the kernel for 2 MiB pages
 (``madvise(MADV_HUGEPAGE)``, honoured where ``/sys/kernel/mm/transparent_hugepage/enabled`` is
 ``madvise`` or ``always``) before the memory is first touched made LazyAdam's step on a
-40M x 18 table 25-30% faster on this project's test machine (docs/performance.md, "Large
-tables"). Elsewhere, or for small tensors, the memory is left as it is; values never change.
+40M x 18 table about 30% faster on this project's test machine. But the first touch then
+compacts memory for the huge pages: zeroing one 2.9 GB moment took 23-25 s against 6-13 s on
+that (memory-starved) machine, a one-off cost that a short run never earns back. So it is off
+unless ``FUNNEL_HUGE_PAGES=1`` is set (docs/performance.md, "Large tables"). Elsewhere, or for
+small tensors, the memory is left as it is; values never change either way.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -23,6 +27,8 @@ _MADV_HUGEPAGE = 14
 
 def _advise(t: Tensor) -> None:
     """Ask for huge pages over the whole 2 MiB pages inside ``t``'s memory (a no-op elsewhere)."""
+    if os.environ.get("FUNNEL_HUGE_PAGES") != "1":
+        return
     if sys.platform != "linux" or t.device.type != "cpu" or t.nbytes < _MIN_BYTES:
         return
     start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)

@@ -200,6 +200,8 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         self._raise_failure()
         generation = (checkpoint.get("epoch"), checkpoint.get("global_step"))
+        if None in generation:  # not a Lightning checkpoint: nothing says the tensors are unchanged
+            generation = object()
         if self._snapshots.new_generation(generation):
             self._wait()  # the buffers are about to be overwritten
         snapshot = self._snapshots.take(checkpoint)

@@ -40,7 +40,7 @@ class LazyAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = huge_pages.zeros_like(p)  # rows scattered over GBs: fewer TLB misses
+                    state["exp_avg"] = huge_pages.zeros_like(p)  # FUNNEL_HUGE_PAGES=1: fewer TLB misses
                     state["exp_avg_sq"] = huge_pages.zeros_like(p)
                 state["step"] += 1
                 rows, g = touched_rows(p.grad)
