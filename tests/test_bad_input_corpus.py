@@ -112,6 +112,10 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "lr_schedule": (_set("optim.schedule", "cosin"), ["optim.schedule", "cosin", "cosine"]),
     "min_lr_ratio": (_set("optim.min_lr_ratio", 2.0), ["optim.min_lr_ratio", "2.0", "[0, 1]"]),
     "warmup_negative": (_set("optim.warmup_steps", -1), ["optim.warmup_steps", "-1"]),
+    "schedule_without_end": (
+        lambda c: (_set("optim.schedule", "cosine")(c), _set("trainer.max_epochs", -1)(c)),
+        ["optim.schedule", "cosine", "trainer.max_steps", "schedule: constant"],
+    ),
     "sparse_embeddings_maybe": (_set("optim.sparse_embeddings", "maybe"), ["optim.sparse_embeddings", "maybe"]),
     "sparse_min_rows_negative": (_set("optim.sparse_min_rows", -5), ["optim.sparse_min_rows", "-5"]),
     "max_epochs_text": (_set("trainer.max_epochs", "abc"), ["trainer.max_epochs", "'abc'", "integer"]),

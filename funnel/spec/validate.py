@@ -57,6 +57,13 @@ def config_problems(cfg: Config) -> list[str]:
             "optim.sparse_embeddings: steps its optimisers by hand, which Lightning's "
             "gradient_clip_val does not support; remove one of them."
         )
+    if cfg.optim.schedule != "constant":
+        epochs, steps = cfg.trainer.kwargs.get("max_epochs"), cfg.trainer.kwargs.get("max_steps")
+        if (epochs is None or epochs < 0) and (steps is None or steps < 0):
+            problems.append(
+                f"optim.schedule: {cfg.optim.schedule} decays over the run's last step, but trainer.max_epochs is "
+                f"{epochs} (no end) and trainer.max_steps is not set; give one of them, or use schedule: constant."
+            )
     problems += _bias_tower_problems(cfg, stages)
     for i, s in enumerate(stages):
         if s.tower is not None:
