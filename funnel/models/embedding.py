@@ -191,7 +191,10 @@ class SharedEmbeddings(nn.Module):
         for name, column in self.periodic_fields:  # after the bags: field_dims' order
             fields[name] = self.periodic[module_key(name)](numeric[:, column])  # (B, E)
             flat_parts.append(fields[name])
-        flat = torch.cat([*flat_parts, numeric], dim=1)  # (B, flat_dim): fields, then numerics
+        parts = [*flat_parts, numeric] if self.numeric_dim else flat_parts
+        # (B, flat_dim): fields, then numerics; one block alone (one width, no numerics) is
+        # already the flat input, without the copy torch.cat would make of it
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return TowerInput(flat=flat, fields=fields, numeric=numeric, sequences=sequences)
 
     def _pool(
