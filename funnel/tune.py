@@ -149,7 +149,7 @@ def tune(
         study_name=out.name,
     )
     monitor = cfg.trainer.monitor or default_monitor(build_graph(cfg))
-    # every trial monitors the study's objective, named: fit's own choice of val/loss for a
+    # every trial monitors the study's objective, named: fit's own switch to val/auc_mean for a
     # default monitor over few labels would give the trials another objective than the study's
     base["trainer"] = {**(base.get("trainer") or {}), "monitor": monitor}
     made = not out.exists()

@@ -465,6 +465,12 @@ class TrainerSpec:
     def kwargs(self) -> dict[str, Any]:
         return dict(self.lightning)
 
+    @property
+    def clips_gradients(self) -> bool:
+        """Whether Lightning clips gradients (``gradient_clip_val``): it refuses that for the
+        optimisers sparse embeddings step by hand, so ``optim.sparse_embeddings: auto`` stays dense."""
+        return bool(self.kwargs.get("gradient_clip_val"))
+
     @classmethod
     def __from_raw__(cls, raw: Any, path: str, errors: list[str]) -> TrainerSpec | None:
         import inspect

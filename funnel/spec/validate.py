@@ -52,7 +52,7 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append(
             "optim.sparse_embeddings: gradnorm needs dense gradients of the shared tables; turn one of them off."
         )
-    if cfg.optim.sparse_embeddings is True and cfg.trainer.kwargs.get("gradient_clip_val"):
+    if cfg.optim.sparse_embeddings is True and cfg.trainer.clips_gradients:
         problems.append(
             "optim.sparse_embeddings: steps its optimisers by hand, which Lightning's "
             "gradient_clip_val does not support; remove one of them."

@@ -48,7 +48,7 @@ class CarryOptimizer(pl.Callback):
 
     def __init__(self, source: WarmSource, optim: OptimSpec, model: nn.Module, clip: bool = False):
         """``clip``: this run clips gradients (as the LightningModule's ``clip``)."""
-        old_clip = bool(source.config.trainer.kwargs.get("gradient_clip_val"))
+        old_clip = source.config.trainer.clips_gradients
         old_sparse = sparse_tables(source.config.optim, source.model, old_clip)
         new_sparse = sparse_tables(optim, model, clip)
         refuse_other_optimizer(source.run_dir, source.config.optim, optim, old_sparse, new_sparse)

@@ -285,7 +285,7 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
         model = create_model(graph, cfg.funnel, dm.featurizer.layout())
         init_head_priors(model, getattr(dm.tables.get("train"), "labels", None))  # base rates, not 0.5
     valid = dm.tables["valid"]
-    clip = bool(cfg.trainer.kwargs.get("gradient_clip_val"))  # optim.sparse_embeddings: auto stays dense
+    clip = cfg.trainer.clips_gradients  # optim.sparse_embeddings: auto then stays dense
     module = FunnelLightningModule(
         model, cfg.optim, with_truth=bool(valid.truth), free=free_stages(model.graph, valid.truth), clip=clip
     )

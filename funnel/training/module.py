@@ -49,7 +49,6 @@ class FunnelLightningModule(pl.LightningModule):
         self.optim = optim
         self.names = model.graph.names
         self.choice = choose(optim, model, clip)  # sparse embedding updates or not, and why
-        self.sparse = self.choice.sparse
         self.clip = clip
         # sparse embeddings: two optimisers (LazyAdam, Adam) stepped by hand
         self.automatic_optimization = not self.sparse
@@ -62,6 +61,11 @@ class FunnelLightningModule(pl.LightningModule):
         # would be the unweighted mean of the ranks' means, and the shards differ in size)
         self.val_loss = WeightedMean()
         self.test_loss = WeightedMean()
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the embedding tables train with sparse gradients and LazyAdam (``self.choice``)."""
+        return self.choice.sparse
 
     def forward(self, batch: dict[str, Tensor]):
         return self.model(batch)

@@ -29,8 +29,9 @@ MIN_LABELS = 1000  # the default monitor's AUC needs this many rows of its rarer
 
 
 def choose_monitor(cfg: Config, graph: FunnelGraph, valid: EncodedTable) -> tuple[str, str]:
-    """(metric, mode) to monitor: the configured one, or val/loss (logged why) when it is undefined
-    on ``valid``, or when it is the default and its AUC rests on too few labels there."""
+    """(metric, mode) to monitor, logging why when it is not the configured one: val/loss when that
+    is undefined on ``valid``, val/auc_mean when it is the default and its AUC rests on too few
+    labels there."""
     monitor, mode, why, undefined = monitor_choice(cfg, graph, valid)
     if why is not None:
         (log.warning if undefined else log.info)("%s", why)
