@@ -31,7 +31,10 @@ TOWERS = {
     "din": "{type: din, sequence: history, target: item_id, attention: [64, 32], hidden: [128, 64]}",
     "nfwfm": "{type: nfwfm, hidden: [128, 64]}",
     "dupn": "{type: dupn, sequence: history, lstm_hidden: 32, attention: 32, hidden: [128, 64]}",
+    # the paper's shape: one user vector shared by both stages' MLP towers
+    "dupn_bottom": "{type: mlp, hidden: [128, 64]}",
 }
+BOTTOMS = {"dupn_bottom": "{type: dupn, sequence: history, lstm_hidden: 32, attention: 32}"}
 KEYS = ("auc/click", "auc/conversion", "auc_cond/conversion", "auc_cond_es/conversion")
 
 
@@ -60,9 +63,15 @@ def main() -> None:
         for name in args.towers.split(","):
             for seed in range(args.seeds):
                 start = time.perf_counter()
-                run = fit(
-                    args.config, [*base, f"funnel.tower={TOWERS[name]}", f"seed={seed}", f"run_dir={tmp}/{name}-{seed}"]
-                )
+                bottom = [f"funnel.bottom={BOTTOMS[name]}"] if name in BOTTOMS else []
+                overrides = [
+                    *base,
+                    f"funnel.tower={TOWERS[name]}",
+                    *bottom,
+                    f"seed={seed}",
+                    f"run_dir={tmp}/{name}-{seed}",
+                ]
+                run = fit(args.config, overrides)
                 seconds = time.perf_counter() - start
                 metrics = json.loads((run / "metrics.json").read_text())
                 row = {k: metrics.get(k) for k in KEYS} | {f"oracle_{k}": metrics.get(f"oracle_{k}") for k in KEYS}

@@ -24,9 +24,15 @@ STAGES = ["click", "conversion"]
 
 
 def toy() -> tuple[InputShape, TowerInput]:
+    """6 rows of a flat input of width 5, with a categorical field ``user`` and a behaviour
+    history ``hist`` (3 items, the padding first as the encoders give it; row 5 has none)."""
     torch.manual_seed(0)
     flat = torch.randn(6, 5)
-    return InputShape(flat_dim=5, field_dims={}, numeric_dim=5), TowerInput(flat, {}, flat, {})
+    user, hist = torch.randn(6, 2), torch.randn(6, 3, 2)
+    mask = torch.tensor([[True] * 3, [False, True, True], [False, False, True]] * 2)
+    mask[5] = False
+    shape = InputShape(flat_dim=5, field_dims={"user": 2, "hist": 2}, numeric_dim=5, sequence_fields=("hist",))
+    return shape, TowerInput(flat, {"user": user, "hist": hist.mean(1)}, flat, {"hist": (hist, mask)})
 
 
 # Every registered bottom is tested: the parameter lists come from the registry.
@@ -37,6 +43,7 @@ PARAMS = {
     "shared_bottom": {"hidden": [8]},
     "mmoe": {"experts": 3, "expert_hidden": [8]},
     "ple": {"layers": 2, "shared_experts": 2, "specific_experts": 1, "expert_hidden": [8]},
+    "dupn": {"lstm_hidden": 3, "attention": 4},  # [flat (5), u (3)]
 }
 
 
@@ -44,7 +51,7 @@ def check_bottom(kind: str) -> None:
     """The check every registered bottom gets: one finite (B, out_dim) vector per stage, finite
     gradients, and gate weights (if it logs any) that are a distribution per stage."""
     shape, x = toy()
-    x = TowerInput(x.flat.clone().requires_grad_(True), {}, x.numeric, {})
+    x = TowerInput(x.flat.clone().requires_grad_(True), x.fields, x.numeric, x.sequences)
     bottom = build_bottom(TowerSpec(type=kind, params=tuple(PARAMS.get(kind, {}).items())), shape, STAGES)
     out = bottom(x)
     assert set(out) == set(STAGES), kind
@@ -62,7 +69,7 @@ def check_bottom(kind: str) -> None:
 def test_every_registered_bottom_is_parametrised():
     assert BOTTOMS.names() == BOTTOM_NAMES
     assert set(PARAMS) <= set(BOTTOMS.names())
-    assert {"shared_bottom", "mmoe", "ple"} <= set(BOTTOM_NAMES)
+    assert {"shared_bottom", "mmoe", "ple", "dupn"} <= set(BOTTOM_NAMES)
 
 
 @pytest.mark.parametrize("kind", BOTTOM_NAMES)
@@ -105,6 +112,7 @@ FEATURES = [
     {"name": "item_id", "kind": "categorical"},
     {"name": "position", "kind": "categorical"},
     {"name": "price", "kind": "numeric"},
+    {"name": "history", "kind": "sequence", "share_with": "item_id", "max_len": 4},
 ]
 
 
@@ -118,7 +126,7 @@ def raw(**funnel) -> dict:
 
 @pytest.fixture(scope="module")
 def frame():
-    return generate(SyntheticSpec(rows=400, n_users=40, n_items=30, positions=5, rates=(0.3, 0.4)))
+    return generate(SyntheticSpec(rows=400, n_users=40, n_items=30, positions=5, rates=(0.3, 0.4), history_len=4))
 
 
 def build(frame, **funnel):
@@ -181,7 +189,7 @@ def test_bottom_with_private_embeddings_is_refused(frame):
 def test_bias_logit_is_added_in_training_and_dropped_in_eval(frame):
     m, batch = build(frame, bias_tower={"features": ["position"], "feature_dropout": 0.0})
     assert "position" not in m.net.embeddings.table_names  # bias features feed the shallow tower only
-    assert m.net.embeddings.shape.field_dims.keys() == {"user_id", "item_id"}
+    assert m.net.embeddings.shape.field_dims.keys() == {"user_id", "item_id", "history"}
     m.train()
     with_bias, _ = m.net.edge_logits(batch)
     bias = m.net.bias(batch)
@@ -248,7 +256,32 @@ def test_bottoms_score_in_bf16_close_to_float32(frame, kind):
     from funnel.inference import dense_layers_to_bf16, predict_table
 
     m, batch = build(frame, model="aitm", bottom={"type": kind})
-    table = EncodedTable(cat=batch["cat"], num=batch["num"])
+    table = EncodedTable(cat=batch["cat"], num=batch["num"], seq={"history": batch["seq/history"]})
     exact = predict_table(m, table, 16)
     fast = predict_table(dense_layers_to_bf16(copy.deepcopy(m)), table, 16, bf16=True)
     assert fast.notna().all().all() and (fast - exact).abs().max().max() < 0.02
+
+
+# ---- the DUPN bottom: one user vector for every stage ---------------------------------------------
+
+
+def test_dupn_bottom_hands_every_stage_flat_and_one_user_vector():
+    shape, x = toy()
+    bottom = build_bottom(TowerSpec(type="dupn", params=(("lstm_hidden", 3), ("attention", 4))), shape, STAGES)
+    out = bottom(x)
+    assert out["click"] is out["conversion"]  # computed once, shared
+    torch.testing.assert_close(out["click"][:, :5], x.flat)  # [flat, u]
+    keys, mask = x.sequences["hist"]
+    u = bottom.user(keys, mask, x.fields["user"])  # the query defaults to every non-sequence field
+    torch.testing.assert_close(out["click"][:, 5:], u)
+    assert out["click"][5, 5:].abs().sum().item() == 0.0  # row 5 has no history: u = 0
+    assert bottom.query_fields == ["user"] and bottom.sequence == "hist"
+
+
+def test_dupn_bottom_refuses_inputs_it_cannot_use(frame):
+    with pytest.raises(ConfigError, match="funnel.bottom: 'dupn' rejected its arguments: dupn needs `sequence`"):
+        build_bottom(TowerSpec(type="dupn"), InputShape(flat_dim=4, field_dims={"a": 4}, numeric_dim=0), STAGES)
+    with pytest.raises(ConfigError, match="query field 'usr_id' is not a categorical or multi-hot feature"):
+        build(frame, bottom={"type": "dupn", "query": ["usr_id"]})
+    with pytest.raises(ConfigError, match="funnel.bottom.hidden: bottom 'dupn' has no argument 'hidden'"):
+        config_from_dict(raw(bottom={"type": "dupn", "hidden": [8]}))

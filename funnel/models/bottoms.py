@@ -20,6 +20,9 @@ stage base rates (funnel/training/priors.py); ``norm: batch`` is a further guard
 - ``ple`` (Tang et al. 2020): per-stage and shared experts in one or more extraction layers;
   each stage's gate mixes its own and the shared experts, the shared gate (all experts)
   feeds the next layer's shared input.
+- ``dupn`` (Ni et al. 2018): one user vector u from the behaviour history (LSTM, then
+  attention queried by the context fields; funnel/models/towers/dupn.py), shared by every
+  stage: each tower reads ``[flat, u]`` as its ``flat``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 from funnel.errors import ConfigError
 from funnel.models.inputs import InputShape, TowerInput
+from funnel.models.towers.dupn import user_model, user_vector
 from funnel.models.towers.mlp import mlp_layers
 from funnel.registry import Registry, argument_problems
 from funnel.spec.schema import TowerSpec
@@ -216,6 +220,33 @@ class PLE(nn.Module):
             inputs, shared, gates = layer(inputs, shared)
         self.gates = {s: w.detach().mean(0) for s, w in gates.items()}  # the last layer's gates
         return inputs
+
+
+@register_bottom("dupn")
+class DUPNBottom(nn.Module):
+    """The DUPN user vector, computed once for all stages: (B, flat_dim + lstm_hidden) per stage."""
+
+    def __init__(
+        self,
+        shape: InputShape,
+        stages: Sequence[str],
+        sequence: str | None = None,
+        query: Sequence[str] | None = None,
+        lstm_hidden: int = 32,
+        lstm_layers: int = 1,
+        attention: int = 32,
+    ):
+        super().__init__()
+        self.stages = list(stages)
+        self.sequence, self.query_fields, self.user = user_model(
+            shape, sequence, query, lstm_hidden, lstm_layers, attention
+        )
+        self.out_dim = shape.flat_dim + int(lstm_hidden)
+        self.gates: dict[str, Tensor] = {}
+
+    def forward(self, x: TowerInput) -> dict[str, Tensor]:
+        h = torch.cat([x.flat, user_vector(self.user, self.sequence, self.query_fields, x)], 1)
+        return {s: h for s in self.stages}
 
 
 def _key(stage: str) -> str:

@@ -14,10 +14,11 @@ in their order (one scatter, any mask works); the LSTM then reads them before an
 its states at valid positions are exact, and the attention masks the rest. A row without any
 history gets u = 0. No ``pack_padded_sequence``: the graph traces and exports.
 
-The paper learns one user vector shared by all its tasks. Here each stage's tower has its own
-LSTM and attention (``funnel.tower`` gives every stage one of the same shape, not the same
-weights). Sharing it would be a bottom that computes ``[flat, u]`` once and hands it to every
-stage as ``flat``, with ``UserRepresentation`` below as its body; that bottom is not built in.
+The paper learns one user vector shared by all its tasks. As a tower (``funnel.tower: {type:
+dupn}``) each stage has its own LSTM and attention (every stage gets one of the same shape, not
+the same weights). As a bottom (``funnel.bottom: {type: dupn}``, in funnel/models/bottoms.py)
+one ``UserRepresentation`` computes ``[flat, u]`` once and hands it to every stage's tower as
+its ``flat``: the paper's shared user vector, at one LSTM's cost instead of one per stage.
 """
 
 from __future__ import annotations
@@ -93,6 +94,47 @@ class UserRepresentation(nn.Module):
         return (weights.unsqueeze(-1) * states).sum(1)  # (B, H)
 
 
+def user_model(
+    shape: InputShape,
+    sequence: str | None,
+    query: Sequence[str] | None,
+    lstm_hidden: int,
+    lstm_layers: int,
+    attention: int,
+) -> tuple[str, list[str], UserRepresentation]:
+    """The arguments checked against the input shape: (the history feature, the query fields
+    (default: every categorical and multi-hot field), the UserRepresentation over them). The
+    dupn tower and the dupn bottom both build theirs here."""
+    seqs = list(shape.sequence_fields)
+    sequence = history_feature(
+        shape, sequence, "dupn needs `sequence`: the behaviour-history feature to run the LSTM over"
+    )
+    others = [f for f in shape.field_dims if f not in seqs]
+    query = list(others if query is None else query)
+    for name in query:
+        if name not in others:
+            raise ValueError(
+                f"query field {name!r} is not a categorical or multi-hot feature.{did_you_mean(name, others)}"
+            )
+    if not query:
+        raise ValueError("dupn needs at least one `query` field (the user/item context the attention asks with)")
+    for name, size in (("lstm_hidden", lstm_hidden), ("lstm_layers", lstm_layers), ("attention", attention)):
+        if int(size) < 1:
+            raise ValueError(f"{name} must be a positive int, got {size}")
+    query_dim = sum(shape.field_dims[f] for f in query)
+    return (
+        sequence,
+        query,
+        UserRepresentation(shape.field_dims[sequence], query_dim, lstm_hidden, lstm_layers, attention),
+    )
+
+
+def user_vector(user: UserRepresentation, sequence: str, query: Sequence[str], x: TowerInput) -> torch.Tensor:
+    """u (B, H) of the batch ``x``."""
+    keys, mask = x.sequences[sequence]
+    return user(keys, mask, torch.cat([x.fields[f] for f in query], 1))
+
+
 @register_tower("dupn")
 class DUPNTower(nn.Module):
     def __init__(
@@ -109,30 +151,13 @@ class DUPNTower(nn.Module):
         batch_norm: bool = False,
     ):
         super().__init__()
-        seqs = list(shape.sequence_fields)
-        sequence = history_feature(
-            shape, sequence, "dupn needs `sequence`: the behaviour-history feature to run the LSTM over"
+        self.sequence, self.query_fields, self.user = user_model(
+            shape, sequence, query, lstm_hidden, lstm_layers, attention
         )
-        others = [f for f in shape.field_dims if f not in seqs]
-        query = list(others if query is None else query)
-        for name in query:
-            if name not in others:
-                raise ValueError(
-                    f"query field {name!r} is not a categorical or multi-hot feature.{did_you_mean(name, others)}"
-                )
-        if not query:
-            raise ValueError("dupn needs at least one `query` field (the user/item context the attention asks with)")
-        for name, size in (("lstm_hidden", lstm_hidden), ("lstm_layers", lstm_layers), ("attention", attention)):
-            if int(size) < 1:
-                raise ValueError(f"{name} must be a positive int, got {size}")
-        self.sequence, self.query_fields = sequence, query
-        query_dim = sum(shape.field_dims[f] for f in query)
-        self.user = UserRepresentation(shape.field_dims[sequence], query_dim, lstm_hidden, lstm_layers, attention)
         self.layers, self.out_dim = mlp_layers(shape.flat_dim + lstm_hidden, hidden, activation, dropout, batch_norm)
 
     def user_vector(self, x: TowerInput) -> torch.Tensor:
-        keys, mask = x.sequences[self.sequence]
-        return self.user(keys, mask, torch.cat([x.fields[f] for f in self.query_fields], 1))  # (B, H)
+        return user_vector(self.user, self.sequence, self.query_fields, x)  # (B, H)
 
     def forward(self, x: TowerInput) -> torch.Tensor:
         return self.layers(torch.cat([x.flat, self.user_vector(x)], 1))
