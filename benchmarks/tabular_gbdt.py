@@ -154,13 +154,24 @@ def labels_of(ds: Dataset) -> dict[str, np.ndarray]:
 
 # ---- the funnel side -----------------------------------------------------------------------------------------
 def features(
-    ds: Dataset, variant: str, bins: int, frequencies: int, sigma: float, sigma_log1p: float | None = None
+    ds: Dataset,
+    variant: str,
+    bins: int,
+    frequencies: int,
+    sigma: float,
+    sigma_log1p: float | None = None,
+    transform_all: str | None = None,
+    sigma_of: dict[str, float] | None = None,
 ) -> list[dict]:
     """Every numeric column as ``variant``; ``sigma_log1p``: the PLR sigma of the log1p (skewed
-    money) columns, where it differs from the others' ``sigma``."""
+    money) columns, where it differs from the others' ``sigma``; ``sigma_of``: column -> its own
+    sigma (over both); ``transform_all``: one transform for every numeric column (e.g. quantile)
+    instead of the dataset's per-column choice (which still picks the sigma)."""
     out = []
-    for c, transform in ds.numeric.items():
-        col_sigma = sigma_log1p if sigma_log1p is not None and transform == "log1p" else sigma
+    for c, chosen in ds.numeric.items():
+        col_sigma = sigma_log1p if sigma_log1p is not None and chosen == "log1p" else sigma
+        col_sigma = (sigma_of or {}).get(c, col_sigma)
+        transform = transform_all or chosen
         plain = {"name": c, "kind": "numeric", "transform": transform}
         binned = {"name": c, "kind": "numeric", "embedding": "bins", "bins": bins}
         plr = {"name": c, "kind": "numeric", "transform": transform, "embedding": "plr"}
@@ -174,6 +185,15 @@ def features(
         else:  # both: one field of each per column
             out += [binned, {**plr, "name": f"{c}_plr", "column": c}]
     return out + [{"name": c, "kind": "categorical"} for c in ds.categorical]
+
+
+def sigma_of(args) -> dict[str, float]:
+    """``--sigma-col age=1 capital_gain=7``: column -> PLR sigma."""
+    out = {}
+    for item in args.sigma_col or []:
+        name, _, value = item.partition("=")
+        out[name] = float(value)
+    return out
 
 
 def funnel_config(ds: Dataset, files: dict[str, Path], variant: str, chain: bool, seed: int, args) -> dict:
@@ -191,7 +211,9 @@ def funnel_config(ds: Dataset, files: dict[str, Path], variant: str, chain: bool
             "label_conflicts": "zero",  # the chain: second = first AND second
             "cache": False,
         },
-        "features": features(ds, variant, args.bins, args.frequencies, args.sigma, args.sigma_log1p),
+        "features": features(
+            ds, variant, args.bins, args.frequencies, args.sigma, args.sigma_log1p, args.transform, sigma_of(args)
+        ),
         "funnel": {
             "model": "esmm",
             "embed_dim": args.embed_dim or hp["embed_dim"],
@@ -207,8 +229,8 @@ def funnel_config(ds: Dataset, files: dict[str, Path], variant: str, chain: bool
         },
         "trainer": {
             "max_epochs": args.epochs,
-            "monitor": "val/loss",
-            "mode": "min",
+            "monitor": args.monitor,
+            "mode": "min" if args.monitor.endswith("loss") else "max",
             "early_stopping": args.early_stopping,
             "enable_progress_bar": False,
             "log_every_n_steps": 50,
@@ -276,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frequencies", type=int, default=16)
     p.add_argument("--sigma", type=float, default=1.0)
     p.add_argument("--sigma-log1p", type=float, default=None, help="PLR sigma of the log1p columns (default: --sigma)")
+    p.add_argument("--sigma-col", nargs="*", default=None, help="per-column PLR sigma: NAME=SIGMA ...")
+    p.add_argument(
+        "--transform",
+        default=None,
+        choices=["standardize", "log1p", "quantile"],
+        help="every numeric column's transform",
+    )
+    p.add_argument("--monitor", default="val/loss", help="funnel's trainer.monitor (a val/auc/... is maximised)")
     p.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap rounds (0: none)")
     p.add_argument("--work", default=None, help="folder for the split files and runs (default: a temporary one)")
     p.add_argument("--out", default=None, help="also write the JSON result here")

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from funnel.data.streaming import Moments, ValueCounts
+from funnel.data.streaming import Moments, Reservoir, ValueCounts
 from funnel.errors import DataError
 from funnel.spec.schema import FeatureSpec
 
@@ -243,6 +244,23 @@ FLOAT32_SAFE = float(np.sqrt(np.finfo(np.float32).max))
 AUTO_SKEWNESS = 1.0
 
 
+# transform: quantile keeps at most this many train quantiles (sklearn's QuantileTransformer default)
+QUANTILES = 1000
+_P_BOUND = 1e-7  # probabilities are clipped to [_P_BOUND, 1 - _P_BOUND] before Φ⁻¹: values within ±5.2
+
+
+def quantile_normal(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Φ⁻¹ of each value's train CDF, read off ``quantiles`` (the train values at probabilities
+    0, 1/(n-1), ..., 1) by linear interpolation. A value equal to several tied quantiles (a
+    column mostly 0) gets the middle of their probabilities, as the mean of the interpolation
+    from below and from above; values outside the train range get the clipped ends."""
+    refs = np.linspace(0.0, 1.0, len(quantiles))
+    up = np.interp(values, quantiles, refs)
+    down = -np.interp(-values, -quantiles[::-1], -refs[::-1])
+    p = np.clip(0.5 * (up + down), _P_BOUND, 1.0 - _P_BOUND)
+    return torch.special.ndtri(torch.from_numpy(p)).numpy()
+
+
 @dataclass
 class NumericEncoder:
     """Standardised numbers; missing and non-finite values follow the feature's ``missing`` policy.
@@ -255,6 +273,12 @@ class NumericEncoder:
     (so a chunked fit decides as one fit does): log1p when no value is negative and the skewness
     exceeds AUTO_SKEWNESS, else standardize. It judges gaps on the raw values. The choice is
     ``transform``, saved in encoders.json; a state written before it existed means standardize.
+
+    ``transform: quantile`` maps a value to Φ⁻¹ of its train CDF (``quantile_normal``: about
+    N(0, 1) whatever the column's shape, as sklearn's QuantileTransformer with a normal output,
+    the numeric preprocessing of Gorishniy et al.'s MLPs). The CDF is read off at most QUANTILES
+    train quantiles, of a seeded uniform sample of at most RESERVOIR train values, saved as
+    ``quantiles``; missing and non-finite values get 0, the train median.
     """
 
     spec: FeatureSpec
@@ -265,6 +289,8 @@ class NumericEncoder:
     _moments: Moments = field(default_factory=Moments, repr=False, compare=False)  # observed, not final
     _log_moments: Moments = field(default_factory=Moments, repr=False, compare=False)  # of log1p, for auto
     _seen: list[int] = field(default_factory=lambda: [0, 0], repr=False, compare=False)  # missing, non-finite
+    quantiles: list[float] | None = None  # transform quantile: the train quantiles, once fitted
+    _sample: Reservoir = field(default_factory=Reservoir, repr=False, compare=False)  # for quantile
 
     def __post_init__(self) -> None:
         self.transform = self.transform or self.spec.transform
@@ -332,6 +358,8 @@ class NumericEncoder:
         self._refuse(col, missing, nonfinite, "train", view)
         present = values[~(missing | nonfinite)]
         self._moments.add(present)
+        if view == "quantile":
+            self._sample.add(present)
         if view == "auto" and self._moments.low >= 0:  # log1p stays a candidate while nothing is negative
             self._log_moments.add(np.log1p(present))
         self._seen[0] += int(missing.sum())
@@ -354,6 +382,17 @@ class NumericEncoder:
                 low,
                 skewness,
             )
+        if self.transform == "quantile":
+            sample, self._sample = self._sample.values, Reservoir()
+            # no more values than quantiles: the sorted values are the quantiles, exactly
+            q = np.sort(sample) if len(sample) <= QUANTILES else np.quantile(sample, np.linspace(0, 1, QUANTILES))
+            self.quantiles = q.tolist() if len(q) >= 2 else None
+            if self.quantiles is None:  # fewer than 2 train values: nothing to rank by
+                log.warning(
+                    "train: numeric feature %r: transform quantile saw %d values; it encodes every value as 0",
+                    self.spec.name,
+                    len(sample),
+                )
         if moments.n:  # the mean also fills missing values when transform is none
             mean, std = moments.mean, moments.std
             self.mean = mean if np.isfinite(mean) else 0.0  # finite by construction; never let NaN reach a model
@@ -392,23 +431,42 @@ class NumericEncoder:
                 " and flagged" if self.flag else "",
             )
         gap = missing | nonfinite
-        values = np.where(gap, self.mean, values)
-        if self.transform != "none":
-            values = (values - self.mean) / self.std
+        if self.transform == "quantile":  # about N(0, 1) already; gaps get the median, 0
+            values = np.where(gap, 0.0, self._quantile_normal(np.where(gap, 0.0, values)))
+        else:
+            values = np.where(gap, self.mean, values)
+            if self.transform != "none":
+                values = (values - self.mean) / self.std
         cols = [values, gap.astype(np.float64)] if self.flag else [values]
         return np.stack(cols, axis=1).astype(np.float32)
 
+    def _quantile_normal(self, values: np.ndarray) -> np.ndarray:
+        if self.quantiles is None:
+            return np.zeros_like(values)
+        return quantile_normal(values, np.asarray(self.quantiles, np.float64))
+
     def state(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "flag": self.flag, "transform": self.transform}
+        out = {"mean": self.mean, "std": self.std, "flag": self.flag, "transform": self.transform}
+        return out | ({"quantiles": self.quantiles} if self.transform == "quantile" else {})
 
     def load_state(self, state: dict[str, Any]) -> None:
         # a state without "transform" predates `auto`: then the default was standardize
         self.transform = "standardize" if self.spec.transform == "auto" else self.spec.transform
         set_state(self, state)
-        if self.transform not in ("standardize", "log1p", "none"):
+        if self.transform not in ("standardize", "log1p", "quantile", "none"):
             raise ValueError(
-                f"numeric feature {self.spec.name!r} has transform {self.transform!r}, not standardize, log1p or none"
+                f"numeric feature {self.spec.name!r} has transform {self.transform!r}, not standardize, log1p, "
+                "quantile or none"
             )
+        if self.transform == "quantile" and self.quantiles is not None:
+            q = self.quantiles
+            ok = isinstance(q, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in q)
+            array = np.asarray(q if ok else [], np.float64)
+            if not ok or len(array) < 2 or not np.isfinite(array).all() or (np.diff(array) < 0).any():
+                raise ValueError(
+                    f"numeric feature {self.spec.name!r} has quantiles {q!r}, "
+                    "not 2 or more non-decreasing finite numbers"
+                )
         for key in ("mean", "std"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):

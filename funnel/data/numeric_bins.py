@@ -20,40 +20,11 @@ import numpy as np
 import pandas as pd
 
 from funnel.data.encoders import float_values
+from funnel.data.streaming import RESERVOIR, Reservoir  # noqa: F401  (RESERVOIR: re-exported)
 from funnel.errors import DataError
 from funnel.spec.schema import FeatureSpec
 
 log = logging.getLogger(__name__)
-
-RESERVOIR = 1_000_000  # train values kept to fit the quantiles (8 MB of float64 per feature)
-
-
-@dataclass
-class Reservoir:
-    """A uniform random sample of at most ``size`` values of a stream (Algorithm R, one
-    vectorised step per chunk): value ``i`` replaces a kept one with probability size / (i + 1)."""
-
-    size: int = RESERVOIR
-    seed: int = 0
-    seen: int = 0
-    values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
-    rng: np.random.Generator | None = None
-
-    def add(self, values: np.ndarray) -> None:
-        room = self.size - len(self.values)
-        if room > 0:
-            self.values = np.concatenate([self.values, values[:room]])
-            self.seen += min(room, len(values))
-            values = values[room:]
-        if not len(values):
-            return
-        if self.rng is None:
-            self.rng = np.random.default_rng(self.seed)
-        index = self.seen + np.arange(len(values))  # each value's position in the stream
-        slot = (self.rng.random(len(values)) * (index + 1)).astype(np.int64)
-        kept = slot < self.size
-        self.values[slot[kept]] = values[kept]  # repeated slots: the later value wins, as in order
-        self.seen += len(values)
 
 
 @dataclass

@@ -11,6 +11,10 @@ memory in the number of distinct values, not of rows:
   merged with Chan et al.'s / Pébay's parallel formulas; one chunk gives ``np.mean`` /
   ``np.std`` bit for bit, and the skewness of any chunking agrees with the whole column's
   to rounding.
+
+``Reservoir`` is the one approximate accumulator: a seeded uniform sample of at most
+``RESERVOIR`` values, for the quantiles of quantile bins and ``transform: quantile``; exact
+for a train split no larger than that.
 """
 
 from __future__ import annotations
@@ -136,3 +140,34 @@ class Moments:
         if not self.n or self.m2 <= 0:
             return 0.0
         return float(self.m3 / self.n / (self.m2 / self.n) ** 1.5)
+
+
+RESERVOIR = 1_000_000  # train values kept to fit the quantiles (8 MB of float64 per feature)
+
+
+@dataclass
+class Reservoir:
+    """A uniform random sample of at most ``size`` values of a stream (Algorithm R, one
+    vectorised step per chunk): value ``i`` replaces a kept one with probability size / (i + 1)."""
+
+    size: int = RESERVOIR
+    seed: int = 0
+    seen: int = 0
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    rng: np.random.Generator | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        room = self.size - len(self.values)
+        if room > 0:
+            self.values = np.concatenate([self.values, values[:room]])
+            self.seen += min(room, len(values))
+            values = values[room:]
+        if not len(values):
+            return
+        if self.rng is None:
+            self.rng = np.random.default_rng(self.seed)
+        index = self.seen + np.arange(len(values))  # each value's position in the stream
+        slot = (self.rng.random(len(values)) * (index + 1)).astype(np.int64)
+        kept = slot < self.size
+        self.values[slot[kept]] = values[kept]  # repeated slots: the later value wins, as in order
+        self.seen += len(values)

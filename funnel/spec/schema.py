@@ -113,8 +113,9 @@ class FeatureSpec:
     embed_dim: int | None = None  # defaults to funnel.embed_dim
     # numeric
     # auto: log1p when the train column has no negative value and a skewness above 1, else
-    # standardize (the choice is saved in encoders.json and shown by `funnel check`)
-    transform: Literal["auto", "standardize", "log1p", "none"] = "auto"
+    # standardize (the choice is saved in encoders.json and shown by `funnel check`); quantile:
+    # Φ⁻¹ of the train CDF (about N(0, 1) whatever the shape; QuantileTransformer's normal output)
+    transform: Literal["auto", "standardize", "log1p", "quantile", "none"] = "auto"
     missing: Literal["fill", "error"] = "fill"  # fill: train mean plus a 0/1 missing flag
     # how the model sees the value (docs: README "Features"): none, the standardised column; bins, the
     # id of its quantile bin (edges fitted on train, missing -> id 0) embedded like a category; plr,
