@@ -24,6 +24,10 @@ training time of an epoch that runs while the previous epoch's files are being w
 
     python benchmarks/checkpoints.py --rows 0.4M 40M --epochs 3 --steps 20 --repeats 2
 
+``--contenders`` picks some of them; ``--buffers keep|release|auto`` sets how ``after`` keeps its
+snapshot buffers between saves (``FUNNEL_CHECKPOINT_BUFFERS``, default auto). Each contender also
+reports its resident memory at each epoch's first batch: buffers kept between saves show there.
+
 A contender whose memory (the model, its moments and a second copy of both, for the snapshot or
 for Lightning's in-memory serialisation) would not fit in MemAvailable is skipped with a
 message; ``--optim sgd`` measures the weights alone (no moments) in a third of the memory.
@@ -109,7 +113,7 @@ class TimedSync(TorchCheckpointIO):
 
 
 class TimedBackground(BackgroundCheckpointIO):
-    def __init__(self):
+    def __init__(self, buffers: str | None = None):
         self.writes: list[float] = []
         self.calls: list[float] = []
         self.waits: list[float] = []  # the part of each call spent waiting for the previous write
@@ -121,7 +125,13 @@ class TimedBackground(BackgroundCheckpointIO):
             save_atomic(obj, path)
             self.writes.append(time.perf_counter() - start)
 
-        super().__init__(write=write)
+        super().__init__(write=write, buffers=buffers)
+        self.kept: list[bool] = []  # each save: were its snapshot buffers kept after the write
+
+    def _keeps(self, checkpoint):
+        keep = super()._keeps(checkpoint)
+        self.kept.append(keep)
+        return keep
 
     def save_checkpoint(self, *args, **kwargs):
         start, blocked = time.perf_counter(), self.blocked_s
@@ -131,14 +141,17 @@ class TimedBackground(BackgroundCheckpointIO):
 
 
 class EpochClock(pl.Callback):
-    """Training seconds of each epoch (first batch start to last batch end)."""
+    """Training seconds of each epoch (first batch start to last batch end), and the process's
+    resident memory at each epoch's first batch (snapshot buffers kept between saves show there)."""
 
     def __init__(self):
         self.train: list[float] = []
+        self.rss: list[int] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == 0:
             self._start = time.perf_counter()
+            self.rss.append(rss_bytes())
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._end = time.perf_counter()
@@ -150,6 +163,13 @@ class EpochClock(pl.Callback):
 def state_bytes(module) -> tuple[int, int]:
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     return weights, weights * 3
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def mem_available() -> int:
@@ -204,7 +224,7 @@ def run_one(name, cfg, graph, featurizer, tables, args, out_dir: Path) -> dict:
     elif name == "after":
         names = {"filename": "epoch{epoch}", "auto_insert_metric_name": False}
         saver = BestAndLast(dirpath=out_dir, monitor="step", mode="max", save_top_k=1, **names)
-        io = TimedBackground()
+        io = TimedBackground(args.buffers)
     if io is not None:
         callbacks.append(saver)
         plugins.append(io)
@@ -224,7 +244,7 @@ def run_one(name, cfg, graph, featurizer, tables, args, out_dir: Path) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     fit_s = time.perf_counter() - start  # includes waiting for the last background write
-    result = {"fit_s": fit_s, "train_s": clock.train, "sparse": module.sparse}
+    result = {"fit_s": fit_s, "train_s": clock.train, "sparse": module.sparse, "epoch_start_rss": clock.rss}
     if io is not None:
         best, last = Path(saver.best_model_path), Path(saver.last_model_path)
         result |= {
@@ -233,6 +253,7 @@ def run_one(name, cfg, graph, featurizer, tables, args, out_dir: Path) -> dict:
             "save_calls_s": io.calls,
             "write_s": getattr(io, "writes", io.calls),
             "wait_calls_s": getattr(io, "waits", [0.0] * len(io.calls)),
+            "buffers_kept": getattr(io, "kept", None),
         }
     del trainer, module, dm
     return result
@@ -254,7 +275,9 @@ def run_scale(total_rows: int, args) -> dict:
     rows = sum(t.rows for t in featurizer.layout().tables)
     weights = rows * EMBED * 4
     full = weights * (3 if args.optim == "adam" else 1)
-    need = 2 * full + weights + (1 << 30)  # the state, its second copy, the gradients' worst case, 1 GiB
+    sparse = args.optim == "adam" and rows > 1_000_000  # optim.sparse_embeddings: auto (its default minimum)
+    # the state, its second copy (snapshot or serialisation), a dense gradient unless sparse, 1 GiB
+    need = 2 * full + (0 if sparse else weights) + (1 << 30)
     skip = need > mem_available()
     print(
         f"tables {rows:,} rows: weights {weights / 1e9:.2f} GB, full state {full / 1e9:.2f} GB ({args.optim}); "
@@ -264,7 +287,7 @@ def run_scale(total_rows: int, args) -> dict:
     )
     runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
     for _ in range(args.repeats):
-        for name in CONTENDERS:
+        for name in args.contenders:
             if skip and name != "none":
                 continue
             out = Path(tempfile.mkdtemp(prefix=f"ckpt-{name}-", dir=args.dir))
@@ -299,8 +322,11 @@ def run_scale(total_rows: int, args) -> dict:
             "write_s_max": max(s for r in runs[name] for s in r["write_s"]),
             "epoch_train_s": median([t for r in runs[name] for t in r["train_s"][1:]]),
             "fit_s": median([r["fit_s"] for r in runs[name]]),
+            "epoch_start_rss_bytes": r0["epoch_start_rss"],
+            "buffers_kept": r0["buffers_kept"],
         }
     summary["none_fit_s"] = median([r["fit_s"] for r in runs["none"]])
+    summary["none_epoch_start_rss_bytes"] = runs["none"][0]["epoch_start_rss"] if runs["none"] else None
     return summary
 
 
@@ -358,6 +384,13 @@ def main() -> None:
     parser.add_argument("--save-only", action="store_true", help="time saves of the weights alone, no training")
     parser.add_argument("--min-free-gb", type=float, default=1.5, help="stop when MemAvailable falls below this")
     parser.add_argument("--dir", default=None, help="where the checkpoints are written (default: the temp folder)")
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument(
+        "--buffers",
+        choices=["auto", "keep", "release"],
+        default=None,
+        help="the after contender's snapshot buffers (default: FUNNEL_CHECKPOINT_BUFFERS, else auto)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     guard_memory(int(args.min_free_gb * 1e9), FOLDERS)
@@ -393,7 +426,8 @@ def main() -> None:
                     f"{s['epoch_train_s']:9.3f} {s['fit_s']:9.1f}"
                 )
         blank = f"{'':>9} " * 6
-        print(f"{'none':8} {blank}{summary['none_epoch_train_s']:9.3f} {summary['none_fit_s']:9.1f}", flush=True)
+        if summary["none_fit_s"] is not None:
+            print(f"{'none':8} {blank}{summary['none_epoch_train_s']:9.3f} {summary['none_fit_s']:9.1f}", flush=True)
     print(json.dumps({"threads": args.threads, "epochs": args.epochs, "steps": args.steps, "results": results}))
 
 

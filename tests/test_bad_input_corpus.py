@@ -141,7 +141,7 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "feature_kind": (_set("features.0.kind", "categoric"), ["features[0].kind", "categoric", "categorical"]),
     "feature_option_of_other_kind": (_set("features.4.min_count", 2), ["features[4].min_count", "numeric"]),
     "share_with_unknown": (_set("features.1.share_with", "user"), ["share_with", "user", "user_id"]),
-    "numeric_transform": (_set("features.4.transform", "quantiles"), ["features[4].transform", "quantiles", "quantile"]),
+    "numeric_transform": (_set("features.4.transform", "quantiles"), ["features[4].transform", "quantile"]),
     "bottom_dupn_argument": (_set("funnel.bottom", {"type": "dupn", "hidden": [8]}), ["dupn", "hidden"]),
     "label_as_feature": (lambda c: c["features"].append({"name": "click", "kind": "numeric"}), ["click", "label"]),
     "tower_type": (_set("funnel.tower.type", "mlpp"), ["mlpp", "mlp"]),

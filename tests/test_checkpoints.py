@@ -7,12 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
+import weakref
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
+from funnel.errors import UserError
 from funnel.runs import BEST, LAST
 from funnel.spec import config_from_dict
 from funnel.training import checkpointing
@@ -158,7 +161,8 @@ def _checkpoint(step: int, w: torch.Tensor, full: bool = True) -> dict:
     return {**ckpt, "optimizer_states": [{"state": {}, "param_groups": []}]} if full else ckpt
 
 
-def test_the_snapshot_is_taken_at_save_time_and_its_buffer_reused(tmp_path):
+def test_the_snapshot_is_taken_at_save_time_and_its_buffer_reused(tmp_path, monkeypatch):
+    monkeypatch.delenv(checkpointing.BUFFERS_ENV, raising=False)  # auto: 400 kB is kept on any machine
     gate, written = threading.Event(), []
 
     def slow_write(obj, path):
@@ -181,6 +185,128 @@ def test_the_snapshot_is_taken_at_save_time_and_its_buffer_reused(tmp_path):
     assert written == [tmp_path / "a.ckpt", tmp_path / "b.ckpt", tmp_path / "c.ckpt"]
     assert torch.equal(_load(tmp_path / "c.ckpt")["state_dict"]["w"], w)
     assert io._snapshots._buffers == {}  # freed when fit ends
+
+
+def _gone(ref: weakref.ref, timeout: float = 5.0) -> bool:
+    """Whether the object behind ``ref`` is freed (the writer thread drops its snapshot just after the write)."""
+    deadline = time.monotonic() + timeout
+    while ref() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return ref() is None
+
+
+def test_snapshot_buffers_large_for_the_memory_are_released_once_written(tmp_path, monkeypatch):
+    """auto: 400 kB of buffers against 1 MB of memory (more than a quarter): released after the
+    write, so the memory is free between saves; saves of one step still share one copy."""
+    monkeypatch.delenv(checkpointing.BUFFERS_ENV, raising=False)
+    gate = threading.Event()
+
+    def slow_write(obj, path):
+        gate.wait(10)
+        checkpointing.save_atomic(obj, path)
+
+    io = BackgroundCheckpointIO(write=slow_write, memory=1_000_000)
+    assert io.buffers == "auto"
+    w = torch.arange(100_000, dtype=torch.float32)  # 400 kB
+    io.save_checkpoint(_checkpoint(1, w, full=False), tmp_path / "best.ckpt")
+    io.save_checkpoint(_checkpoint(1, w), tmp_path / "last.ckpt")  # same step, write pending: same copy
+    (buf,) = io._snapshots._live.values()
+    assert io._snapshots._buffers == {}  # held by the pending writes only
+    ref = weakref.ref(buf)
+    del buf
+    w.add_(1)
+    gate.set()
+    io.wait()
+    assert _gone(ref)  # released: no copy of the checkpoint between saves
+    for name in ("best.ckpt", "last.ckpt"):
+        assert torch.equal(_load(tmp_path / name)["state_dict"]["w"], torch.arange(100_000, dtype=torch.float32))
+    io.save_checkpoint(_checkpoint(2, w), tmp_path / "last.ckpt")  # the next step: a fresh buffer, new values
+    io.teardown()
+    assert torch.equal(_load(tmp_path / "last.ckpt")["state_dict"]["w"], w)
+
+
+@pytest.mark.parametrize(("env", "memory", "kept"), [("keep", 1_000_000, True), ("release", 10**12, False)])
+def test_the_environment_keeps_or_releases_snapshot_buffers_whatever_the_size(tmp_path, monkeypatch, env, memory, kept):
+    monkeypatch.setenv(checkpointing.BUFFERS_ENV, env)
+    io = BackgroundCheckpointIO(memory=memory)
+    w = torch.zeros(100_000)  # 400 kB: above a quarter of 1 MB, far below a quarter of 1 TB
+    io.save_checkpoint(_checkpoint(1, w), tmp_path / "last.ckpt")
+    (buf,) = io._snapshots._live.values()
+    ref = weakref.ref(buf)
+    del buf
+    io.wait()
+    if kept:
+        assert list(io._snapshots._buffers.values()) == [ref()]
+    else:
+        assert io._snapshots._buffers == {} and _gone(ref)
+    io.teardown()
+    assert io._snapshots._buffers == {} and _gone(ref)  # fit's end frees them either way
+
+
+def test_saves_that_wait_for_a_pending_write_reuse_its_released_buffers(tmp_path, monkeypatch):
+    """release: the next step's saves (best weights, then last.ckpt), waiting for the previous
+    write, copy into that write's buffers instead of letting them go and allocating others;
+    they are freed once the last write is done."""
+    monkeypatch.setenv(checkpointing.BUFFERS_ENV, "release")
+    gate = threading.Event()
+
+    def slow_write(obj, path):
+        gate.wait(10)
+        checkpointing.save_atomic(obj, path)
+
+    def full(step, w, m):
+        return {**_checkpoint(step, w), "optimizer_states": [{"state": {0: {"exp_avg": m}}, "param_groups": []}]}
+
+    io = BackgroundCheckpointIO(write=slow_write)
+    w, m = torch.arange(100_000, dtype=torch.float32), torch.ones(100_000)
+    io.save_checkpoint(full(1, w, m), tmp_path / "last.ckpt")
+    first = [weakref.ref(b) for b in io._snapshots._live.values()]
+    w.add_(1)
+    m.add_(1)
+    threading.Timer(0.2, gate.set).start()  # the first write ends while the next save waits for it
+    io.save_checkpoint(_checkpoint(2, w, full=False), tmp_path / "best.ckpt")  # weights only
+    io.save_checkpoint(full(2, w, m), tmp_path / "last.ckpt")  # the moments' buffer too: reused
+    assert {id(b) for b in io._snapshots._live.values()} == {id(r()) for r in first}  # never freed
+    assert io._snapshots._buffers == {} and io._snapshots.reused == []
+    io.wait()
+    assert all(_gone(r) for r in first)
+    saved = _load(tmp_path / "last.ckpt")
+    assert torch.equal(saved["state_dict"]["w"], w)
+    assert torch.equal(saved["optimizer_states"][0]["state"][0]["exp_avg"], m)
+    assert torch.equal(_load(tmp_path / "best.ckpt")["state_dict"]["w"], w)
+    io.teardown()
+
+
+def test_auto_decides_by_the_largest_snapshot_so_far(tmp_path, monkeypatch):
+    """A weights-only save small enough to keep, then a full one too large: released from then on,
+    the next step's small save included (its buffers would only be dropped at the full save)."""
+    monkeypatch.delenv(checkpointing.BUFFERS_ENV, raising=False)
+    io = BackgroundCheckpointIO(memory=1_000_000)
+    small, large = torch.zeros(50_000), torch.zeros(100_000)  # 200 kB (a fifth of 1 MB), 400 kB
+    io.save_checkpoint(_checkpoint(1, small, full=False), tmp_path / "best.ckpt")
+    io.wait()
+    assert len(io._snapshots._buffers) == 1  # kept: 200 kB is under a quarter
+    io.save_checkpoint({**_checkpoint(1, small), "optimizer_states": [{"state": {0: {"m": large}}}]}, tmp_path / "l")
+    io.save_checkpoint(_checkpoint(2, small, full=False), tmp_path / "best.ckpt")
+    io.wait()
+    assert io._snapshots._buffers == {}
+    io.teardown()
+
+
+def test_auto_keeps_a_40m_row_tables_snapshot_on_64_gb_and_releases_it_on_32_gb():
+    state = 39_999_989 * 18 * 4 * 3  # weights and Adam's two moments: 8.64 GB
+    assert not checkpointing.keeps_buffers("auto", state, 32 * 2**30)  # 8.64 > 8.59 GB, a quarter
+    assert checkpointing.keeps_buffers("auto", state, 64 * 2**30)
+    assert checkpointing.keeps_buffers("auto", state, None)  # memory unknown: as before
+    assert not checkpointing.keeps_buffers("release", 1, 64 * 2**30) and checkpointing.keeps_buffers("keep", state, 1)
+
+
+def test_a_bad_checkpoint_buffers_value_is_refused_with_the_choices(monkeypatch):
+    monkeypatch.setenv(checkpointing.BUFFERS_ENV, "sometimes")
+    with pytest.raises(UserError, match=r"FUNNEL_CHECKPOINT_BUFFERS='sometimes': expected one of auto, keep, release"):
+        BackgroundCheckpointIO()
+    monkeypatch.setenv(checkpointing.BUFFERS_ENV, " Release ")
+    assert BackgroundCheckpointIO().buffers == "release"
 
 
 def test_a_dropped_checkpoint_goes_only_after_the_next_full_one_is_written(tmp_path):

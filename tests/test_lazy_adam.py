@@ -1,4 +1,5 @@
-"""LazyAdam: SparseAdam's arithmetic on the rows a batch touched, checked against torch's SparseAdam."""
+"""LazyAdam: SparseAdam's arithmetic on the rows a batch touched, checked against torch's SparseAdam
+and against the one-pass update it made before its rows were chunked."""
 
 from __future__ import annotations
 
@@ -78,3 +79,70 @@ def test_dense_gradients_and_bad_arguments_are_refused():
         LazyAdam([w]).step()
     with pytest.raises(ValueError, match="lr > 0"):
         LazyAdam([w], lr=0)
+
+
+def reference_steps(table: torch.nn.Embedding, batches, lr=0.01, betas=(0.9, 0.999), eps=1e-8):
+    """The update LazyAdam made before it was chunked (one gather and one write per tensor over all
+    touched rows, the weight by ``index_add_``, repeats summed by ``coalesce``), written out."""
+    w = table.weight.detach().clone()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for step, (ids, target) in enumerate(batches, start=1):
+        rows_of = w.clone().requires_grad_(True)
+        ((rows_of[ids] - target) ** 2).sum().backward()
+        touched = rows_of.grad.abs().sum(1).nonzero().squeeze(1)  # the rows a batch touched
+        g = rows_of.grad[touched]
+        mr = m.index_select(0, touched).lerp_(g, 1 - betas[0])
+        vr = v.index_select(0, touched).mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+        m.index_copy_(0, touched, mr)
+        v.index_copy_(0, touched, vr)
+        step_size = lr * (1 - betas[1] ** step) ** 0.5 / (1 - betas[0] ** step)
+        w.index_add_(0, touched, mr.div_(vr.sqrt_().add_(eps)), alpha=-step_size)
+    return w, m, v
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 2048], ids=["row_by_row", "chunks_of_3", "default"])
+def test_chunked_update_equals_the_one_pass_update_step_for_step(chunk, monkeypatch):
+    """Chunking the touched rows changes no value: weights and moments as the one-pass update's,
+    after every step, whatever the chunk size (a chunk boundary inside repeated ids included)."""
+    from funnel.models.embedding import lookup
+    from funnel.training import lazy_adam
+
+    monkeypatch.setattr(lazy_adam, "CHUNK_ROWS", chunk)
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(4):
+        ids = (torch.rand(12, 3, generator=gen) ** 2 * 40).long()  # low ids repeat
+        batches.append((ids, torch.randn(12, 3, 5, generator=gen)))
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(40, 5, sparse=True)
+    opt = LazyAdam(table.parameters(), lr=0.01)
+    for k in range(1, len(batches) + 1):
+        torch.manual_seed(0)
+        want_w, want_m, want_v = reference_steps(torch.nn.Embedding(40, 5), batches[:k])
+        ids, target = batches[k - 1]
+        opt.zero_grad()
+        ((lookup(table, ids) - target) ** 2).sum().backward()
+        opt.step()
+        state = opt.state[table.weight]
+        torch.testing.assert_close(table.weight.detach(), want_w, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(state["exp_avg"], want_m, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(state["exp_avg_sq"], want_v, rtol=1e-6, atol=1e-12)
+        assert state["exp_avg"].shape == state["exp_avg_sq"].shape == table.weight.shape  # the checkpointed layout
+
+
+def test_touched_rows_sums_repeats_as_index_add_does_bit_for_bit():
+    """The sort + embedding_bag sum gives the sums of unique + index_add_, to the last bit."""
+    from funnel.training.lazy_adam import touched_rows
+
+    gen = torch.Generator().manual_seed(2)
+    ids = (torch.rand(5000, generator=gen) ** 3 * 300).long()
+    values = torch.randn(5000, 7, generator=gen)
+    rows, g = touched_rows(torch.sparse_coo_tensor(ids.unsqueeze(0), values, (300, 7), check_invariants=True))
+    want_rows, inverse = torch.unique(ids, return_inverse=True)
+    want = torch.zeros(len(want_rows), 7).index_add_(0, inverse, values)
+    assert torch.equal(rows, want_rows) and torch.equal(g, want)
+    empty = torch.sparse_coo_tensor(
+        torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 7), (300, 7), check_invariants=True
+    )
+    rows, g = touched_rows(empty)
+    assert rows.numel() == 0 and g.shape == (0, 7)
