@@ -373,3 +373,18 @@ def test_keep_one_best_strips_a_full_checkpoint_to_the_weights(tmp_path):
     best = _load(tmp_path / BEST)
     assert set(best) == {"epoch", "global_step", "state_dict"} and torch.equal(best["state_dict"]["w"], torch.ones(3))
     assert "optimizer_states" in _load(tmp_path / LAST)
+
+
+def test_a_bad_checkpoint_buffers_value_stops_check_and_fit_before_the_data(
+    monkeypatch, tmp_path, make_config, write_config
+):
+    from tests.test_cli import run_cli
+
+    monkeypatch.setenv(checkpointing.BUFFERS_ENV, "sometimes")
+    cfg = make_config(tmp_path / "run")
+    cfg["data"]["train"] = str(tmp_path / "absent.csv")  # never read: the environment is refused first
+    path = str(write_config(cfg))
+    for command in (["check", path], ["fit", path]):
+        code, _, err = run_cli(command)
+        assert code == 2 and "FUNNEL_CHECKPOINT_BUFFERS='sometimes'" in err and "absent.csv" not in err, command
+    assert not (tmp_path / "run").exists()

@@ -6,7 +6,9 @@
 - the Lightning Trainer arguments (funnel/training/trainer_args.py);
 - the model itself, built on the meta device (no memory, no initialisation) from a
   placeholder feature layout: every error a builder, tower, bottom, transfer, weighting or
-  regulariser raises about the config surfaces here.
+  regulariser raises about the config surfaces here;
+- the environment fit reads (``FUNNEL_CHECKPOINT_BUFFERS``), so a bad value stops the run
+  before its data is prepared.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def model_build_problems(cfg: Config, graph: FunnelGraph | None = None) -> list[
 
 def preflight(cfg: Config, graph: FunnelGraph | None = None) -> None:
     """Raise one ConfigError with every problem of the Trainer arguments and the model."""
+    from funnel.training.checkpointing import buffer_mode
+
     problems = trainer_problems(cfg) + model_build_problems(cfg, graph)
+    try:
+        buffer_mode()
+    except UserError as exc:
+        problems += exc.problems
     if problems:
         raise ConfigError(problems)
