@@ -12,16 +12,26 @@ Three arms per dataset and seed, all on the same splits and the same encoded ten
   ``transform: auto`` (log1p for a non-negative skewed column), trained for up to
   PLAIN_EPOCHS epochs keeping the epoch with the best validation AUC of the last stage
   (patience PLAIN_PATIENCE): the obvious baseline with a validation split.
+- ``plain_mean`` (for ablations): the plain loop keeping the epoch with the best mean of every
+  stage's path AUC on valid, the monitor funnel falls back to when the last stage has few labels.
 
 Reported per arm: the test AUC of each stage's path probability and ``auc_cond`` of the last
-stage (its conditional on the rows where its parent happened), mean ± std over the seeds.
-A seed sets the model's initialisation and order, the synthetic data's draw and the held-out
-valid split. Datasets: three synthetic funnels (default; larger with sparser rates and more
+stage (its conditional on the rows where its parent happened), mean ± std over the runs.
+A seed sets the synthetic data's draw and, with ``--draws 1``, the model's initialisation and
+order. ``--draws K`` trains K models per arm and seed on the same data and splits, with
+initialisation seeds ``seed + DRAW_STRIDE·k`` (funnel's ``seed`` key sets only the model's
+initialisation and batch order: the valid split follows ``data.split_seed``, and the synthetic
+and Hillstrom splits are files). The paired column is then the mean over seeds of
+(mean over draws of ``after`` − mean over draws of ``plain``) ± its standard error, and how many
+seeds ``after`` wins. ``--set KEY=VALUE`` (repeatable) overrides the ``after`` arm's config, for
+single-variable ablations. Datasets: three synthetic funnels (default; larger with sparser rates and more
 skew; stronger selection bias), Census (income -> never married, configs/esmm_census.yaml),
 Adult (configs/esmm_adult.yaml) and Hillstrom (visit -> conversion, a seeded 80/10/10 split).
 
     OMP_NUM_THREADS=1 python benchmarks/defaults_study.py --seeds 0 1 2 --out study.json
     python benchmarks/defaults_study.py --datasets adult --arms after,plain --seeds 0
+    OMP_NUM_THREADS=1 python benchmarks/defaults_study.py --datasets synth --arms after,plain \
+        --seeds 0 1 2 3 4 5 --draws 3 --out study.json
 
 The last line printed is one JSON object; ``--out`` also writes it, and a Markdown table.
 """
@@ -52,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("FUNNEL_DATA_DIR", ROOT.parent / "shared" / "data"))
 PLAIN_EPOCHS, PLAIN_PATIENCE, PLAIN_LR, PLAIN_BATCH = 10, 2, 1e-3, 1024
 OLD_INIT_STD = 0.05
+DRAW_STRIDE = 1000  # draw k of data seed s initialises from seed s + 1000·k (k = 0: the seed itself)
 
 SYNTH_FEATURES = [
     *({"name": c, "kind": "categorical"} for c in ("user_id", "item_id", "item_category", "device", "hour")),
@@ -141,12 +152,20 @@ def old_defaults(base: dict[str, Any]) -> dict[str, Any]:
     return {**base, "features": features, "trainer": {"max_epochs": 1, "early_stopping": None}}
 
 
-def run_funnel(base: dict[str, Any], seed: int, work: Path, before: bool) -> dict[str, float]:
-    """``funnel fit`` of the config (as ``fit_config``: the run directory's metrics.json, on test)."""
+def run_funnel(
+    base: dict[str, Any], seed: int, work: Path, before: bool, overrides: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """``funnel fit`` of the config (as ``fit_config``: the run directory's metrics.json, on test);
+    ``seed`` is funnel's ``seed`` key (initialisation and order), ``overrides`` are ``key=value``."""
+    import copy
+
     from funnel.spec import config_from_dict
+    from funnel.spec.loader import apply_override
     from funnel.training.fit import fit_config
 
-    raw = old_defaults(base) if before else dict(base)
+    raw = copy.deepcopy(old_defaults(base) if before else base)
+    for item in overrides:
+        apply_override(raw, item)
     trainer = {**raw.get("trainer", {}), "enable_progress_bar": False, "logger": False}
     raw = {**raw, "seed": seed, "run_dir": str(work / f"run-{time.monotonic_ns()}"), "trainer": trainer}
     with init_std(OLD_INIT_STD) if before else contextlib.nullcontext():
@@ -198,14 +217,18 @@ def plain_aucs(logits: torch.Tensor, labels: torch.Tensor, stages: list[str]) ->
     return out
 
 
-def run_plain(base: dict[str, Any], seed: int) -> dict[str, float]:
+def run_plain(base: dict[str, Any], seed: int, data_seed: int | None = None, pick: str = "last") -> dict[str, float]:
+    """The plain loop; ``seed`` sets its initialisation and order, ``data_seed`` (default ``seed``)
+    is the config's ``seed`` key, which no split depends on. ``pick``: the epoch with the best
+    valid AUC of the ``last`` stage's path, or of the ``mean`` of every stage's path AUC (the
+    arm ``plain_mean``, funnel's monitor when the last stage has few valid labels)."""
     from funnel.data.featurizer import Featurizer
     from funnel.data.sources import load_frames
     from funnel.runs import build_graph
     from funnel.spec import config_from_dict
 
     features = [{**f, "transform": "auto"} if f["kind"] == "numeric" else f for f in base["features"]]
-    cfg = config_from_dict({**base, "features": features, "seed": seed})
+    cfg = config_from_dict({**base, "features": features, "seed": seed if data_seed is None else data_seed})
     graph = build_graph(cfg)
     frames = load_frames(cfg)
     featurizer = Featurizer(cfg, graph).fit(frames["train"])
@@ -227,7 +250,8 @@ def run_plain(base: dict[str, Any], seed: int) -> dict[str, float]:
             loss.backward()
             opt.step()
         valid = tables["valid"]
-        auc = plain_aucs(plain_scores(model, valid), valid.labels, stages)[f"auc/{stages[-1]}"]
+        aucs = plain_aucs(plain_scores(model, valid), valid.labels, stages)
+        auc = aucs[f"auc/{stages[-1]}"] if pick == "last" else statistics.fmean(aucs[f"auc/{s}"] for s in stages)
         if auc > best_auc:
             best, best_auc, waited = {k: v.clone() for k, v in model.state_dict().items()}, auc, 0
         else:
@@ -250,44 +274,70 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, li
 
 
 def paired(results: list[dict[str, Any]], arm: str, other: str) -> dict[str, dict[str, list[float]]]:
-    """dataset -> metric -> [mean, std] of the per-seed difference ``arm`` - ``other``."""
-    by = {(r["dataset"], r["seed"], r["arm"]): r["aucs"] for r in results}
+    """dataset -> metric -> [mean, standard error, seeds, seeds where ``arm`` is above] of the
+    per-seed difference (mean over draws of ``arm``) - (mean over draws of ``other``)."""
+    runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    for r in results:
+        runs.setdefault((r["dataset"], r["seed"], r["arm"]), []).append(r["aucs"])
     diffs: dict[str, dict[str, list[float]]] = {}
-    for (d, seed, a), aucs in by.items():
-        if a == arm and (d, seed, other) in by:
-            for m, v in aucs.items():
-                diffs.setdefault(d, {}).setdefault(m, []).append(v - by[(d, seed, other)][m])
-    return {d: {m: [statistics.fmean(v), statistics.pstdev(v)] for m, v in ms.items()} for d, ms in diffs.items()}
+    for (d, seed, a), draws in runs.items():
+        if a == arm and (d, seed, other) in runs:
+            for m in draws[0]:
+                mean = statistics.fmean(x[m] for x in draws)
+                diffs.setdefault(d, {}).setdefault(m, []).append(
+                    mean - statistics.fmean(x[m] for x in runs[(d, seed, other)])
+                )
+    se = lambda v: statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan")  # noqa: E731
+    return {
+        d: {m: [statistics.fmean(v), se(v), len(v), sum(x > 0 for x in v)] for m, v in ms.items()}
+        for d, ms in diffs.items()
+    }
 
 
 def markdown(results: list[dict[str, Any]], arms: list[str]) -> str:
-    """mean ± std per arm, then the paired per-seed difference after - plain."""
+    """mean ± std per arm over every run, then the paired difference after - plain over seeds
+    (of the means over draws) ± its standard error, and the seeds where after is above."""
     summary = summarise(results)
     diff = paired(results, "after", "plain") if {"after", "plain"} <= set(arms) else {}
-    head = [*arms, *(["after − plain (paired)"] if diff else [])]
+    draws = max(
+        sum(1 for r in results if (r["dataset"], r["seed"], r["arm"]) == key)
+        for key in {(r["dataset"], r["seed"], r["arm"]) for r in results}
+    )
+    head = [*arms, *(["after − plain (paired, ± SE)", "after above"] if diff else [])]
     lines = [f"| dataset | metric | {' | '.join(head)} |", "| --- | --- |" + " --- |" * len(head)]
     for d, by_arm in summary.items():
         for m in next(iter(by_arm.values())):
             cells = [f"{by_arm[a][m][0]:.4f} ± {by_arm[a][m][1]:.4f}" if a in by_arm else "" for a in arms]
             if diff:
-                cells.append(f"{diff[d][m][0]:+.4f} ± {diff[d][m][1]:.4f}" if d in diff else "")
-            seeds = max(v[2] for v in (by_arm[a][m] for a in by_arm))
-            lines.append(f"| {d} ({seeds} seeds) | {m} | {' | '.join(cells)} |")
+                x = diff.get(d, {}).get(m)
+                cells += [f"{x[0]:+.4f} ± {x[1]:.4f}", f"{x[3]}/{x[2]}"] if x else ["", ""]
+            seeds = len({r["seed"] for r in results if r["dataset"] == d})
+            lines.append(f"| {d} ({seeds} seeds × {draws} draws) | {m} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="synth,synth_sparse,synth_bias,census,adult,hillstrom")
-    ap.add_argument("--arms", default="before,after,plain")
+    ap.add_argument("--arms", default="before,after,plain", help="of before, after, plain, plain_mean")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--draws", type=int, default=1, help="initialisation draws per arm and seed (same data)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE for the after arm")
     ap.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     ap.add_argument("--out", default=None, help="write the results JSON here (and the table beside it as .md)")
-    ap.add_argument("--table", default=None, help="only print the table of a results JSON written by --out")
+    ap.add_argument("--first-draw", type=int, default=0, help="number the draws from here (to extend a study)")
+    ap.add_argument("--table", nargs="+", default=None, help="only print the table of results JSONs written by --out")
     args = ap.parse_args()
+    if args.draws < 1 or args.first_draw < 0:
+        ap.error("--draws must be at least 1 and --first-draw at least 0")
     if args.table:
-        results = json.loads(Path(args.table).read_text())["results"]
-        print(markdown(results, [a for a in ("before", "after", "plain") if any(r["arm"] == a for r in results)]))
+        results = [r for path in args.table for r in json.loads(Path(path).read_text())["results"]]
+        print(
+            markdown(
+                results, [a for a in ("before", "after", "plain", "plain_mean") if any(r["arm"] == a for r in results)]
+            )
+        )
+        print(json.dumps({"paired": paired(results, "after", "plain")}))
         return
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -299,21 +349,30 @@ def main() -> None:
         for name in args.datasets.split(","):
             for seed in args.seeds:
                 base = dataset(name, seed, work)
-                for arm in arms:
-                    start = time.perf_counter()
-                    aucs = run_plain(base, seed) if arm == "plain" else run_funnel(base, seed, work, arm == "before")
-                    row = {"dataset": name, "seed": seed, "arm": arm, "aucs": aucs, "s": time.perf_counter() - start}
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-                    if args.out:
-                        Path(args.out).write_text(json.dumps({"results": results}, indent=1))
+                for draw in range(args.first_draw, args.first_draw + args.draws):
+                    init = seed + DRAW_STRIDE * draw
+                    for arm in arms:
+                        start = time.perf_counter()
+                        if arm in ("plain", "plain_mean"):
+                            aucs = run_plain(base, init, data_seed=seed, pick="last" if arm == "plain" else "mean")
+                        else:
+                            sets = tuple(args.overrides) if arm == "after" else ()
+                            aucs = run_funnel(base, init, work, arm == "before", sets)
+                        row = {"dataset": name, "seed": seed, "draw": draw, "init_seed": init, "arm": arm}
+                        row |= {"aucs": aucs, "s": time.perf_counter() - start}
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
+                        if args.out:
+                            Path(args.out).write_text(json.dumps({"results": results, "set": args.overrides}, indent=1))
     summary = summarise(results)
-    out = {"results": results, "summary": summary}
+    out = {"results": results, "summary": summary, "set": args.overrides}
+    if {"after", "plain"} <= set(arms):
+        out["paired"] = paired(results, "after", "plain")
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
         Path(args.out).with_suffix(".md").write_text(markdown(results, arms) + "\n")
     print(markdown(results, arms))
-    print(json.dumps({"summary": summary}))
+    print(json.dumps({"summary": summary, "paired": out.get("paired")}))
 
 
 if __name__ == "__main__":
