@@ -388,3 +388,18 @@ def test_a_bad_checkpoint_buffers_value_stops_check_and_fit_before_the_data(
         code, _, err = run_cli(command)
         assert code == 2 and "FUNNEL_CHECKPOINT_BUFFERS='sometimes'" in err and "absent.csv" not in err, command
     assert not (tmp_path / "run").exists()
+
+
+def test_the_checkpoint_io_pickles_for_ddp_spawn_with_its_buffers_left_behind(tmp_path):
+    import pickle
+
+    io = BackgroundCheckpointIO()
+    w = torch.zeros(50_000)  # large enough for a pooled snapshot buffer
+    io.save_checkpoint(_checkpoint(1, w, full=False), tmp_path / "epoch1.ckpt")
+    io._wait()
+    copy = pickle.loads(pickle.dumps(io))  # what ddp_spawn does to the Trainer's plugins
+    assert copy.buffers == io.buffers and copy._pending == [] and copy._executor is None
+    assert copy._snapshots._buffers == {} and len(copy._snapshots._live) == 0
+    copy.save_checkpoint(_checkpoint(2, w, full=False), tmp_path / "epoch2.ckpt")
+    copy._wait()
+    assert (tmp_path / "epoch2.ckpt").is_file()

@@ -212,6 +212,14 @@ class _Snapshots:
     def clear(self) -> None:
         self._buffers, self._copied, self._generation, self.reused = {}, set(), None, []
 
+    # the buffers are this process's cache: a pickled copy (ddp_spawn pickles the Trainer and its
+    # plugins; a WeakValueDictionary cannot be pickled) starts empty
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
 
 def _pooled(t: torch.Tensor) -> bool:
     """Whether a tensor is copied into a reusable buffer (else cloned afresh at each save)."""
