@@ -249,6 +249,15 @@ QUANTILES = 1000
 _P_BOUND = 1e-7  # probabilities are clipped to [_P_BOUND, 1 - _P_BOUND] before Φ⁻¹: values within ±5.2
 
 
+def finite_numbers(value: Any) -> np.ndarray | None:
+    """A saved list of finite numbers (not booleans) as float64, else None: the check of the
+    quantiles and bin edges that encoders.json gives back."""
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    array = np.asarray(value, np.float64)
+    return array if np.isfinite(array).all() else None
+
+
 def quantile_normal(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     """Φ⁻¹ of each value's train CDF, read off ``quantiles`` (the train values at probabilities
     0, 1/(n-1), ..., 1) by linear interpolation. A value equal to several tied quantiles (a
@@ -459,12 +468,10 @@ class NumericEncoder:
                 "quantile or none"
             )
         if self.transform == "quantile" and self.quantiles is not None:
-            q = self.quantiles
-            ok = isinstance(q, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in q)
-            array = np.asarray(q if ok else [], np.float64)
-            if not ok or len(array) < 2 or not np.isfinite(array).all() or (np.diff(array) < 0).any():
+            array = finite_numbers(self.quantiles)
+            if array is None or len(array) < 2 or (np.diff(array) < 0).any():
                 raise ValueError(
-                    f"numeric feature {self.spec.name!r} has quantiles {q!r}, "
+                    f"numeric feature {self.spec.name!r} has quantiles {self.quantiles!r}, "
                     "not 2 or more non-decreasing finite numbers"
                 )
         for key in ("mean", "std"):

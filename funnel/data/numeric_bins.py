@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from funnel.data.encoders import float_values
+from funnel.data.encoders import finite_numbers, float_values
 from funnel.data.streaming import RESERVOIR, Reservoir  # noqa: F401  (RESERVOIR: re-exported)
 from funnel.errors import DataError
 from funnel.spec.schema import FeatureSpec
@@ -91,8 +91,7 @@ class QuantileBinEncoder:
         if set(state) != {"edges"}:
             raise ValueError(f"binned feature {self.spec.name!r} has state keys {sorted(state)}, expected ['edges']")
         edges = state["edges"]
-        ok = isinstance(edges, list) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in edges)
-        array = np.asarray(edges if ok else [], np.float64)
-        if not ok or not np.isfinite(array).all() or (np.diff(array) <= 0).any():
+        array = finite_numbers(edges)
+        if array is None or (np.diff(array) <= 0).any():
             raise ValueError(f"binned feature {self.spec.name!r} has edges {edges!r}, not increasing finite numbers")
         self.edges = array.tolist()

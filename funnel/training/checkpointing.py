@@ -31,7 +31,7 @@ A released buffer is freed once its write is on disk and no later save is waitin
 that comes while the previous write is still pending reuses that write's buffers.
 
 Either way a save holds the two copies while its write is pending; any other value is refused
-with a message when fit builds its trainer.
+with a message by ``funnel check`` and ``funnel fit`` (preflight.py) before any data is read.
 Every write goes to ``.<name>.partial`` beside the file, is flushed to disk and then renamed:
 a crash leaves the previous good file. A file that ModelCheckpoint drops (the previous best)
 is removed only after the next full checkpoint, which no longer names it, is on disk. A failed
@@ -313,7 +313,7 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the Trainer: no thread, no pending write
         self.wait()
-        return {**self.__dict__, "_executor": None, "_pending": [], "_snapshots": _Snapshots()}
+        return {**self.__dict__, "_executor": None, "_pending": []}  # _Snapshots pickles empty itself
 
     def _keeps(self, checkpoint: dict[str, Any]) -> bool:
         # by the largest snapshot so far: the weights-only best file would pass where last.ckpt does not
