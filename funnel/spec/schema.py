@@ -394,6 +394,12 @@ class OptimSpec:
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    # an exponential moving average of the weights (funnel/training/averaging.py): 0 is off; with
+    # 0 < ema_decay < 1 the average is what is validated, kept as best.ckpt and so predicted and
+    # exported; tables that train sparsely keep their own rows. ema_warmup: the decay is
+    # min(ema_decay, (1 + n) / (10 + n)) at step n, so that the first weights fade quickly
+    ema_decay: float = 0.0
+    ema_warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -402,6 +408,10 @@ class OptimSpec:
             raise ValueError(f"optim.warmup_steps must be 0 or more, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1] (a share of optim.lr), got {self.min_lr_ratio}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(
+                f"optim.ema_decay must be in [0, 1) (0: no weight average; 0.99-0.999 are usual), got {self.ema_decay}"
+            )
         if self.sparse_min_rows < 0:
             raise ValueError(f"optim.sparse_min_rows must be 0 or more (embedding rows), got {self.sparse_min_rows}")
         if self.sparse_embeddings is True and self.name != "adam":

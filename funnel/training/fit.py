@@ -51,6 +51,7 @@ from funnel.runs import (
 )
 from funnel.spec import Config, load_config
 from funnel.training import distributed, resume_logs, warm_start
+from funnel.training.averaging import WeightAverage
 from funnel.training.carry_optimizer import CarryOptimizer
 from funnel.training.checkpointing import BackgroundCheckpointIO, BestAndLast, is_lean, remove_partials, write_lean
 from funnel.training.distributed import Launch
@@ -301,6 +302,8 @@ def _build_training(cfg: Config, dm: FunnelDataModule, run_dir: Path, source: wa
     )
     callbacks: list[pl.Callback] = [checkpoint, DivergenceGuard(cfg.optim.lr), _Progress(run_dir)]
     callbacks.append(TrainingHealth(graph.names))  # warns of a stuck stage; summarised by _health
+    if cfg.optim.ema_decay:  # validated, checkpointed and evaluated on the average
+        callbacks.append(WeightAverage(cfg.optim.ema_decay, cfg.optim.ema_warmup))
     callbacks += _EXTRA_CALLBACKS.get()
     if source is not None and cfg.warm_start.init_optimizer:
         callbacks.append(CarryOptimizer(source, cfg.optim, model, clip))
