@@ -112,6 +112,8 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "lr_schedule": (_set("optim.schedule", "cosin"), ["optim.schedule", "cosin", "cosine"]),
     "min_lr_ratio": (_set("optim.min_lr_ratio", 2.0), ["optim.min_lr_ratio", "2.0", "[0, 1]"]),
     "warmup_negative": (_set("optim.warmup_steps", -1), ["optim.warmup_steps", "-1"]),
+    "ema_decay_one": (_set("optim.ema_decay", 1.0), ["optim.ema_decay", "1.0", "[0, 1)"]),
+    "ema_warmup_text": (_set("optim.ema_warmup", "often"), ["optim.ema_warmup", "often"]),
     "schedule_without_end": (
         lambda c: (_set("optim.schedule", "cosine")(c), _set("trainer.max_epochs", -1)(c)),
         ["optim.schedule", "cosine", "trainer.max_steps", "schedule: constant"],
@@ -131,6 +133,11 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict], None], list[str]]] = {
     "logger_text": (_set("trainer.logger", "tensorbord"), ["trainer.logger", "tensorbord", "tensorboard"]),
     "ckpt_path": (_set("trainer.ckpt_path", "last.ckpt"), ["trainer.ckpt_path", "--resume"]),
     "monitor": (_set("trainer.monitor", "val/auc/convrsion"), ["val/auc/convrsion", "val/auc/conversion"]),
+    "monitor_loss_max": (_set("trainer.monitor", "val/loss"), ["val/loss", "lower-is-better", "trainer.mode: min"]),
+    "monitor_auc_min": (
+        lambda c: c["trainer"].update({"monitor": "val/auc/click", "mode": "min"}),
+        ["val/auc/click", "higher-is-better", "trainer.mode: max"],
+    ),
     "trainer_unknown": (_set("trainer.max_epoch", 2), ["trainer.max_epoch", "max_epochs"]),
     "early_stopping_text": (_set("trainer.early_stopping", "two"), ["trainer.early_stopping", "two"]),
     "batch_size_zero": (_set("data.batch_size", 0), ["batch_size", "0"]),

@@ -191,6 +191,21 @@ def test_sparse_embeddings_under_ddp_take_the_one_process_steps(base):
     assert _max_diff(one, two) < 1e-5
 
 
+def test_the_weight_average_under_ddp_is_the_one_process_average(esmm_runs, base):
+    """optim.ema_decay: each rank averages the same all-reduced weights; best.ckpt holds the average."""
+    ema = "optim.ema_decay=0.9"
+    code, _, err = run_cli(["-q", "fit", str(base / "esmm.yaml"), ema, f"run_dir={base / 'ema-one'}"])
+    assert code == 0, err
+    ddp = _funnel(["fit", "esmm.yaml", *DDP, ema, "run_dir=ema-ddp"], base)
+    assert ddp.returncode == 0, ddp.stderr
+    one, steps_one = _weights(base / "ema-one")
+    two, steps_ddp = _weights(base / "ema-ddp")
+    plain, _ = _weights(esmm_runs["one"])  # the same run without the average
+    assert steps_one == steps_ddp == 10
+    assert _max_diff(one, two) < 1e-5
+    assert _max_diff(one, plain) > 1e-3  # the average is not the last step's weights
+
+
 def _hand_loop(config: Path, world: int) -> dict[str, torch.Tensor]:
     """One epoch by hand, as `funnel fit` builds the model: each step's loss is the mean over the
     ``world`` rank shards of each shard's own loss (what DDP's gradient averaging computes)."""

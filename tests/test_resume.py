@@ -44,10 +44,13 @@ def _funnel(
     )
 
 
-@pytest.fixture(scope="module")
-def runs(make_config, tmp_path_factory):
+@pytest.fixture(scope="module", params=[0.0, 0.9], ids=["plain", "ema"])
+def runs(make_config, tmp_path_factory, request):
+    """ema: the weight average (optim.ema_decay) is resumed too: last.ckpt holds the average in
+    the model (saved after a validation) and the training weights in the callback's state."""
     base = tmp_path_factory.mktemp("resume")
     cfg = make_config(base / "unused")
+    cfg["optim"] = {**cfg.get("optim", {}), "ema_decay": request.param}
     del cfg["run_dir"]
     cfg["plugins"] = ["killable_tower"]
     cfg["funnel"]["tower"] = {"type": "killable_mlp", "hidden": [8], "dropout": 0.2}

@@ -22,6 +22,11 @@ def config_problems(cfg: Config) -> list[str]:
             f"trainer.mode: the monitor {monitor} is lower-is-better, but the mode is max (the default), which "
             "would keep the worst checkpoint; set trainer.mode: min."
         )
+    if cfg.trainer.mode == "min" and monitor.split("/")[1:2] and monitor.split("/")[1].startswith("auc"):
+        problems.append(
+            f"trainer.mode: the monitor {monitor} is higher-is-better, but the mode is min, which would keep "
+            "the worst checkpoint and stop when it improves; set trainer.mode: max."
+        )
     stages = [s for s in cfg.funnel.stages if s is not None]
     complete = len(stages) == len(cfg.funnel.stages)  # else a malformed stage is reported already
     graph_errors = []
