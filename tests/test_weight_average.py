@@ -6,8 +6,8 @@ average by hand (float64): best.ckpt must hold it, not the last step's weights.
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 
 import funnel
