@@ -15,6 +15,10 @@ last line is one JSON object.
 - Adult: adult.data (10% valid) and adult.test; the same two tasks.
 - Hillstrom: a seeded 70/10/20 split; visit and conversion (conversion implies visit).
 
+``--runs R0 R1 R2`` scores finished `funnel fit` runs of a shipped config (e.g. configs/census.yaml,
+one per seed) on the same test rows instead of training (their own valid split chose their
+checkpoints).
+
     pip install -e .[bench]
     OMP_NUM_THREADS=1 python benchmarks/tabular_gbdt.py --datasets census --seeds 0 1 2 --epochs 4
 """
@@ -252,6 +256,17 @@ def funnel_scores(ds: Dataset, files: dict[str, Path], variant: str, chain: bool
     return out
 
 
+def run_scores(ds: Dataset, run_dir: Path) -> dict[str, np.ndarray]:
+    """Test probabilities of a finished run whose stages are named as the dataset's tasks."""
+    import funnel
+
+    p = funnel.load_run(run_dir).predict(ds.splits["test"])
+    out = {task: p[f"p_{task}"].to_numpy() for task in ds.tasks if f"p_{task}" in p}
+    if not out:
+        raise SystemExit(f"{run_dir}: no stage named {' or '.join(ds.tasks)} (its outputs: {list(p.columns)})")
+    return out
+
+
 # ---- statistics ----------------------------------------------------------------------------------------------
 def auc(y: np.ndarray, p: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
@@ -326,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--monitor", default="val/loss", help="funnel's trainer.monitor (a val/auc/... is maximised)")
     p.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap rounds (0: none)")
     p.add_argument("--work", default=None, help="folder for the split files and runs (default: a temporary one)")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        help="score these finished `funnel fit` runs (one per seed; stages named as the tasks) instead of training",
+    )
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)
     try:
@@ -370,7 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "%s gbdt: %s (%.0fs)", name, {k: round(v["mean"], 4) for k, v in rows.items()}, time.perf_counter() - start
         )
-        for setup in args.setups:
+        if args.runs:  # finished `funnel fit` runs (one per seed) scored on the same test rows
+            key = "funnel-runs"
+            for run_dir in args.runs:
+                scores = run_scores(ds, Path(run_dir))
+                for task, s in scores.items():
+                    every.setdefault(key, {}).setdefault(task, []).append(s)
+                preds.setdefault(key, scores)
+            table[key] = {task: summary([auc(truth[task], s) for s in v]) for task, v in every[key].items()}
+            log.info("%s %s: %s", name, key, {t: round(v["mean"], 4) for t, v in table[key].items()})
+        for setup in args.setups if not args.runs else ():
             for variant in args.variants:
                 key = f"funnel-{setup}-{variant}"
                 start = time.perf_counter()
@@ -401,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                     truth[task], every[top][task], preds["gbdt"][task], args.bootstrap
                 )
         result[name] = {"rows": {s: len(d) for s, d in ds.splits.items()}, "table": table, "best": best}
-        print(f"\n{name}: test AUC, mean ± std over seeds {args.seeds}")
+        over = f"the runs {args.runs}" if args.runs else f"seeds {args.seeds}"
+        print(f"\n{name}: test AUC, mean ± std over {over}")
         tasks = list(truth)
         print(f"{'row':28s}" + "".join(f"{t:>20s}" for t in tasks))
         for key, row in table.items():

@@ -78,7 +78,7 @@ def test_unknown_nested_key_lists_allowed_keys():
     assert (
         "optim.lrate: unknown key." in msg
         and "Allowed keys: name, lr, weight_decay, momentum, sparse_embeddings, sparse_min_rows, schedule, "
-        "warmup_steps, min_lr_ratio."
+        "warmup_steps, min_lr_ratio, ema_decay, ema_warmup."
         in msg
     )
 
