@@ -111,3 +111,27 @@ def test_bad_decay_is_refused(bad):
         funnel.spec.schema.OptimSpec(ema_decay=bad)
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(bad)
+
+
+def test_a_bfloat16_model_is_averaged_in_float32():
+    """bfloat16 has 8 bits of mantissa: avg + 0.005 * (2 - avg) rounds back to avg = 1."""
+    from types import SimpleNamespace
+
+    layer = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    trainer = SimpleNamespace(is_global_zero=True, global_step=0)
+    cb = WeightAverage(0.995, warmup=False)
+    cb.setup(trainer, layer, "fit")
+    with torch.no_grad():
+        layer.weight.fill_(2.0)  # one jump, then 100 steps at 2
+    for step in range(1, 101):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, layer)
+    expected = 2.0 - 0.995**100  # 1.3942...
+    assert cb.state_dict()["average"][0].dtype == torch.float32
+    assert cb.state_dict()["average"][0].item() == pytest.approx(expected, rel=1e-5)
+    cb._use_average()
+    assert layer.weight.item() == pytest.approx(expected, abs=0.01)  # rounded to bfloat16 to validate
+    cb._use_training_weights()
+    assert layer.weight.item() == 2.0

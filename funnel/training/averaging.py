@@ -12,8 +12,10 @@ reader of a run gets the average without knowing about it:
   checkpoint (``best.ckpt``: the weights alone) all see the average, and so do `funnel
   evaluate`, `predict`, `export` and warm starts, which read best.ckpt;
 - ``last.ckpt`` holds the model as it was saved (the average, after a validation) and, in this
-  callback's state, the other copy (the training weights) and the update count, so `fit
-  --resume` trains on from the exact weights and average of the interrupted run;
+  callback's state, the average itself, the training weights it displaced and the update count,
+  so `fit --resume` trains on from the exact weights and average of the interrupted run;
+- the average is kept in float32 (or wider) whatever the model's precision: in bfloat16 a step
+  of ``(1 - d) * (w - avg)`` is mostly rounded away;
 - tables that train sparsely (lazy Adam, ``optim.sparse_embeddings``) are not averaged: a step
   touches a batch's rows, and averaging the whole table would cost a pass over every row at
   every step. They keep their trained rows; the dense parameters (towers, bottoms, heads and
@@ -48,6 +50,13 @@ def averaged_tensors(module: torch.nn.Module, skip: set[int]) -> list[Tensor]:
     return params + buffers
 
 
+def _master(t: Tensor) -> Tensor:
+    """The average's copy of ``t``: float32 at least, so that a half-precision model's small
+    steps are not rounded away (a bfloat16 ``avg + 0.005 * (w - avg)`` often equals ``avg``)."""
+    t = t.detach()
+    return t.clone() if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 class WeightAverage(pl.Callback):
     """Keeps the average of ``optim.ema_decay`` (see the module docstring); one per run."""
 
@@ -57,8 +66,8 @@ class WeightAverage(pl.Callback):
         self.decay = decay
         self.warmup = warmup
         self.updates = 0  # updates since the copy of the first weights
-        self.swapped = False  # the model holds the average, self._other the training weights
-        self._other: list[Tensor] | None = None  # the average, or the training weights when swapped
+        self._average: list[Tensor] | None = None  # float32 or wider: the master copy
+        self._held: list[Tensor] | None = None  # the training weights while the model holds the average
         self._targets: list[Tensor] = []
         self._last_step = -1  # trainer.global_step at the last update (accumulated batches step once)
         self._loaded: dict[str, Any] | None = None  # a resumed run's state, until setup has the tensors
@@ -66,6 +75,11 @@ class WeightAverage(pl.Callback):
     @property
     def state_key(self) -> str:
         return "WeightAverage"
+
+    @property
+    def swapped(self) -> bool:
+        """Whether the model holds the average (after a validation, until the next step)."""
+        return self._held is not None
 
     # ---- the tensors -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -75,7 +89,8 @@ class WeightAverage(pl.Callback):
         if getattr(pl_module, "sparse", False):
             skip = {id(m.weight) for m in pl_module.modules() if isinstance(m, torch.nn.Embedding)}
         self._targets = averaged_tensors(pl_module, skip)
-        self._other = [t.detach().clone() for t in self._targets]
+        self._average = [_master(t) for t in self._targets]
+        self._held = None
         if trainer.is_global_zero:
             log.info(
                 "weight average: ema_decay %g%s over %d tensors (%s values)%s",
@@ -88,22 +103,24 @@ class WeightAverage(pl.Callback):
         if self._loaded is not None:
             self._restore(self._loaded)
 
-    def _swap(self) -> None:
-        assert self._other is not None
+    def _use_average(self) -> None:
+        assert self._average is not None and self._held is None
         with torch.no_grad():
-            for target, other in zip(self._targets, self._other, strict=True):
-                held = target.detach().clone()
-                target.copy_(other)
-                other.copy_(held)
-        self.swapped = not self.swapped
+            self._held = [t.detach().clone() for t in self._targets]
+            for target, avg in zip(self._targets, self._average, strict=True):
+                target.copy_(avg)
 
-    def _train_weights_in_place(self) -> None:
-        if self.swapped:
-            self._swap()
+    def _use_training_weights(self) -> None:
+        if self._held is None:
+            return
+        with torch.no_grad():
+            for target, held in zip(self._targets, self._held, strict=True):
+                target.copy_(held)
+        self._held = None
 
     # ---- the hooks ---------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._train_weights_in_place()  # after a validation: train on the training weights
+        self._use_training_weights()  # after a validation: train on the training weights
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step == self._last_step or trainer.global_step == 0:
@@ -111,45 +128,53 @@ class WeightAverage(pl.Callback):
         self._last_step = trainer.global_step
         self.updates += 1
         d = decay_at(self.decay, self.updates, self.warmup)
-        assert self._other is not None
+        assert self._average is not None
+        weights = [
+            t.detach() if t.dtype == a.dtype else t.detach().to(a.dtype)
+            for t, a in zip(self._targets, self._average, strict=True)
+        ]
         with torch.no_grad():
-            torch._foreach_lerp_(self._other, [t.detach() for t in self._targets], 1.0 - d)
+            torch._foreach_lerp_(self._average, weights, 1.0 - d)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "fit" and self._other is not None and not self.swapped:
-            self._swap()
+        if trainer.state.fn == "fit" and self._average is not None and not self.swapped:
+            self._use_average()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._other is not None and not self.swapped:
-            self._swap()  # the run ends on the average (what every checkpoint of it held)
+        if self._average is not None and not self.swapped:
+            self._use_average()  # the run ends on the average (what every checkpoint of it held)
 
     # ---- last.ckpt -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "updates": self.updates,
-            "swapped": self.swapped,
             "last_step": self._last_step,
-            "other": list(self._other or []),
+            "average": list(self._average or []),
+            "held": list(self._held) if self._held is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
-        if self._other is not None:  # setup ran before the restore
+        if self._average is not None:  # setup ran before the restore
             self._restore(self._loaded)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        other = state.get("other") or []
-        if len(other) != len(self._targets) or any(
-            o.shape != t.shape for o, t in zip(other, self._targets, strict=False)
-        ):
-            log.warning("weight average: the checkpoint's average does not fit this model: the average starts afresh")
-            self._loaded = None
-            return
-        assert self._other is not None
-        with torch.no_grad():
-            for mine, saved in zip(self._other, other, strict=True):
-                mine.copy_(saved)
-        self.updates = int(state.get("updates", 0))
-        self.swapped = bool(state.get("swapped", False))
-        self._last_step = int(state.get("last_step", -1))
         self._loaded = None
+        average, held = state.get("average") or [], state.get("held")
+        if not self._fits(average) or (held is not None and not self._fits(held)):
+            log.warning("weight average: the checkpoint's average does not fit this model: the average starts afresh")
+            return
+        assert self._average is not None
+        with torch.no_grad():
+            for mine, saved in zip(self._average, average, strict=True):
+                mine.copy_(saved)
+        # the model was restored as saved: the average after a validation, the training weights
+        # (held) in this state; the next training step puts them back
+        self._held = [h.clone() for h in held] if held is not None else None
+        self.updates = int(state.get("updates", 0))
+        self._last_step = int(state.get("last_step", -1))
+
+    def _fits(self, tensors: list[Tensor]) -> bool:
+        return len(tensors) == len(self._targets) and all(
+            s.shape == t.shape for s, t in zip(tensors, self._targets, strict=True)
+        )
