@@ -22,7 +22,9 @@ from funnel.training import checkpointing
 from funnel.training import fit as fit_module
 from funnel.training.checkpointing import LEAN_KEYS, BackgroundCheckpointIO, CheckpointWriteError
 
-MONITOR = "val/auc/click"
+# a metric that falls over these three epochs (0.90, 0.86, 0.86), ranked highest first: the
+# "best" epoch is the first, not the last (an AUC ranked lowest first is refused by validation)
+MONITOR = "val/calib/click"
 
 
 class _Recorder(pl.Callback):
@@ -58,9 +60,9 @@ def _weight_bytes(state: dict[str, torch.Tensor]) -> int:
 
 @pytest.fixture(scope="module")
 def three_epochs(make_config, tmp_path_factory):
-    """Three epochs ranked by the lowest validation AUC: the "best" is the first, not the last."""
+    """Three epochs ranked by the highest calibration ratio: the "best" is the first, not the last."""
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    recorder = _fit(make_config, run, max_epochs=3, monitor=MONITOR, mode="min")
+    recorder = _fit(make_config, run, max_epochs=3, monitor=MONITOR, mode="max")
     return run, recorder
 
 
@@ -83,7 +85,7 @@ def test_best_ckpt_holds_the_weights_only_and_last_ckpt_everything_resume_needs(
 def test_best_ckpt_is_the_weights_of_the_best_epoch_as_they_were_then(three_epochs):
     run, recorder = three_epochs
     scores = {epoch: score for epoch, (score, _) in recorder.epochs.items()}
-    best_epoch = min(scores, key=scores.get)  # mode min
+    best_epoch = max(scores, key=scores.get)  # mode max
     assert best_epoch == 0 and len(scores) == 3  # the seeded run's AUC rises: the first epoch is "best"
     saved = _load(run / BEST)
     assert saved["epoch"] == best_epoch
@@ -115,7 +117,7 @@ def test_a_run_resumed_after_a_crash_keeps_the_best_so_far(three_epochs, make_co
     whole, _ = three_epochs
     raw = make_config(tmp_path / "run")
     raw["data"]["cache"] = False
-    raw["trainer"].update(max_epochs=3, monitor=MONITOR, mode="min")
+    raw["trainer"].update(max_epochs=3, monitor=MONITOR, mode="max")
     with fit_module.extra_callbacks(_Crash()), pytest.raises(RuntimeError, match="went away"):
         fit_module.fit_config(config_from_dict(raw))
     run = tmp_path / "run"

@@ -189,6 +189,8 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(fitted, tmp_
         "schedule": "constant",
         "warmup_steps": 0,
         "min_lr_ratio": 0.0,
+        "ema_decay": 0.0,
+        "ema_warmup": True,
     }
     assert printed["data"]["eval_batch_size"] == 16384  # defaults are written out
     # every tower argument, defaults included
