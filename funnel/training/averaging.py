@@ -3,9 +3,10 @@
 After every optimiser step the average moves towards the weights: ``avg += (1 - d) * (w - avg)``,
 with ``d = min(ema_decay, (1 + n) / (10 + n))`` at the n-th update when ``ema_warmup`` is on
 (the first weights fade within tens of steps, not thousands), ``d = ema_decay`` when it is off.
-The arithmetic is that of ``torch.optim.swa_utils.get_ema_multi_avg_fn`` and Lightning's
-``EMAWeightAveraging``; this callback differs from Lightning's in what it keeps, so that every
-reader of a run gets the average without knowing about it:
+The update is the lerp of ``torch.optim.swa_utils.get_ema_multi_avg_fn`` and Lightning's
+``EMAWeightAveraging``, the warm-up TensorFlow's ``num_updates`` ramp. This callback differs
+from Lightning's in what it keeps, so that every reader of a run gets the average without
+knowing about it:
 
 - each validation runs on the average: it is swapped into the model when validation starts and
   stays there until the next training step, so the monitor, early stopping and the best
