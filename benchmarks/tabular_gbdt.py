@@ -256,12 +256,15 @@ def funnel_scores(ds: Dataset, files: dict[str, Path], variant: str, chain: bool
     return out
 
 
-def run_scores(ds: Dataset, run_dir: Path) -> dict[str, np.ndarray]:
-    """Test probabilities of a finished run whose stages are named as the dataset's tasks."""
+def run_scores(ds: Dataset, run_dir: Path, chain: bool = False) -> dict[str, np.ndarray]:
+    """Test probabilities of a finished run whose stages are named as the dataset's tasks;
+    ``chain``: its second stage follows the first, so its output is scored as the chain's label."""
     import funnel
 
     p = funnel.load_run(run_dir).predict(ds.splits["test"])
     out = {task: p[f"p_{task}"].to_numpy() for task in ds.tasks if f"p_{task}" in p}
+    if chain and ds.tasks[1] in out:
+        out["chain"] = out.pop(ds.tasks[1])
     if not out:
         raise SystemExit(f"{run_dir}: no stage named {' or '.join(ds.tasks)} (its outputs: {list(p.columns)})")
     return out
@@ -347,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="score these finished `funnel fit` runs (one per seed; stages named as the tasks) instead of training",
     )
+    p.add_argument("--runs-chain", action="store_true", help="--runs: their second stage has `after` (ESMM)")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)
     try:
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs:  # finished `funnel fit` runs (one per seed) scored on the same test rows
             key = "funnel-runs"
             for run_dir in args.runs:
-                scores = run_scores(ds, Path(run_dir))
+                scores = run_scores(ds, Path(run_dir), args.runs_chain)
                 for task, s in scores.items():
                     every.setdefault(key, {}).setdefault(task, []).append(s)
                 preds.setdefault(key, scores)

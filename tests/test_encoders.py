@@ -472,6 +472,22 @@ def test_conflict_policy_drop_removes_the_rows():
     np.testing.assert_array_equal(labels, CONFLICT_Y)
 
 
+def test_drop_warns_when_it_removes_a_large_share_of_the_rows(caplog):
+    """Two independent labels chained with `after` (never married after income) lose most rows to
+    drop without a word under -q; more than 5% dropped is a warning that names `zero`."""
+    y = np.array([[1, 1]] * 90 + [[0, 1]] * 10, dtype=np.float32)  # 10% conflicts
+    with caplog.at_level(logging.WARNING, logger="funnel.data.labels"):
+        resolve_conflicts(y, two_stage_graph(), "drop", "train")
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "removed 10 of 100 rows (10%" in record.getMessage()
+    assert "data.label_conflicts: zero" in record.getMessage()
+    caplog.clear()
+    few = np.array([[1, 1]] * 96 + [[0, 1]] * 4, dtype=np.float32)  # 4%: the info line only
+    with caplog.at_level(logging.WARNING, logger="funnel.data.labels"):
+        resolve_conflicts(few, two_stage_graph(), "drop", "train")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_conflict_policy_zero_clears_the_child_label():
     labels, keep = resolve_conflicts(CONFLICT_Y, two_stage_graph(), "zero", "train")
     assert keep.all()

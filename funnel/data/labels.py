@@ -17,6 +17,7 @@ from funnel.graph import FunnelGraph
 from funnel.spec.schema import StageSpec
 
 log = logging.getLogger(__name__)
+DROP_WARN_SHARE = 0.05  # drop: a warning when the conflicts remove more than this share of a split's rows
 
 
 def encode_label(col: pd.Series, stage: StageSpec) -> np.ndarray:
@@ -91,4 +92,16 @@ def resolve_conflicts(labels: np.ndarray, graph: FunnelGraph, policy: str, where
             keep &= ~bad
     action = "set to 0" if policy == "zero" else "dropped"
     log.info("%s: %d rows with label conflicts %s (%s)", where, total, action, detail)
+    dropped = int((~keep).sum())
+    if dropped > DROP_WARN_SHARE * len(labels):
+        log.warning(
+            "%s: data.label_conflicts: drop removed %d of %d rows (%.0f%%; %s). A stage whose label is "
+            "not a subset of its parent's (two independent labels chained with `after`) wants "
+            "data.label_conflicts: zero, which keeps the rows and trains the stage on the product label.",
+            where,
+            dropped,
+            len(labels),
+            100.0 * dropped / len(labels),
+            detail,
+        )
     return labels, keep
