@@ -279,14 +279,9 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
 
 def paired_bootstrap(y: np.ndarray, a: np.ndarray, b: np.ndarray, rounds: int, seed: int = 0) -> dict:
     """AUC(a) - AUC(b) on the test rows and its 95% interval over ``rounds`` resamples of them."""
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(rounds):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].min() != y[i].max():
-            diffs.append(auc(y[i], a[i]) - auc(y[i], b[i]))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"diff": auc(y, a) - auc(y, b), "ci95": [float(lo), float(hi)], "rounds": len(diffs)}
+    out = paired_bootstrap_seeds(y, [a], b, rounds, seed)
+    del out["seeds"]
+    return out
 
 
 def paired_bootstrap_seeds(y: np.ndarray, runs: list[np.ndarray], b: np.ndarray, rounds: int, seed: int = 0) -> dict:

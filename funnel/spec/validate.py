@@ -17,12 +17,13 @@ def config_problems(cfg: Config) -> list[str]:
 
     problems: list[str] = []
     monitor = cfg.trainer.monitor or ""
-    if cfg.trainer.mode == "max" and monitor.split("/")[1:2] and monitor.split("/")[1].endswith(("loss", "mae")):
+    kind = monitor.split("/")[1] if monitor.count("/") else ""  # val/<kind>[/<stage>]
+    if cfg.trainer.mode == "max" and kind.endswith(("loss", "mae")):
         problems.append(
             f"trainer.mode: the monitor {monitor} is lower-is-better, but the mode is max (the default), which "
             "would keep the worst checkpoint; set trainer.mode: min."
         )
-    if cfg.trainer.mode == "min" and monitor.split("/")[1:2] and monitor.split("/")[1].startswith("auc"):
+    if cfg.trainer.mode == "min" and kind.startswith("auc"):
         problems.append(
             f"trainer.mode: the monitor {monitor} is higher-is-better, but the mode is min, which would keep "
             "the worst checkpoint and stop when it improves; set trainer.mode: max."

@@ -70,6 +70,7 @@ class WeightAverage(pl.Callback):
         self._average: list[Tensor] | None = None  # float32 or wider: the master copy
         self._held: list[Tensor] | None = None  # the training weights while the model holds the average
         self._targets: list[Tensor] = []
+        self._upcast = False  # some targets are of a narrower dtype than their average
         self._last_step = -1  # trainer.global_step at the last update (accumulated batches step once)
         self._loaded: dict[str, Any] | None = None  # a resumed run's state, until setup has the tensors
 
@@ -91,6 +92,7 @@ class WeightAverage(pl.Callback):
             skip = {id(m.weight) for m in pl_module.modules() if isinstance(m, torch.nn.Embedding)}
         self._targets = averaged_tensors(pl_module, skip)
         self._average = [_master(t) for t in self._targets]
+        self._upcast = any(t.dtype != a.dtype for t, a in zip(self._targets, self._average, strict=True))
         self._held = None
         if trainer.is_global_zero:
             log.info(
@@ -130,10 +132,9 @@ class WeightAverage(pl.Callback):
         self.updates += 1
         d = decay_at(self.decay, self.updates, self.warmup)
         assert self._average is not None
-        weights = [
-            t.detach() if t.dtype == a.dtype else t.detach().to(a.dtype)
-            for t, a in zip(self._targets, self._average, strict=True)
-        ]
+        weights = self._targets  # a half-precision model's weights, upcast to the average's dtype
+        if self._upcast:
+            weights = [t.to(a.dtype) for t, a in zip(self._targets, self._average, strict=True)]
         with torch.no_grad():
             torch._foreach_lerp_(self._average, weights, 1.0 - d)
 
